@@ -1,0 +1,102 @@
+"""Settings, built once at start-up and passed down as a value.
+
+Every field reads from a ``THREADLINE_``-prefixed environment variable. Nothing here is a
+module-level instance: ``cli.py`` and ``create_app`` build one and hand it on, so tests can
+build as many differently-configured apps as they like in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from threadline.errors import ConfigError
+
+Strategy = Literal["merge", "enqueue", "reject"]
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THREADLINE_", frozen=True, extra="ignore")
+
+    database_url: str = "sqlite:///./threadline.db"
+    redis_url: str | None = None
+    api_key: SecretStr | None = None
+    model: str = "threadline:echo"
+    agents_module: str | None = None
+
+    pool_min_size: int = Field(default=2, ge=0)
+    pool_max_size: int = Field(default=20, ge=1)
+    history_limit: int = Field(default=20, ge=0)
+    max_message_chars: int = Field(default=32_000, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    model_timeout_s: float = Field(default=120.0, gt=0)
+    max_concurrent_runs: int = Field(default=256, ge=1)
+    echo_delay_ms: int = Field(default=0, ge=0)
+
+    queue_strategy: Strategy = "merge"
+    merge_window_ms: int = Field(default=0, ge=0)
+    merge_max_wait_ms: int = Field(default=10_000, ge=0)
+    session_queue_max: int = Field(default=100, ge=1)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    # Redis coordination (multi-process); see docs/operations.md for why these defaults.
+    lease_ttl_ms: int = Field(default=10_000, ge=500)
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    debug_metrics: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError(f"expected sqlite:// or postgresql:// URL, got {value!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis:// URL, got {value!r}")
+        return value or None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("POOL_MIN_SIZE must not exceed POOL_MAX_SIZE")
+        return self
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgres"]:
+        return "sqlite" if self.database_url.startswith("sqlite://") else "postgres"
+
+    def check_serving(self) -> None:
+        """Refuse configurations that are unsafe or cannot work once several processes serve."""
+        if self.api_key is None and self.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"THREADLINE_HOST={self.host!r} is not loopback and THREADLINE_API_KEY is unset: "
+                "set an API key before exposing the server"
+            )
+        if self.workers > 1 and (self.backend != "postgres" or self.redis_url is None):
+            raise ConfigError(
+                "THREADLINE_WORKERS > 1 needs a postgresql:// THREADLINE_DATABASE_URL and "
+                "THREADLINE_REDIS_URL: SQLite and in-process coordination serve one process"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "THREADLINE_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

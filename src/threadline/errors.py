@@ -1,0 +1,103 @@
+"""Threadline's exception tree. Domain code raises these; ``api/errors.py`` maps them to HTTP.
+
+    ThreadlineError
+    ├── ConfigError            invalid settings at start-up (never reaches HTTP)
+    ├── InvalidRequest         400/422: input the domain rejects after schema validation
+    ├── NotFound               404
+    │   ├── AgentNotFound
+    │   ├── SessionNotFound
+    │   └── RunNotFound
+    ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
+    ├── QueueFull              429: too many unanswered messages in one session
+    ├── Unavailable            503: a dependency is down or we are shutting down
+    │   ├── StoreUnavailable
+    │   ├── CoordinatorUnavailable
+    │   └── ShuttingDown
+    └── RunFailed              the run that was to answer the caller failed
+        ├── ModelError         502: the model provider failed
+        └── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class ThreadlineError(Exception):
+    code = "error"
+
+
+class ConfigError(ThreadlineError):
+    code = "config_error"
+
+
+class InvalidRequest(ThreadlineError):
+    code = "invalid_request"
+
+
+class NotFound(ThreadlineError):
+    code = "not_found"
+
+
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
+class SessionBusy(ThreadlineError):
+    code = "session_busy"
+
+    def __init__(self, session_id: UUID, run_id: UUID | None) -> None:
+        super().__init__(f"session {str(session_id)!r} is busy answering run {str(run_id)!r}")
+        self.session_id = session_id
+        self.run_id = run_id
+
+
+class QueueFull(ThreadlineError):
+    code = "queue_full"
+
+    def __init__(self, session_id: UUID, limit: int, retry_after_s: int = 1) -> None:
+        super().__init__(
+            f"session {str(session_id)!r} already has {limit} unanswered messages; retry later"
+        )
+        self.session_id = session_id
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(ThreadlineError):
+    code = "unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    code = "store_unavailable"
+
+
+class CoordinatorUnavailable(Unavailable):
+    code = "coordinator_unavailable"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+class RunFailed(ThreadlineError):
+    code = "run_failed"
+
+    def __init__(self, message: str, run_id: UUID | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class ModelError(RunFailed):
+    code = "model_error"
+
+
+class ModelTimeout(RunFailed):
+    code = "model_timeout"

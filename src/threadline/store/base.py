@@ -1,0 +1,213 @@
+"""The ``Store`` protocol: what the server needs from a database, and the records it returns.
+
+Two implementations stand behind it: ``PostgresStore`` (asyncpg) and ``SQLiteStore`` (aiosqlite).
+Both keep the same invariants, which the queue relies on:
+
+* ``seq`` is assigned per session at insert time, under the session row's lock, so the order of
+  ``seq`` is the order in which messages were accepted.
+* A session's *unanswered* user messages are those with ``seq > sessions.answered_seq``. Runs only
+  ever answer a prefix of them, so one integer describes what has been answered.
+* ``sessions.current_run_id`` is the fence: a run may commit its reply only while it is the
+  session's current run, checked in the same write that stores the reply.
+
+Hot path (a turn on an idle session) is two round-trips: ``add_user_message(..., start=...)``
+(insert the message, open the run, read the history window) and ``commit_run``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+Role = Literal["user", "assistant", "tool"]
+RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded"]
+FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded"})
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: UUID
+    name: str | None
+    agent: str
+    user_id: str | None
+    metadata: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: UUID
+    session_id: UUID
+    seq: int
+    role: Role
+    content: str
+    run_id: UUID | None
+    # pydantic-ai ModelMessage list as JSON bytes (tool calls, tool returns, final response);
+    # None for plain user messages.
+    payload: bytes | None
+    channel_payload: dict[str, Any] | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: UUID
+    session_id: UUID
+    agent: str
+    status: RunStatus
+    message_ids: tuple[UUID, ...]
+    upto_seq: int
+    reply_message_id: UUID | None
+    superseded_by: UUID | None
+    error: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to insert; ``seq`` and ``created_at`` are assigned by the store."""
+
+    id: UUID
+    role: Role
+    content: str
+    run_id: UUID | None = None
+    payload: bytes | None = None
+    channel_payload: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunStart:
+    """Open a run answering every unanswered user message with ``seq <= upto_seq``.
+
+    ``upto_seq=None`` in ``add_user_message`` means "up to the message being inserted".
+    Opening a run makes it the session's current run (the fence), so any earlier run of the
+    session can no longer commit.
+    """
+
+    run_id: UUID
+    agent: str
+    model: str | None
+    history_limit: int
+    upto_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What a run needs to call the model: its row, the context before it, and its prompt."""
+
+    run: Run
+    # Everything the model should see before the prompt, in seq order: the last
+    # ``history_limit`` rows that are not part of the prompt (answered user messages,
+    # assistant replies, tool rows saved from superseded runs).
+    history: list[Message]
+    # The unanswered user messages this run answers, in seq order.
+    prompt: list[Message]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of a successful run, stored by ``commit_run``."""
+
+    message: NewMessage
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """Async conversation storage. Every method is one round-trip unless it says otherwise."""
+
+    backend: Literal["sqlite", "postgres"]
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` if the database cannot answer a trivial query."""
+
+    async def create_session(
+        self,
+        agent: str,
+        *,
+        name: str | None = None,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session: ...
+
+    async def get_or_create_session(
+        self,
+        name: str,
+        *,
+        agent: str,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        """Return the session named ``name`` for ``user_id``, creating it atomically if absent."""
+
+    async def get_session(self, session_id: UUID) -> Session | None: ...
+
+    async def find_session(self, name: str, user_id: str | None = None) -> Session | None: ...
+
+    async def list_sessions(
+        self, *, user_id: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Session], int]:
+        """A page of sessions, newest first, and the total count."""
+
+    async def delete_session(self, session_id: UUID) -> bool:
+        """Delete a session with its messages and runs; False if it did not exist."""
+
+    async def list_messages(
+        self, session_id: UUID, *, limit: int = 100, offset: int = 0
+    ) -> tuple[list[Message], int]:
+        """A page of messages in seq order, and the total count."""
+
+    async def get_run(self, run_id: UUID) -> Run | None: ...
+
+    async def add_user_message(
+        self, session_id: UUID, message: NewMessage, *, start: RunStart | None = None
+    ) -> tuple[Message, Turn | None]:
+        """Insert a user message with the next ``seq``; optionally open a run in the same write.
+
+        With ``start``, this is the first of the hot path's two round-trips: the run answers
+        every unanswered message up to the new one and the returned ``Turn`` carries the history
+        window. Raises ``SessionNotFound`` if the session is gone.
+        """
+
+    async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
+        """Open a run for the unanswered messages up to ``start.upto_seq``.
+
+        Returns None (and writes nothing) when there is no such message, e.g. because another
+        process already answered it.
+        """
+
+    async def commit_run(self, session_id: UUID, run_id: UUID, reply: Reply) -> Message | None:
+        """Store the reply and finish the run as ``succeeded``, if the run is still current.
+
+        One atomic write: advances ``answered_seq`` to the run's ``upto_seq``, clears the fence,
+        inserts the reply with the next ``seq`` and records ``reply_message_id`` and usage.
+        Returns None, writing nothing, when the run was fenced out.
+        """
+
+    async def finish_run(
+        self,
+        session_id: UUID,
+        run_id: UUID,
+        status: Literal["failed", "superseded"],
+        *,
+        error: str | None = None,
+        superseded_by: UUID | None = None,
+        side_effects: list[NewMessage] | None = None,
+    ) -> None:
+        """Close a run that will not commit, leaving its messages unanswered.
+
+        ``side_effects`` are tool rows (calls already executed and their results) that must
+        survive the cancel so the next run's model knows what was done. They get seqs after
+        the existing rows. Releases the fence if this run still holds it.
+        """
+
+    async def unanswered(self, session_id: UUID) -> list[Message]:
+        """The session's unanswered user messages in seq order."""
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,67 @@
+"""Shared fixtures: real services, the event-loop blocking guard, and settings factories.
+
+PostgreSQL and Redis tests run when THREADLINE_TEST_DATABASE_URL / THREADLINE_TEST_REDIS_URL are
+set. Without them they skip, unless THREADLINE_REQUIRE_SERVICES=1 (as in CI), which turns a
+missing service into a failure so a green run always means the integration tests ran.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from threadline.config import Settings
+
+REQUIRE_SERVICES = os.environ.get("THREADLINE_REQUIRE_SERVICES") == "1"
+
+
+def _service_url(var: str) -> str:
+    url = os.environ.get(var)
+    if url:
+        return url
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{var} is unset but THREADLINE_REQUIRE_SERVICES=1")
+    pytest.skip(f"{var} is unset: set it to run tests against the real service")
+
+
+@pytest.fixture
+def pg_url() -> str:
+    return _service_url("THREADLINE_TEST_DATABASE_URL")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return _service_url("THREADLINE_TEST_REDIS_URL")
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
+    """Fail any test whose code blocks the event loop (pydantic-ai does the same).
+
+    Tests that must block on purpose (starting subprocesses, say) opt out with
+    ``@pytest.mark.allow_blocking``.
+    """
+    if request.node.get_closest_marker("allow_blocking"):
+        yield None
+        return
+    with blockbuster_ctx(["threadline", "tests"]) as bb:
+        yield bb
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_blocking: the test may block the event loop")
+
+
+@pytest.fixture
+def make_settings(tmp_path: Any) -> Any:
+    """Build Settings for a test, on a fresh SQLite file unless a database_url is given."""
+
+    def make(**overrides: Any) -> Settings:
+        overrides.setdefault("database_url", f"sqlite:///{tmp_path}/threadline.db")
+        return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+    return make
