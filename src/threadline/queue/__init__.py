@@ -1,0 +1,1 @@
+"""Per-session turn queue: the pure core and the coordinators that feed it."""

@@ -1,0 +1,434 @@
+"""The per-session turn queue: a pure asyncio state machine with no I/O.
+
+Everything that touches a database or a model is injected: ``submit`` gets an *accept*
+callable that stores the user message, and the queue is built with a *runner* that answers a
+batch of stored messages. The queue decides only **when** a run starts, **which** messages it
+answers and **when** it is cancelled, so its tests drive it with events alone.
+
+Per-session state machine (one ``_Session`` per session with anything in flight; dropped when
+it returns to IDLE, so memory follows live sessions, not sessions ever seen)::
+
+             accept done                  window over, slot free
+    IDLE ──────────────────▶ PENDING ─────────────────────────────▶ RUNNING
+      ▲                       │  ▲  (debounce window / waiting        │   │
+      │                       │  │   for a concurrency slot;          │   │ commit / fail
+      │                       │  │   new messages simply join)        │   │
+      │                       │  └──── merge message arrives: ◀───────┘   │
+      │                       │        cancel the run, await its end      │
+      └───────────────────────┴───────────── nothing left ◀───────────────┘
+
+A run is *not* cancelled once its runner has entered the commit (``Job.committing``) or once the
+oldest message it answers has waited ``merge_max_wait`` (liveness): the newcomer waits for the
+next run instead. At most one runner task exists per session, and the next run starts only
+after the previous task has finished, cleanup included, so one session never has two model
+calls in flight.
+
+Fast path: when a message reaches an idle session with no debounce window and a free slot, the
+queue hands ``accept`` a run id so the store can insert the message *and* open the run in one
+write; the run then starts with that prepared turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+from threadline.errors import QueueFull, RunFailed, SessionBusy, ShuttingDown
+
+Strategy = Literal["merge", "enqueue", "reject"]
+CancelReason = Literal["superseded", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What ``accept`` returns: the stored message and, on the fast path, the opened turn."""
+
+    message_id: UUID
+    seq: int
+    prepared: Any = None
+
+
+@dataclass(slots=True)
+class Job:
+    """One run of one session, shared between the queue and its runner."""
+
+    session_id: UUID
+    run_id: UUID
+    upto_seq: int
+    prepared: Any = None
+    # Set by the runner on its first step; a job cancelled before that never ran any code,
+    # so the runner checks ``cancel_reason`` itself instead of relying on CancelledError.
+    started: bool = False
+    # Set by the runner right before its commit write: past this point a cancel could leave
+    # the caller unsure whether the reply landed, so the queue no longer cancels.
+    committing: bool = False
+    cancel_reason: CancelReason | None = None
+    superseded_by: UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished run as the runner reports it. ``result`` is opaque to the queue."""
+
+    run_id: UUID
+    message_ids: tuple[UUID, ...]
+    result: Any = None
+    error: RunFailed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one caller of ``submit`` gets back."""
+
+    message_id: UUID
+    outcome: Outcome
+    superseded: bool
+
+
+class Runner(Protocol):
+    def __call__(self, job: Job, /) -> Awaitable[Outcome]: ...
+
+
+class Timers(Protocol):
+    """The clock and scheduler the queue uses; tests substitute a manual one."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.Handle: ...
+
+
+class LoopTimers:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.Handle:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+Accept = Callable[[UUID | None], Awaitable[Accepted]]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    message_id: UUID
+    seq: int
+    strategy: Strategy
+    arrived_at: float
+    future: asyncio.Future[Answer]
+    superseded: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    id: UUID
+    waiters: list[_Waiter] = field(default_factory=list)  # unanswered, in seq order
+    reserved: int = 0  # admitted, their insert still in flight
+    starting: bool = False  # fast path: the insert that opens a run is in flight
+    job: Job | None = None
+    task: asyncio.Task[Outcome] | None = None
+    queued: bool = False  # waiting for a concurrency slot
+    timer: asyncio.Handle | None = None
+    timer_due: float = 0.0
+    last_arrival: float = 0.0
+    next_run_id: UUID | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiters or self.reserved or self.starting or self.task or self.queued)
+
+
+class TurnQueue:
+    """Per-session FIFO turn queue with cancel-and-merge. See the module docstring."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_concurrent: int = 256,
+        merge_window: float = 0.0,
+        merge_max_wait: float = 10.0,
+        session_queue_max: int = 100,
+        timers: Timers | None = None,
+    ) -> None:
+        self._runner = runner
+        self._max_concurrent = max_concurrent
+        self._merge_window = merge_window
+        self._merge_max_wait = merge_max_wait
+        self._queue_max = session_queue_max
+        self._timers = timers or LoopTimers()
+        self._sessions: dict[UUID, _Session] = {}
+        self._slot_waiters: deque[_Session] = deque()
+        self._running = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def session_count(self) -> int:
+        """Sessions with state in memory; zero once everything is answered."""
+        return len(self._sessions)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def busy_run(self, session_id: UUID) -> UUID | None:
+        state = self._sessions.get(session_id)
+        return state.job.run_id if state and state.job else None
+
+    async def submit(self, session_id: UUID, strategy: Strategy, accept: Accept) -> Answer:
+        """Admit, store (through ``accept``) and answer one message.
+
+        Raises ``SessionBusy``/``QueueFull``/``ShuttingDown`` before anything is stored. Once
+        ``accept`` has been called the work belongs to the queue: cancelling the caller (a
+        client that disconnects) does not cancel the insert or the run.
+        """
+        state = self._admit(session_id, strategy)
+        fast_run_id = self._claim_fast_path(state)
+        task = self._spawn(self._accept_and_wait(state, strategy, accept, fast_run_id))
+        return await asyncio.shield(task)
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop intake, give runs in flight ``grace`` seconds, then cancel what is left."""
+        self._closing = True
+        for state in list(self._sessions.values()):
+            if state.timer is not None:
+                state.timer.cancel()
+                state.timer = None
+        self._slot_waiters.clear()
+        for state in list(self._sessions.values()):
+            state.queued = False
+            if state.task is None and not state.starting:
+                self._fail_waiters(state, state.waiters, ShuttingDown("server is shutting down"))
+        pending = {s.task for s in self._sessions.values() if s.task is not None}
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        for state in list(self._sessions.values()):
+            if state.job is not None and state.task is not None and not state.task.done():
+                self._cancel(state, "shutdown")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- admission ----------------------------------------------------------------------
+
+    def _admit(self, session_id: UUID, strategy: Strategy) -> _Session:
+        if self._closing:
+            raise ShuttingDown("server is shutting down; not accepting messages")
+        state = self._sessions.get(session_id)
+        if state is None:
+            state = self._sessions[session_id] = _Session(session_id)
+        if strategy == "reject" and not state.idle:
+            raise SessionBusy(session_id, state.job.run_id if state.job else None)
+        if len(state.waiters) + state.reserved >= self._queue_max:
+            raise QueueFull(session_id, self._queue_max)
+        state.reserved += 1
+        return state
+
+    def _claim_fast_path(self, state: _Session) -> UUID | None:
+        quiet = not (state.waiters or state.starting or state.task or state.queued)
+        if (
+            quiet
+            and state.reserved == 1
+            and self._merge_window == 0
+            and self._running < self._max_concurrent
+        ):
+            state.starting = True
+            self._running += 1
+            return uuid.uuid4()
+        return None
+
+    async def _accept_and_wait(
+        self, state: _Session, strategy: Strategy, accept: Accept, fast_run_id: UUID | None
+    ) -> Answer:
+        try:
+            accepted = await accept(fast_run_id)
+        except BaseException:
+            state.reserved -= 1
+            if fast_run_id is not None:
+                state.starting = False
+                self._release_slot()
+            self._settle(state)
+            raise
+        state.reserved -= 1
+        waiter = _Waiter(
+            accepted.message_id,
+            accepted.seq,
+            strategy,
+            self._timers.now(),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._insert_waiter(state, waiter)
+        if fast_run_id is not None:
+            state.starting = False
+            self._start(state, Job(state.id, fast_run_id, accepted.seq, accepted.prepared))
+        else:
+            self._on_arrival(state, waiter)
+        return await waiter.future
+
+    @staticmethod
+    def _insert_waiter(state: _Session, waiter: _Waiter) -> None:
+        # Inserts usually finish in seq order, but two round-trips can overtake each other.
+        waiters = state.waiters
+        index = len(waiters)
+        while index and waiters[index - 1].seq > waiter.seq:
+            index -= 1
+        waiters.insert(index, waiter)
+
+    def _on_arrival(self, state: _Session, waiter: _Waiter) -> None:
+        state.last_arrival = waiter.arrived_at
+        job = state.job
+        if job is not None and waiter.seq > job.upto_seq:
+            if waiter.strategy == "merge" and self._may_supersede(state, job):
+                self._cancel(state, "superseded")
+            return  # the next run starts when this one's task has finished
+        if state.starting or state.queued:
+            return  # the run about to start (or the queued one) picks the message up
+        self._schedule(state)
+
+    def _may_supersede(self, state: _Session, job: Job) -> bool:
+        if job.committing or job.cancel_reason is not None:
+            return False
+        covered = [w for w in state.waiters if w.seq <= job.upto_seq]
+        if not covered:
+            return True
+        return self._timers.now() - covered[0].arrived_at < self._merge_max_wait
+
+    # -- starting runs ------------------------------------------------------------------
+
+    def _schedule(self, state: _Session) -> None:
+        """Start the session's next run now, after the debounce window, or when a slot frees."""
+        if state.task is not None or state.starting or state.queued:
+            return
+        if self._closing:
+            self._fail_waiters(state, state.waiters, ShuttingDown("server is shutting down"))
+            return
+        if not state.waiters:
+            self._settle(state)
+            return
+        if self._merge_window > 0:
+            oldest = state.waiters[0].arrived_at
+            due = min(state.last_arrival + self._merge_window, oldest + self._merge_max_wait)
+            delay = due - self._timers.now()
+            if delay > 0:
+                if state.timer is None or state.timer_due != due:
+                    if state.timer is not None:
+                        state.timer.cancel()
+                    state.timer_due = due
+                    state.timer = self._timers.call_later(delay, lambda: self._on_timer(state))
+                return
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        if self._running >= self._max_concurrent:
+            state.queued = True
+            self._slot_waiters.append(state)
+            return
+        self._running += 1
+        self._start(state, Job(state.id, self._next_run_id(state), self._next_upto(state)))
+
+    def _on_timer(self, state: _Session) -> None:
+        state.timer = None
+        self._schedule(state)
+
+    def _next_run_id(self, state: _Session) -> UUID:
+        run_id, state.next_run_id = state.next_run_id or uuid.uuid4(), None
+        return run_id
+
+    @staticmethod
+    def _next_upto(state: _Session) -> int:
+        # A merge message pulls every unanswered message before it into one run; an enqueue
+        # message that is oldest gets a run of its own.
+        merges = [w.seq for w in state.waiters if w.strategy == "merge"]
+        return max(merges) if merges else state.waiters[0].seq
+
+    def _start(self, state: _Session, job: Job) -> None:
+        """Run ``job``; the caller has already taken a concurrency slot for it."""
+        state.job = job
+        if self._closing:
+            job.cancel_reason = "shutdown"  # the runner bails out before calling the model
+        task = self._spawn(self._runner(job))
+        state.task = task
+        task.add_done_callback(lambda t: self._on_run_done(state, job, t))
+        if any(w.seq > job.upto_seq and w.strategy == "merge" for w in state.waiters):
+            # Messages stored while the fast path's insert was in flight.
+            self._cancel(state, "superseded")
+
+    def _cancel(self, state: _Session, reason: CancelReason) -> None:
+        job, task = state.job, state.task
+        assert job is not None
+        assert task is not None
+        job.cancel_reason = reason
+        if reason == "superseded":
+            state.next_run_id = job.superseded_by = uuid.uuid4()
+            for waiter in state.waiters:
+                if waiter.seq <= job.upto_seq:
+                    waiter.superseded = True
+        if job.started:
+            task.cancel()
+
+    # -- finishing runs -----------------------------------------------------------------
+
+    def _on_run_done(self, state: _Session, job: Job, task: asyncio.Task[Outcome]) -> None:
+        state.job = None
+        state.task = None
+        self._release_slot()
+        if task.cancelled():
+            # Superseded: the callers wait for the run that replaces this one. Any other
+            # cancel means we are going down, and the callers are owed a defined error.
+            if job.cancel_reason != "superseded":
+                covered = [w for w in state.waiters if w.seq <= job.upto_seq]
+                self._fail_waiters(state, covered, ShuttingDown("server shut down mid-run"))
+        elif (exc := task.exception()) is not None:
+            error = exc if isinstance(exc, RunFailed) else RunFailed(repr(exc), job.run_id)
+            outcome = Outcome(job.run_id, (), error=error)
+            self._resolve(state, [w for w in state.waiters if w.seq <= job.upto_seq], outcome)
+        else:
+            outcome = task.result()
+            answered = set(outcome.message_ids)
+            done = [w for w in state.waiters if w.message_id in answered]
+            if outcome.error is not None:
+                # A failed run answers nobody, but its callers are owed a defined error.
+                done = [w for w in state.waiters if w.seq <= job.upto_seq or w in done]
+            self._resolve(state, done, outcome)
+        self._schedule(state)
+
+    def _resolve(self, state: _Session, waiters: list[_Waiter], outcome: Outcome) -> None:
+        for waiter in waiters:
+            state.waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.set_result(Answer(waiter.message_id, outcome, waiter.superseded))
+
+    def _fail_waiters(self, state: _Session, waiters: list[_Waiter], exc: Exception) -> None:
+        for waiter in list(waiters):
+            state.waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+        self._settle(state)
+
+    def _release_slot(self) -> None:
+        self._running -= 1
+        while self._slot_waiters and self._running < self._max_concurrent:
+            state = self._slot_waiters.popleft()
+            state.queued = False
+            self._schedule(state)
+
+    def _settle(self, state: _Session) -> None:
+        if state.idle and state.timer is None and self._sessions.get(state.id) is state:
+            del self._sessions[state.id]
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # A caller that went away never reads its task's error; retrieving it here keeps
+        # asyncio from logging "exception was never retrieved" for errors already reported.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
