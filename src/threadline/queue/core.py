@@ -62,6 +62,8 @@ class Job:
     run_id: UUID
     upto_seq: int
     prepared: Any = None
+    # The newest covered caller's request options (agent, context, ...), opaque to the queue.
+    options: Any = None
     # Set by the runner on its first step; a job cancelled before that never ran any code,
     # so the runner checks ``cancel_reason`` itself instead of relying on CancelledError.
     started: bool = False
@@ -121,6 +123,7 @@ class _Waiter:
     strategy: Strategy
     arrived_at: float
     future: asyncio.Future[Answer]
+    options: Any = None
     superseded: bool = False
 
 
@@ -183,7 +186,9 @@ class TurnQueue:
         state = self._sessions.get(session_id)
         return state.job.run_id if state and state.job else None
 
-    async def submit(self, session_id: UUID, strategy: Strategy, accept: Accept) -> Answer:
+    async def submit(
+        self, session_id: UUID, strategy: Strategy, accept: Accept, options: Any = None
+    ) -> Answer:
         """Admit, store (through ``accept``) and answer one message.
 
         Raises ``SessionBusy``/``QueueFull``/``ShuttingDown`` before anything is stored. Once
@@ -192,7 +197,7 @@ class TurnQueue:
         """
         state = self._admit(session_id, strategy)
         fast_run_id = self._claim_fast_path(state)
-        task = self._spawn(self._accept_and_wait(state, strategy, accept, fast_run_id))
+        task = self._spawn(self._accept_and_wait(state, strategy, accept, fast_run_id, options))
         return await asyncio.shield(task)
 
     async def aclose(self, grace: float = 0.0) -> None:
@@ -245,7 +250,12 @@ class TurnQueue:
         return None
 
     async def _accept_and_wait(
-        self, state: _Session, strategy: Strategy, accept: Accept, fast_run_id: UUID | None
+        self,
+        state: _Session,
+        strategy: Strategy,
+        accept: Accept,
+        fast_run_id: UUID | None,
+        options: Any,
     ) -> Answer:
         try:
             accepted = await accept(fast_run_id)
@@ -263,11 +273,13 @@ class TurnQueue:
             strategy,
             self._timers.now(),
             asyncio.get_running_loop().create_future(),
+            options,
         )
         self._insert_waiter(state, waiter)
         if fast_run_id is not None:
             state.starting = False
-            self._start(state, Job(state.id, fast_run_id, accepted.seq, accepted.prepared))
+            job = Job(state.id, fast_run_id, accepted.seq, accepted.prepared, options)
+            self._start(state, job)
         else:
             self._on_arrival(state, waiter)
         return await waiter.future
@@ -331,7 +343,9 @@ class TurnQueue:
             self._slot_waiters.append(state)
             return
         self._running += 1
-        self._start(state, Job(state.id, self._next_run_id(state), self._next_upto(state)))
+        upto = self._next_upto(state)
+        options = next(w.options for w in reversed(state.waiters) if w.seq <= upto)
+        self._start(state, Job(state.id, self._next_run_id(state), upto, options=options))
 
     def _on_timer(self, state: _Session) -> None:
         state.timer = None
