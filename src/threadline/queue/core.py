@@ -445,4 +445,3 @@ class TurnQueue:
         # asyncio from logging "exception was never retrieved" for errors already reported.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
-

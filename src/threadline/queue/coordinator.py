@@ -1,0 +1,39 @@
+"""The coordinator interface: how the API hands a message to whichever queue serves it.
+
+``LocalCoordinator`` (this process only) and ``RedisCoordinator`` (several processes or hosts)
+implement it. Both store the message before anything else can happen to it and both resolve
+every caller with the ``Answer`` of the run that answered its message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from uuid import UUID
+
+from threadline.queue.core import Answer, Strategy
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    session_id: UUID
+    agent: str
+    content: str
+    strategy: Strategy
+    user_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    history_limit: int = 20
+    channel_payload: dict[str, Any] | None = None
+
+
+class Coordinator(Protocol):
+    async def submit(self, request: TurnRequest) -> Answer:
+        """Store the message and wait for the run that answers it.
+
+        Raises ``SessionBusy``, ``QueueFull`` or ``Unavailable`` before storing anything.
+        """
+
+    def metrics(self) -> dict[str, Any]:
+        """Numbers for /debug/metrics."""
+
+    async def aclose(self, grace: float = 0.0) -> None: ...
