@@ -1,0 +1,1 @@
+"""HTTP edge: routes, wire schemas, dependencies and the error-to-HTTP mapping. No SQL here."""

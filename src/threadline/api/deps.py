@@ -1,0 +1,47 @@
+"""Dependencies: how routes reach the resources the lifespan owns."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+
+from threadline.agents import AgentRegistry
+from threadline.api.errors import Unauthorized
+from threadline.config import Settings
+from threadline.monitor import LoopLagMonitor
+from threadline.queue.coordinator import Coordinator
+from threadline.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    store: Store
+    registry: AgentRegistry
+    coordinator: Coordinator
+    monitor: LoopLagMonitor
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+def require_api_key(
+    services: ServicesDep, key: Annotated[str | None, Depends(_api_key_header)]
+) -> None:
+    expected = services.settings.api_key
+    if expected is None:
+        return
+    # Constant-time comparison: the key must not leak through response timing.
+    if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("missing or invalid X-API-Key header")

@@ -1,0 +1,101 @@
+"""The one place where errors become HTTP responses: ``{"error": {"code", "message", ...}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from threadline.errors import (
+    InvalidRequest,
+    ModelError,
+    ModelTimeout,
+    NotFound,
+    QueueFull,
+    RunFailed,
+    SessionBusy,
+    ThreadlineError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[ThreadlineError], int]] = [
+    (InvalidRequest, 422),
+    (NotFound, 404),
+    (SessionBusy, 409),
+    (QueueFull, 429),
+    (Unavailable, 503),
+    (ModelTimeout, 504),
+    (ModelError, 502),
+    (RunFailed, 502),
+]
+
+
+class PayloadTooLarge(ThreadlineError):
+    code = "payload_too_large"
+
+
+class Unauthorized(ThreadlineError):
+    code = "unauthorized"
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ThreadlineError)
+    if isinstance(exc, PayloadTooLarge):
+        return error_response(413, exc.code, str(exc))
+    if isinstance(exc, Unauthorized):
+        return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "X-API-Key"})
+    status = next((s for kind, s in STATUS if isinstance(exc, kind)), 500)
+    headers = None
+    extra: dict[str, Any] = {}
+    if isinstance(exc, QueueFull):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, SessionBusy | RunFailed) and exc.run_id is not None:
+        extra["run_id"] = str(exc.run_id)
+    if status == 500:
+        log.error("unmapped domain error: %r", exc)
+    return error_response(status, exc.code, str(exc), headers, **extra)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return error_response(422, "validation_error", f"{where}: {first['msg']}", details=details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    if isinstance(exc, OSError | ConnectionError):
+        return error_response(503, "unavailable", "a dependency is unreachable")
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ThreadlineError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,159 @@
+"""Routes under /api/v1: validate, call, map. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from threadline.api.deps import ServicesDep, require_api_key
+from threadline.api.errors import PayloadTooLarge
+from threadline.api.schemas import (
+    AgentInfo,
+    MessageOut,
+    RunOut,
+    RunRequest,
+    RunResponse,
+    SessionDetail,
+    SessionOut,
+    SessionPage,
+)
+from threadline.errors import RunNotFound, SessionNotFound
+from threadline.queue.coordinator import TurnRequest
+from threadline.runner import TurnResult
+from threadline.store import Session, Store
+
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
+
+
+async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
+    try:
+        session = await store.get_session(UUID(id_or_name))
+    except ValueError:
+        session = await store.find_session(id_or_name, user_id)
+    if session is None:
+        raise SessionNotFound(f"session {id_or_name!r} not found")
+    return session
+
+
+@router.post("/agent/{name}/run", response_model=RunResponse)
+async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunResponse:
+    settings, store = services.settings, services.store
+    services.registry.spec(name)  # 404 before anything is stored
+    if len(body.message_content) > settings.max_message_chars:
+        raise PayloadTooLarge(
+            f"message_content has {len(body.message_content)} characters; "
+            f"the limit is {settings.max_message_chars}"
+        )
+    if body.session_id is not None:
+        session = await store.get_session(body.session_id)
+        if session is None:
+            raise SessionNotFound(f"session {str(body.session_id)!r} not found")
+    elif body.session_name is not None:
+        session = await store.get_or_create_session(
+            body.session_name, agent=name, user_id=body.user_id
+        )
+    else:
+        session = await store.create_session(name, user_id=body.user_id)
+    answer = await services.coordinator.submit(
+        TurnRequest(
+            session_id=session.id,
+            agent=name,
+            content=body.message_content,
+            strategy=body.strategy or settings.queue_strategy,
+            user_id=body.user_id if body.user_id is not None else session.user_id,
+            context=body.context,
+            history_limit=(
+                body.message_limit if body.message_limit is not None else settings.history_limit
+            ),
+            channel_payload=body.channel_payload,
+        )
+    )
+    outcome = answer.outcome
+    if outcome.error is not None:
+        raise outcome.error
+    result: TurnResult = outcome.result
+    return RunResponse(
+        message=result.message,
+        session_id=session.id,
+        run_id=outcome.run_id,
+        message_ids=list(outcome.message_ids),
+        superseded=answer.superseded,
+        tool_calls=result.tool_calls,
+        tool_outputs=result.tool_outputs,
+        usage=result.usage,
+    )
+
+
+@router.get("/agents", response_model=list[AgentInfo])
+@router.get("/agent/list", response_model=list[AgentInfo], include_in_schema=False)
+async def list_agents(services: ServicesDep) -> list[AgentInfo]:
+    default = services.settings.model
+    return [
+        AgentInfo(
+            name=spec.name,
+            description=spec.description,
+            model=spec.model
+            if isinstance(spec.model, str)
+            else (spec.model.model_name if spec.model is not None else default),
+        )
+        for spec in services.registry.specs
+    ]
+
+
+@router.get("/sessions", response_model=SessionPage)
+async def list_sessions(
+    services: ServicesDep,
+    user_id: str | None = None,
+    page: Annotated[int, Query(ge=1)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> SessionPage:
+    sessions, total = await services.store.list_sessions(
+        user_id=user_id, limit=page_size, offset=(page - 1) * page_size
+    )
+    return SessionPage(
+        sessions=[SessionOut.model_validate(s, from_attributes=True) for s in sessions],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.get("/sessions/{id_or_name}", response_model=SessionDetail)
+async def get_session(
+    id_or_name: str,
+    services: ServicesDep,
+    user_id: str | None = None,
+    page: Annotated[int, Query(ge=1)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SessionDetail:
+    session = await _find_session(services.store, id_or_name, user_id)
+    messages, total = await services.store.list_messages(
+        session.id, limit=page_size, offset=(page - 1) * page_size
+    )
+    fields: dict[str, Any] = SessionOut.model_validate(session, from_attributes=True).model_dump()
+    return SessionDetail(
+        **fields,
+        messages=[MessageOut.model_validate(m, from_attributes=True) for m in messages],
+        total_messages=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.delete("/sessions/{id_or_name}", status_code=204)
+async def delete_session(
+    id_or_name: str, services: ServicesDep, user_id: str | None = None
+) -> Response:
+    session = await _find_session(services.store, id_or_name, user_id)
+    await services.store.delete_session(session.id)
+    return Response(status_code=204)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut)
+async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
+    run = await services.store.get_run(run_id)
+    if run is None:
+        raise RunNotFound(f"run {str(run_id)!r} not found")
+    return RunOut.model_validate(run, from_attributes=True)

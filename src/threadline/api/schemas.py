@@ -1,0 +1,104 @@
+"""Wire schemas. Field names follow automagik-agents so its users can switch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from threadline.config import Strategy
+
+
+class RunRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message_content: str = Field(min_length=1)
+    session_id: UUID | None = None
+    session_name: str | None = Field(default=None, min_length=1, max_length=200)
+    user_id: str | None = Field(default=None, max_length=200)
+    context: dict[str, Any] = Field(default_factory=dict)
+    message_limit: int | None = Field(default=None, ge=0, le=1000)
+    channel_payload: dict[str, Any] | None = None
+    strategy: Strategy | None = None
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _user_id_as_text(cls, value: Any) -> Any:
+        # automagik-agents clients send integer user ids; store them as text.
+        return str(value) if isinstance(value, int) else value
+
+    @field_validator("message_content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message_content must not be blank")
+        return value
+
+
+class RunResponse(BaseModel):
+    message: str
+    session_id: UUID
+    run_id: UUID
+    message_ids: list[UUID]
+    success: bool = True
+    superseded: bool = False
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_outputs: list[dict[str, Any]] = Field(default_factory=list)
+    usage: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentInfo(BaseModel):
+    name: str
+    description: str
+    model: str
+
+
+class MessageOut(BaseModel):
+    id: UUID
+    seq: int
+    role: str
+    content: str
+    run_id: UUID | None
+    created_at: dt.datetime
+
+
+class SessionOut(BaseModel):
+    id: UUID
+    name: str | None
+    agent: str
+    user_id: str | None
+    metadata: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class SessionDetail(SessionOut):
+    messages: list[MessageOut]
+    total_messages: int
+    page: int
+    page_size: int
+
+
+class RunOut(BaseModel):
+    id: UUID
+    session_id: UUID
+    agent: str
+    status: str
+    message_ids: list[UUID]
+    reply_message_id: UUID | None
+    superseded_by: UUID | None
+    error: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None

@@ -1,0 +1,155 @@
+"""``create_app(settings)``: the FastAPI app and the lifespan that owns every resource.
+
+Order of start-up: store (migrated) -> agent registry -> coordinator -> loop monitor. Shutdown
+runs in reverse through one ``AsyncExitStack``: the coordinator first stops intake and lets
+runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from threadline import __version__
+from threadline.agents import AgentRegistry
+from threadline.agents.registry import load_specs
+from threadline.api import errors as api_errors
+from threadline.api.deps import Services, ServicesDep
+from threadline.api.errors import PayloadTooLarge, error_response
+from threadline.api.routes import router
+from threadline.config import Settings, load_settings
+from threadline.errors import Unavailable
+from threadline.monitor import LoopLagMonitor
+from threadline.queue.coordinator import Coordinator
+from threadline.queue.local import LocalCoordinator
+from threadline.store import Store, open_store
+
+log = logging.getLogger("threadline")
+
+
+@contextlib.asynccontextmanager
+async def open_coordinator(
+    settings: Settings, store: Store, registry: AgentRegistry
+) -> AsyncIterator[Coordinator]:
+    coordinator: Coordinator
+    if settings.redis_url:
+        from threadline.queue.redis import RedisCoordinator
+
+        coordinator = await RedisCoordinator.connect(settings, store, registry)
+    else:
+        coordinator = LocalCoordinator(store, registry, settings)
+    try:
+        yield coordinator
+    finally:
+        await coordinator.aclose(settings.shutdown_grace_s)
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Every resource the server needs, opened in order and closed in reverse."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(settings))
+        registry = AgentRegistry(
+            load_specs(settings.agents_module),
+            default_model=settings.model,
+            echo_delay_s=settings.echo_delay_ms / 1000,
+        )
+        coordinator = await stack.enter_async_context(open_coordinator(settings, store, registry))
+        monitor = await stack.enter_async_context(LoopLagMonitor().running())
+        yield Services(settings, store, registry, coordinator, monitor)
+
+
+class BodyLimit:
+    """Reject request bodies over ``limit`` bytes with 413 before the route parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = error_response(
+                413, PayloadTooLarge.code, f"request body exceeds {self.limit} bytes"
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise PayloadTooLarge(f"request body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else load_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.api_key is None:
+            log.warning(
+                "THREADLINE_API_KEY is unset: requests are not authenticated, "
+                "so the server only binds to loopback"
+            )
+        async with open_services(settings) as services:
+            app.state.services = services
+            log.info(
+                "threadline %s ready: store=%s coordinator=%s model=%s",
+                __version__,
+                settings.backend,
+                "redis" if settings.redis_url else "local",
+                settings.model,
+            )
+            yield
+
+    app = FastAPI(title="threadline", version=__version__, lifespan=lifespan)
+    api_errors.install(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready(services: ServicesDep) -> dict[str, str]:
+        await services.store.ping()
+        return {"status": "ready", "store": services.settings.backend}
+
+    if settings.debug_metrics:
+
+        @app.get("/debug/metrics", tags=["ops"])
+        async def metrics(services: ServicesDep, reset: bool = False) -> dict[str, Any]:
+            stats = services.registry.stats
+            body = {
+                "loop_lag": services.monitor.snapshot(),
+                "model_calls": {
+                    "started": stats.started,
+                    "completed": stats.completed,
+                    "cancelled": stats.cancelled,
+                },
+                "agent_inits": services.registry.init_count,
+                "coordinator": services.coordinator.metrics(),
+            }
+            if reset:
+                services.monitor.reset()
+            return body
+
+    return app
+
+
+__all__ = ["Unavailable", "create_app", "open_services"]

@@ -1,0 +1,106 @@
+"""``threadline serve | migrate | run``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from threadline.config import Settings, load_settings
+from threadline.errors import ConfigError, ThreadlineError
+
+
+def _serve(settings: Settings, reload: bool) -> None:
+    import uvicorn
+
+    settings.check_serving()
+    # Worker processes build their own Settings from the environment in create_app, so the
+    # command-line overrides travel there.
+    os.environ["THREADLINE_HOST"] = settings.host
+    os.environ["THREADLINE_PORT"] = str(settings.port)
+    os.environ["THREADLINE_WORKERS"] = str(settings.workers)
+    uvicorn.run(
+        "threadline.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers if not reload else None,
+        reload=reload,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        log_level="info",
+        access_log=False,
+    )
+
+
+async def _migrate(settings: Settings) -> None:
+    from threadline.store import open_store
+
+    async with open_store(settings):
+        pass
+    print(f"migrations applied to {settings.backend} store")
+
+
+async def _run_once(settings: Settings, agent: str, message: str, session: str | None) -> int:
+    from threadline.app import open_services
+    from threadline.queue.coordinator import TurnRequest
+    from threadline.runner import TurnResult
+
+    async with open_services(settings) as services:
+        services.registry.spec(agent)
+        if session:
+            record = await services.store.get_or_create_session(session, agent=agent)
+        else:
+            record = await services.store.create_session(agent)
+        answer = await services.coordinator.submit(
+            TurnRequest(
+                record.id,
+                agent,
+                message,
+                settings.queue_strategy,
+                history_limit=settings.history_limit,
+            )
+        )
+        if answer.outcome.error is not None:
+            raise answer.outcome.error
+        result: TurnResult = answer.outcome.result
+        print(result.message)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="threadline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--reload", action="store_true")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    run = commands.add_parser("run", help="send one message to an agent, in-process")
+    run.add_argument("agent")
+    run.add_argument("message")
+    run.add_argument("--session", help="session name to continue (created if absent)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            overrides = {
+                k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None
+            }
+            _serve(load_settings(**overrides), args.reload)
+        elif args.command == "migrate":
+            asyncio.run(_migrate(load_settings()))
+        else:
+            sys.exit(
+                asyncio.run(_run_once(load_settings(), args.agent, args.message, args.session))
+            )
+    except ConfigError as exc:
+        print(f"threadline: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ThreadlineError as exc:
+        print(f"threadline: {exc.code}: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,46 @@
+"""Event-loop lag monitor: a heartbeat that measures how late the loop wakes it up.
+
+A blocked loop delays every request; this makes the delay visible at /debug/metrics, which
+the benchmark reads to show that threadline's loop never stalls under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+class LoopLagMonitor:
+    def __init__(self, interval_s: float = 0.01, window: int = 100_000) -> None:
+        self._interval = interval_s
+        self._lags: deque[float] = deque(maxlen=window)
+
+    def reset(self) -> None:
+        self._lags.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        lags = sorted(self._lags)
+        if not lags:
+            return {"samples": 0, "max_ms": 0.0, "p99_ms": 0.0}
+        p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        return {"samples": len(lags), "max_ms": lags[-1] * 1000, "p99_ms": p99 * 1000}
+
+    async def _beat(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self._interval)
+            self._lags.append(max(0.0, time.perf_counter() - before - self._interval))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[LoopLagMonitor]:
+        task = asyncio.create_task(self._beat(), name="threadline-loop-lag")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
