@@ -1,21 +1,21 @@
 """Threadline's exception tree. Domain code raises these; ``api/errors.py`` maps them to HTTP.
 
-    ThreadlineError
-    ├── ConfigError            invalid settings at start-up (never reaches HTTP)
-    ├── InvalidRequest         400/422: input the domain rejects after schema validation
-    ├── NotFound               404
-    │   ├── AgentNotFound
-    │   ├── SessionNotFound
-    │   └── RunNotFound
-    ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
-    ├── QueueFull              429: too many unanswered messages in one session
-    ├── Unavailable            503: a dependency is down or we are shutting down
-    │   ├── StoreUnavailable
-    │   ├── CoordinatorUnavailable
-    │   └── ShuttingDown
-    └── RunFailed              the run that was to answer the caller failed
-        ├── ModelError         502: the model provider failed
-        └── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
+ThreadlineError
+├── ConfigError            invalid settings at start-up (never reaches HTTP)
+├── InvalidRequest         400/422: input the domain rejects after schema validation
+├── NotFound               404
+│   ├── AgentNotFound
+│   ├── SessionNotFound
+│   └── RunNotFound
+├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
+├── QueueFull              429: too many unanswered messages in one session
+├── Unavailable            503: a dependency is down or we are shutting down
+│   ├── StoreUnavailable
+│   ├── CoordinatorUnavailable
+│   └── ShuttingDown
+└── RunFailed              the run that was to answer the caller failed
+    ├── ModelError         502: the model provider failed
+    └── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
 """
 
 from __future__ import annotations
