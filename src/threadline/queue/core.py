@@ -158,8 +158,10 @@ class TurnQueue:
         merge_max_wait: float = 10.0,
         session_queue_max: int = 100,
         timers: Timers | None = None,
+        on_idle: Callable[[UUID], None] | None = None,
     ) -> None:
         self._runner = runner
+        self._on_idle = on_idle
         self._max_concurrent = max_concurrent
         self._merge_window = merge_window
         self._merge_max_wait = merge_max_wait
@@ -199,6 +201,39 @@ class TurnQueue:
         fast_run_id = self._claim_fast_path(state)
         task = self._spawn(self._accept_and_wait(state, strategy, accept, fast_run_id, options))
         return await asyncio.shield(task)
+
+    def adopt(
+        self,
+        session_id: UUID,
+        message_id: UUID,
+        seq: int,
+        strategy: Strategy = "merge",
+        options: Any = None,
+    ) -> asyncio.Future[Answer]:
+        """Take on a message that is already stored (by another process, or found unanswered).
+
+        It joins the session like a local arrival (and may supersede the run in flight), but
+        nobody here awaits the returned future: the coordinator forwards its answer.
+        """
+        if self._closing:
+            raise ShuttingDown("server is shutting down; not accepting messages")
+        state = self._sessions.get(session_id)
+        if state is None:
+            state = self._sessions[session_id] = _Session(session_id)
+        for known in state.waiters:
+            if known.message_id == message_id:
+                return known.future
+        waiter = _Waiter(
+            message_id,
+            seq,
+            strategy,
+            self._timers.now(),
+            asyncio.get_running_loop().create_future(),
+            options,
+        )
+        self._insert_waiter(state, waiter)
+        self._on_arrival(state, waiter)
+        return waiter.future
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Stop intake, give runs in flight ``grace`` seconds, then cancel what is left."""
@@ -436,6 +471,8 @@ class TurnQueue:
     def _settle(self, state: _Session) -> None:
         if state.idle and state.timer is None and self._sessions.get(state.id) is state:
             del self._sessions[state.id]
+            if self._on_idle is not None:
+                self._on_idle(state.id)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
