@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline import __version__
-from threadline.agents import AgentRegistry
+from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
 from threadline.api import errors as api_errors
 from threadline.api.deps import Services, ServicesDep
@@ -50,12 +50,17 @@ async def open_coordinator(
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """Every resource the server needs, opened in order and closed in reverse."""
+async def open_services(
+    settings: Settings, agents: Sequence[AgentSpec] = ()
+) -> AsyncIterator[Services]:
+    """Every resource the server needs, opened in order and closed in reverse.
+
+    ``agents`` adds (or overrides by name) specs besides the built-in and the user's module.
+    """
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(settings))
         registry = AgentRegistry(
-            load_specs(settings.agents_module),
+            [*load_specs(settings.agents_module), *agents],
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
         )
@@ -95,7 +100,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = ()) -> FastAPI:
     settings = settings if settings is not None else load_settings()
 
     @contextlib.asynccontextmanager
@@ -105,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "THREADLINE_API_KEY is unset: requests are not authenticated, "
                 "so the server only binds to loopback"
             )
-        async with open_services(settings) as services:
+        async with open_services(settings, agents) as services:
             app.state.services = services
             log.info(
                 "threadline %s ready: store=%s coordinator=%s model=%s",

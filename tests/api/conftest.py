@@ -1,0 +1,56 @@
+"""App fixtures: a real app with its lifespan running, reached through httpx."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from threadline.agents import AgentSpec
+from threadline.api.deps import Services
+from threadline.app import create_app
+from threadline.config import Settings
+
+AppFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, FastAPI]]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> str:
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return f"sqlite:///{tmp_path}/api.db"
+
+
+@pytest.fixture
+def make_app(database_url: str) -> AppFactory:
+    """Start an app (lifespan included) with settings overrides and extra agents."""
+
+    @contextlib.asynccontextmanager
+    async def start(
+        agents: Sequence[AgentSpec] = (), **overrides: Any
+    ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+        overrides.setdefault("database_url", database_url)
+        settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+        app = create_app(settings, agents)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://threadline", timeout=30
+            ) as client:
+                yield client, app
+
+    return start
+
+
+def services(app: FastAPI) -> Services:
+    found: Services = app.state.services
+    return found
