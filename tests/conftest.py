@@ -16,6 +16,8 @@ from blockbuster import BlockBuster, blockbuster_ctx
 
 from threadline.config import Settings
 
+pytest_plugins = ["tests.apps"]
+
 REQUIRE_SERVICES = os.environ.get("THREADLINE_REQUIRE_SERVICES") == "1"
 
 
@@ -49,6 +51,13 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
         yield None
         return
     with blockbuster_ctx(["threadline", "tests"]) as bb:
+        # asyncpg looks for ~/.pgpass and client certificates with synchronous file calls
+        # when it opens a connection: once per pool connection, never per query.
+        for name, function in bb.functions.items():
+            if name.startswith(("os.", "io.", "builtins.open")):
+                function.can_block_in(
+                    "asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"}
+                )
         yield bb
 
 

@@ -64,6 +64,7 @@ async def open_services(
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
         )
+        stack.push_async_callback(registry.aclose)
         coordinator = await stack.enter_async_context(open_coordinator(settings, store, registry))
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
         yield Services(settings, store, registry, coordinator, monitor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from threadline.agents import AgentSpec
-from tests.api.conftest import AppFactory
+from tests.apps import AppFactory
 from tests.fake_openai import running_fake_openai
 
 

@@ -10,7 +10,7 @@ from pydantic_ai import RunContext
 
 from threadline.agents import AgentRegistry, AgentSpec, RunDeps
 from threadline.agents.echo import echo_model
-from tests.api.conftest import AppFactory, services
+from tests.apps import AppFactory, services
 
 
 async def test_200_concurrent_first_requests_initialise_once() -> None:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.api.conftest import AppFactory, services
+from tests.apps import AppFactory, services
 
 
 def assert_error(response: object, status: int, code: str) -> None:

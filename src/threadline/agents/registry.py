@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from openai import AsyncOpenAI
+
 from pydantic_ai import Agent
 from pydantic_ai.models import Model, infer_model
 
@@ -67,6 +69,9 @@ class AgentRegistry:
         self._loaded: dict[str, LoadedAgent] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._models: dict[str, Model] = {}
+        # Provider clients this registry created; closed with the app so no connection
+        # outlives it.
+        self._clients: list[AsyncOpenAI] = []
         self.init_count = 0
 
     @property
@@ -104,6 +109,11 @@ class AgentRegistry:
                 loaded = self._loaded[name] = LoadedAgent(spec, agent, model_name)
         return loaded
 
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.close()
+        self._clients.clear()
+
     def _model(self, model: str | Model | None) -> tuple[Model, str]:
         if isinstance(model, Model):
             return model, model.model_name
@@ -125,7 +135,9 @@ class AgentRegistry:
             if not sep or not model_name or not base_url:
                 raise ConfigError(f"expected {OPENAI_COMPAT}MODEL@BASE_URL, got {name!r}")
             api_key = os.environ.get("OPENAI_API_KEY", "not-needed")
-            provider = OpenAIProvider(base_url=base_url, api_key=api_key)
+            client = AsyncOpenAI(base_url=base_url, api_key=api_key)
+            self._clients.append(client)
+            provider = OpenAIProvider(openai_client=client)
             return OpenAIChatModel(model_name, provider=provider)
         try:
             return infer_model(name)

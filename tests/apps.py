@@ -1,4 +1,4 @@
-"""App fixtures: a real app with its lifespan running, reached through httpx."""
+"""App fixtures (a real app with its lifespan running, reached through httpx); a plugin."""
 
 from __future__ import annotations
 
