@@ -62,12 +62,16 @@ def load_migrations(backend: Backend) -> list[Migration]:
             raise ValueError(f"migration {entry.name!r} does not start with a version number")
         version = int(prefix)
         if version in found:
-            raise ValueError(f"migrations {found[version].name!r} and {entry.name!r} share a version")
+            raise ValueError(
+                f"migrations {found[version].name!r} and {entry.name!r} share a version"
+            )
         found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
     return [found[v] for v in sorted(found)]
 
 
-async def migrate_postgres(url: str, *, timeout: float = 10.0, **connect_kwargs: Any) -> list[int]:
+async def migrate_postgres(
+    url: str, *, connect_timeout: float = 10.0, **connect_kwargs: Any
+) -> list[int]:
     """Apply pending PostgreSQL migrations; return the versions this call applied.
 
     Uses its own connection rather than a pool's: the advisory lock belongs to the session, and
@@ -75,7 +79,7 @@ async def migrate_postgres(url: str, *, timeout: float = 10.0, **connect_kwargs:
     """
     migrations = await asyncio.to_thread(load_migrations, "postgres")
     try:
-        conn = await asyncpg.connect(url, timeout=timeout, **connect_kwargs)
+        conn = await asyncpg.connect(url, timeout=connect_timeout, **connect_kwargs)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise StoreUnavailable(f"cannot connect to PostgreSQL to migrate: {exc}") from exc
     try:

@@ -1,0 +1,435 @@
+"""``SQLiteStore``: the ``Store`` on one aiosqlite connection.
+
+SQLite has a single writer, and threadline serves SQLite from one process, so one connection is
+enough and nothing can interleave with a write. Every method is one plain function run in
+aiosqlite's worker thread inside ``BEGIN IMMEDIATE ... COMMIT``: one hop per call, the same
+budget a PostgreSQL statement gets, and atomic without any snapshot subtleties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+from uuid import UUID, uuid4
+
+import aiosqlite
+
+from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
+from threadline.store.base import Message, NewMessage, Reply, Run, RunStart, Session, Turn
+from threadline.store.migrations import apply_sqlite, load_migrations
+
+T = TypeVar("T")
+
+_MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at"
+_SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
+_INSERT_MESSAGE = (
+    f"INSERT INTO messages ({_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG}"
+)
+_BY_NAME = "COALESCE(user_id, '') = COALESCE(?, '') AND name = ?"
+# Primary result codes meaning "the database cannot serve now", not "this statement is wrong":
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL.
+_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15})
+
+
+class SQLiteStore:
+    """The ``Store`` on SQLite. Build it with ``await SQLiteStore.connect(url_or_path)``."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, database: str) -> SQLiteStore:
+        """Open ``sqlite:///path``, a plain path, or ``:memory:``."""
+        path = database.removeprefix("sqlite://")
+        if path != database:
+            path = path.removeprefix("/")  # sqlite:///rel -> rel, sqlite:////abs -> /abs
+        # isolation_level=None: the sqlite3 module must not open transactions behind our back.
+        conn = aiosqlite.connect(path, isolation_level=None)
+        try:
+            await conn
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {path!r}: {exc}") from exc
+        store = cls(conn)
+        try:
+            await store._run(_configure, transaction=False)
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in one transaction; return the versions applied."""
+        migrations = await asyncio.to_thread(load_migrations, "sqlite")
+        return await self._run(apply_sqlite, migrations, transaction=False)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._conn.close()
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchall(), transaction=False)
+
+    async def create_session(
+        self,
+        agent: str,
+        *,
+        name: str | None = None,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        try:
+            return await self._run(_insert_session, uuid4(), name, agent, user_id, metadata)
+        except sqlite3.IntegrityError:
+            raise InvalidRequest(
+                f"session name {name!r} is already taken for user {user_id!r}"
+            ) from None
+
+    async def get_or_create_session(
+        self,
+        name: str,
+        *,
+        agent: str,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        def get_or_create(db: sqlite3.Connection) -> Session:
+            found = _find_session(db, name, user_id)
+            return found or _insert_session(db, uuid4(), name, agent, user_id, metadata)
+
+        return await self._run(get_or_create)
+
+    async def get_session(self, session_id: UUID) -> Session | None:
+        def get(db: sqlite3.Connection) -> Session | None:
+            row = db.execute(
+                f"SELECT {_SESSION} FROM sessions WHERE id = ?", (str(session_id),)
+            ).fetchone()
+            return _session(row) if row else None
+
+        return await self._run(get)
+
+    async def find_session(self, name: str, user_id: str | None = None) -> Session | None:
+        return await self._run(_find_session, name, user_id)
+
+    async def list_sessions(
+        self, *, user_id: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Session], int]:
+        where, args = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+
+        def page(db: sqlite3.Connection) -> tuple[list[Session], int]:
+            total = db.execute(f"SELECT count(*) FROM sessions {where}", args).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {_SESSION} FROM sessions {where} "
+                "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            )
+            return [_session(r) for r in rows], total
+
+        return await self._run(page)
+
+    async def delete_session(self, session_id: UUID) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM sessions WHERE id = ?", (str(session_id),)).rowcount > 0
+
+        return await self._run(delete)
+
+    async def list_messages(
+        self, session_id: UUID, *, limit: int = 100, offset: int = 0
+    ) -> tuple[list[Message], int]:
+        def page(db: sqlite3.Connection) -> tuple[list[Message], int]:
+            sid = str(session_id)
+            total = db.execute(
+                "SELECT count(*) FROM messages WHERE session_id = ?", (sid,)
+            ).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {_MSG} FROM messages WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                (sid, limit, offset),
+            )
+            return [_message(r) for r in rows], total
+
+        return await self._run(page)
+
+    async def get_run(self, run_id: UUID) -> Run | None:
+        return await self._run(_get_run, run_id, transaction=False)
+
+    async def add_user_message(
+        self, session_id: UUID, message: NewMessage, *, start: RunStart | None = None
+    ) -> tuple[Message, Turn | None]:
+        if message.role != "user":
+            raise ValueError(f"add_user_message expects role 'user', got {message.role!r}")
+
+        def add(db: sqlite3.Connection) -> tuple[Message, Turn | None]:
+            (inserted,) = _insert_messages(db, session_id, [message], run_id=message.run_id)
+            if start is None:
+                return inserted, None
+            upto = inserted.seq if start.upto_seq is None else start.upto_seq
+            return inserted, _open_run(db, session_id, start, upto)
+
+        return await self._run(add)
+
+    async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
+        if start.upto_seq is None:
+            raise ValueError("start_run needs an explicit upto_seq")
+        return await self._run(_open_run, session_id, start, start.upto_seq)
+
+    async def commit_run(self, session_id: UUID, run_id: UUID, reply: Reply) -> Message | None:
+        def commit(db: sqlite3.Connection) -> Message | None:
+            fenced = db.execute(
+                "SELECT 1 FROM sessions WHERE id = ? AND current_run_id = ?",
+                (str(session_id), str(run_id)),
+            ).fetchone()
+            if fenced is None:
+                return None
+            (stored,) = _insert_messages(db, session_id, [reply.message], run_id=run_id)
+            now = _now()
+            db.execute(
+                "UPDATE sessions SET current_run_id = NULL, answered_seq = max(answered_seq,"
+                " (SELECT upto_seq FROM runs WHERE id = ?)) WHERE id = ?",
+                (str(run_id), str(session_id)),
+            )
+            db.execute(
+                "UPDATE runs SET status = 'succeeded', reply_message_id = ?, usage = ?,"
+                " finished_at = ? WHERE id = ?",
+                (str(stored.id), json.dumps(reply.usage), now, str(run_id)),
+            )
+            return stored
+
+        return await self._run(commit)
+
+    async def finish_run(
+        self,
+        session_id: UUID,
+        run_id: UUID,
+        status: Literal["failed", "superseded"],
+        *,
+        error: str | None = None,
+        superseded_by: UUID | None = None,
+        side_effects: list[NewMessage] | None = None,
+    ) -> None:
+        def finish(db: sqlite3.Connection) -> None:
+            rid, sid = str(run_id), str(session_id)
+            unfinished = db.execute(
+                "SELECT 1 FROM runs WHERE id = ? AND session_id = ?"
+                " AND status IN ('queued', 'running')",
+                (rid, sid),
+            ).fetchone()
+            if unfinished is None:
+                return
+            _insert_messages(db, session_id, side_effects or [], run_id=run_id)
+            db.execute(
+                "UPDATE sessions SET current_run_id = NULL WHERE id = ? AND current_run_id = ?",
+                (sid, rid),
+            )
+            db.execute(
+                "UPDATE runs SET status = ?, error = ?, superseded_by = ?, finished_at = ?"
+                " WHERE id = ?",
+                (status, error, None if superseded_by is None else str(superseded_by), _now(), rid),
+            )
+
+        await self._run(finish)
+
+    async def unanswered(self, session_id: UUID) -> list[Message]:
+        return await self._run(_unanswered, session_id, None, transaction=False)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, transaction: bool = True) -> T:
+        """Run ``fn(db, *args)`` in aiosqlite's worker thread: exactly one hop.
+
+        aiosqlite has no public way to run several statements as one unit of work in its
+        thread, and awaiting BEGIN / each statement / COMMIT separately would cost a hop each
+        and let other calls interleave. ``Connection._execute`` queues a callable onto that
+        thread; it is the one private aiosqlite API we use, and only here.
+        """
+        if self._closed:
+            raise StoreUnavailable("the SQLite store is closed")
+        try:
+            result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
+                _call, self._conn, fn, args, transaction
+            )
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES:
+                raise StoreUnavailable(f"SQLite is unavailable: {exc}") from exc
+            raise
+        return result
+
+
+def _call(conn: aiosqlite.Connection, fn: Callable[..., T], args: Any, transaction: bool) -> T:
+    db = conn._conn  # the sqlite3 connection; we are on the thread that owns it
+    if not transaction:
+        return fn(db, *args)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _configure(db: sqlite3.Connection) -> None:
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    # WAL with synchronous=NORMAL stays consistent after a crash; it may lose the last commits
+    # on power loss, which a chat server can afford in exchange for not fsyncing every turn.
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA busy_timeout = 5000")  # `threadline migrate` may hold the file briefly
+
+
+def _now() -> str:
+    # Fixed width, always UTC: text order is time order.
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _insert_session(
+    db: sqlite3.Connection,
+    session_id: UUID,
+    name: str | None,
+    agent: str,
+    user_id: str | None,
+    metadata: dict[str, Any] | None,
+) -> Session:
+    now = _now()
+    row = db.execute(
+        f"INSERT INTO sessions (id, name, agent, user_id, metadata, created_at, updated_at)"
+        f" VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {_SESSION}",
+        (str(session_id), name, agent, user_id, json.dumps(metadata or {}), now, now),
+    ).fetchone()
+    return _session(row)
+
+
+def _find_session(db: sqlite3.Connection, name: str, user_id: str | None) -> Session | None:
+    row = db.execute(
+        f"SELECT {_SESSION} FROM sessions WHERE {_BY_NAME}", (user_id, name)
+    ).fetchone()
+    return _session(row) if row else None
+
+
+def _insert_messages(
+    db: sqlite3.Connection, session_id: UUID, messages: list[NewMessage], *, run_id: UUID | None
+) -> list[Message]:
+    """Take the next seqs from ``sessions.last_seq`` and insert ``messages`` with them."""
+    row = db.execute(
+        "UPDATE sessions SET last_seq = last_seq + ?, updated_at = ? WHERE id = ?"
+        " RETURNING last_seq",
+        (len(messages), _now(), str(session_id)),
+    ).fetchone()
+    if row is None:
+        raise SessionNotFound(f"session {str(session_id)!r} not found")
+    first = row[0] - len(messages) + 1
+    now = _now()
+    stored = []
+    for seq, m in enumerate(messages, start=first):
+        channel = None if m.channel_payload is None else json.dumps(m.channel_payload)
+        rid = None if run_id is None else str(run_id)
+        values = (str(m.id), str(session_id), seq, m.role, m.content, rid, m.payload, channel, now)
+        stored.append(_message(db.execute(_INSERT_MESSAGE, values).fetchone()))
+    return stored
+
+
+def _unanswered(db: sqlite3.Connection, session_id: UUID, upto: int | None) -> list[Message]:
+    rows = db.execute(
+        f"SELECT {_MSG} FROM messages WHERE session_id = ? AND role = 'user'"
+        " AND seq > (SELECT answered_seq FROM sessions WHERE id = ?) AND seq <= ? ORDER BY seq",
+        (str(session_id), str(session_id), upto if upto is not None else 2**62),
+    )
+    return [_message(r) for r in rows]
+
+
+def _open_run(db: sqlite3.Connection, session_id: UUID, start: RunStart, upto: int) -> Turn | None:
+    sid, rid = str(session_id), str(start.run_id)
+    prompt = _unanswered(db, session_id, upto)
+    if not prompt:
+        return None
+    now = _now()
+    db.execute(
+        "INSERT INTO runs (id, session_id, agent, status, message_ids, upto_seq, model,"
+        " created_at, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+        (
+            rid,
+            sid,
+            start.agent,
+            json.dumps([str(m.id) for m in prompt]),
+            prompt[-1].seq,
+            start.model,
+            now,
+            now,
+        ),
+    )
+    db.execute("UPDATE sessions SET current_run_id = ? WHERE id = ?", (rid, sid))
+    # Unanswered user messages are this prompt or a later one, never history.
+    history = db.execute(
+        f"SELECT {_MSG} FROM messages WHERE session_id = ?"
+        " AND NOT (role = 'user' AND seq > (SELECT answered_seq FROM sessions WHERE id = ?))"
+        " ORDER BY seq DESC LIMIT ?",
+        (sid, sid, start.history_limit),
+    ).fetchall()
+    run = _get_run(db, start.run_id)
+    assert run is not None
+    return Turn(run=run, history=[_message(r) for r in reversed(history)], prompt=prompt)
+
+
+def _get_run(db: sqlite3.Connection, run_id: UUID) -> Run | None:
+    row = db.execute("SELECT * FROM runs WHERE id = ?", (str(run_id),)).fetchone()
+    if row is None:
+        return None
+    return Run(
+        id=UUID(row["id"]),
+        session_id=UUID(row["session_id"]),
+        agent=row["agent"],
+        status=row["status"],
+        message_ids=tuple(UUID(i) for i in json.loads(row["message_ids"])),
+        upto_seq=row["upto_seq"],
+        reply_message_id=_uuid(row["reply_message_id"]),
+        superseded_by=_uuid(row["superseded_by"]),
+        error=row["error"],
+        model=row["model"],
+        usage=_json(row["usage"]),
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+        started_at=_time(row["started_at"]),
+        finished_at=_time(row["finished_at"]),
+    )
+
+
+def _session(row: sqlite3.Row) -> Session:
+    return Session(
+        id=UUID(row["id"]),
+        name=row["name"],
+        agent=row["agent"],
+        user_id=row["user_id"],
+        metadata=json.loads(row["metadata"]),
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+        updated_at=dt.datetime.fromisoformat(row["updated_at"]),
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    return Message(
+        id=UUID(row["id"]),
+        session_id=UUID(row["session_id"]),
+        seq=row["seq"],
+        role=row["role"],
+        content=row["content"],
+        run_id=_uuid(row["run_id"]),
+        payload=row["payload"],
+        channel_payload=_json(row["channel_payload"]),
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+    )
+
+
+def _uuid(value: str | None) -> UUID | None:
+    return None if value is None else UUID(value)
+
+
+def _json(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _time(value: str | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromisoformat(value)

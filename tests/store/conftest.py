@@ -1,0 +1,99 @@
+"""Store fixtures: one ``store`` per backend, and a session factory that cleans up after itself.
+
+The PostgreSQL database is shared by every test (and possibly by several test runs), so tests
+never truncate: each one works in sessions of its own, under a user id nobody else uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from blockbuster import BlockBuster
+
+from threadline.store import NewMessage, PostgresStore, Reply, RunStart, Session, SQLiteStore, Store
+
+MakeSession = Callable[..., Awaitable[Session]]
+
+
+@pytest.fixture(autouse=True)
+def asyncpg_reads_client_config(blockbuster: BlockBuster | None) -> None:
+    """Let asyncpg probe its client config files when it opens a connection.
+
+    asyncpg resolves ~/.pgpass and ~/.postgresql/* (sslmode=prefer) with a few synchronous
+    stat/open calls per *new* connection, never per query; there is no hook to move that off
+    the loop. Allow exactly those frames, so anything else that blocks still fails the test.
+    """
+    if blockbuster is None:
+        return
+    for name in ("os.stat", "io.TextIOWrapper.read"):
+        blockbuster.functions[name].can_block_in(
+            "asyncpg/connect_utils.py", {"_read_password_file", "_parse_connect_dsn_and_args"}
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    opened: PostgresStore | SQLiteStore
+    if store_url.startswith("sqlite"):
+        opened = await SQLiteStore.connect(store_url)
+    else:
+        opened = await PostgresStore.connect(store_url, min_size=1, max_size=10)
+    try:
+        await opened.migrate()
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"test-user-{uuid4().hex}"
+
+
+@pytest.fixture
+async def make_session(store: Store, user_id: str) -> AsyncIterator[MakeSession]:
+    created: list[UUID] = []
+
+    async def make(agent: str = "echo", **kwargs: Any) -> Session:
+        kwargs.setdefault("user_id", user_id)
+        session = await store.create_session(agent, **kwargs)
+        created.append(session.id)
+        return session
+
+    yield make
+    for session_id in created:
+        await store.delete_session(session_id)
+
+
+def user(content: str = "hello") -> NewMessage:
+    return NewMessage(id=uuid4(), role="user", content=content)
+
+
+def starting(history_limit: int = 20, upto_seq: int | None = None) -> RunStart:
+    return RunStart(uuid4(), "echo", "test:model", history_limit, upto_seq)
+
+
+def answer(content: str = "hi", **usage: Any) -> Reply:
+    return Reply(NewMessage(id=uuid4(), role="assistant", content=content), usage)
+
+
+async def drain_loop_callbacks() -> None:
+    """Run every callback already scheduled with ``call_soon`` (asyncpg's query loggers).
+
+    Callbacks run in FIFO order, so once ours has run, every earlier one has too.
+    """
+    done = asyncio.Event()
+    asyncio.get_running_loop().call_soon(done.set)
+    await done.wait()
