@@ -15,7 +15,9 @@ from threadline.api.deps import Services
 from threadline.app import create_app
 from threadline.config import Settings
 
-AppFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, FastAPI]]]
+AppFactory = Callable[
+    ..., contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, FastAPI]]
+]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

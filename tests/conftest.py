@@ -55,9 +55,7 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
         # when it opens a connection: once per pool connection, never per query.
         for name, function in bb.functions.items():
             if name.startswith(("os.", "io.", "builtins.open")):
-                function.can_block_in(
-                    "asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"}
-                )
+                function.can_block_in("asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"})
         yield bb
 
 

@@ -1,7 +1,7 @@
 """A small fake OpenAI-compatible server on 127.0.0.1, so the real provider client runs.
 
 ``/v1/chat/completions`` answers ``fake: <last user message>``. A request whose last user
-message contains ``HOLD`` is held open until the client goes away; the server records that
+message is exactly ``HOLD`` is held open until the client goes away; the server records that
 disconnect, which is how tests prove a cancelled run really closed its provider request.
 """
 
@@ -42,7 +42,7 @@ class FakeOpenAI:
         self.requests.append(body)
         last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
         text = last["content"] if isinstance(last["content"], str) else json.dumps(last["content"])
-        if "HOLD" in text:
+        if text == "HOLD":
             self.held.set()
             while (await receive())["type"] != "http.disconnect":
                 pass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from threadline.agents import AgentSpec
 from tests.apps import AppFactory
 from tests.fake_openai import running_fake_openai
+from threadline.agents import AgentSpec
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

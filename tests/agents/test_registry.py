@@ -8,9 +8,9 @@ import uuid
 
 from pydantic_ai import RunContext
 
+from tests.apps import AppFactory, services
 from threadline.agents import AgentRegistry, AgentSpec, RunDeps
 from threadline.agents.echo import echo_model
-from tests.apps import AppFactory, services
 
 
 async def test_200_concurrent_first_requests_initialise_once() -> None:
@@ -89,8 +89,10 @@ async def test_concurrent_requests_never_see_each_others_context(make_app: AppFa
             *(
                 client.post(
                     "/api/v1/agent/ctx/run",
-                    json={"message_content": '/call whose {"key": "secret"}',
-                          "context": {"secret": s}},
+                    json={
+                        "message_content": '/call whose {"key": "secret"}',
+                        "context": {"secret": s},
+                    },
                 )
                 for s in secrets
             )

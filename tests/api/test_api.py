@@ -71,8 +71,11 @@ async def test_history_window_reaches_the_model(make_app: AppFactory) -> None:
         ).json()
         again = await client.post(
             "/api/v1/agent/echo/run",
-            json={"message_content": "/call conversation_context {\"key\": \"k\"}",
-                  "session_id": first["session_id"], "context": {"k": "v42"}},
+            json={
+                "message_content": '/call conversation_context {"key": "k"}',
+                "session_id": first["session_id"],
+                "context": {"k": "v42"},
+            },
         )
         assert again.status_code == 200, again.text
         body = again.json()
@@ -107,8 +110,9 @@ async def test_delete_session(make_app: AppFactory) -> None:
     async with make_app() as (client, _):
         body = (await client.post("/api/v1/agent/echo/run", json={"message_content": "x"})).json()
         assert (await client.delete(f"/api/v1/sessions/{body['session_id']}")).status_code == 204
-        assert_error(await client.get(f"/api/v1/sessions/{body['session_id']}"), 404,
-                     "session_not_found")
+        assert_error(
+            await client.get(f"/api/v1/sessions/{body['session_id']}"), 404, "session_not_found"
+        )
         assert_error(await client.get(f"/api/v1/runs/{body['run_id']}"), 404, "run_not_found")
 
 
@@ -165,7 +169,7 @@ async def test_unknown_things_get_404(make_app: AppFactory) -> None:
         )
         assert_error(await client.get(f"/api/v1/runs/{missing}"), 404, "run_not_found")
         assert_error(await client.get("/api/v1/nothing-here"), 404, "not_found")
-        sessions, total = await services(app).store.list_sessions(limit=1)
+        sessions, _ = await services(app).store.list_sessions(limit=1)
         assert all(s.agent != "nobody" for s in sessions)
 
 
@@ -179,8 +183,9 @@ async def test_oversized_message_and_body_get_413_and_store_nothing(
         )
         assert_error(r, 413, "payload_too_large")
         big = {"message_content": "y", "user_id": user, "context": {"pad": "z" * 4096}}
-        assert_error(await client.post("/api/v1/agent/echo/run", json=big), 413,
-                     "payload_too_large")
+        assert_error(
+            await client.post("/api/v1/agent/echo/run", json=big), 413, "payload_too_large"
+        )
         _, total = await services(app).store.list_sessions(user_id=user)
         assert total == 0
 
@@ -189,7 +194,8 @@ async def test_api_key_is_required_when_configured(make_app: AppFactory) -> None
     async with make_app(api_key="s3cret") as (client, _):
         assert_error(await client.get("/api/v1/agents"), 401, "unauthorized")
         assert_error(
-            await client.get("/api/v1/agents", headers={"X-API-Key": "wrong"}), 401,
+            await client.get("/api/v1/agents", headers={"X-API-Key": "wrong"}),
+            401,
             "unauthorized",
         )
         ok = await client.get("/api/v1/agents", headers={"X-API-Key": "s3cret"})
