@@ -20,20 +20,26 @@ AppFactory = Callable[
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres+redis"])
 def backend(request: pytest.FixtureRequest) -> str:
+    """Store and coordinator: every API test runs on each combination that serves."""
     return str(request.param)
 
 
 @pytest.fixture
 def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> str:
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         return str(request.getfixturevalue("pg_url"))
     return f"sqlite:///{tmp_path}/api.db"
 
 
 @pytest.fixture
-def make_app(database_url: str) -> AppFactory:
+def coordinator_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    return str(request.getfixturevalue("redis_url")) if backend.endswith("+redis") else None
+
+
+@pytest.fixture
+def make_app(database_url: str, coordinator_url: str | None) -> AppFactory:
     """Start an app (lifespan included) with settings overrides and extra agents."""
 
     @contextlib.asynccontextmanager
@@ -41,6 +47,7 @@ def make_app(database_url: str) -> AppFactory:
         agents: Sequence[AgentSpec] = (), **overrides: Any
     ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
         overrides.setdefault("database_url", database_url)
+        overrides.setdefault("redis_url", coordinator_url)
         settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
         app = create_app(settings, agents)
         async with app.router.lifespan_context(app):

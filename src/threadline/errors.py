@@ -15,7 +15,8 @@ ThreadlineError
 │   └── ShuttingDown
 └── RunFailed              the run that was to answer the caller failed
     ├── ModelError         502: the model provider failed
-    └── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
+    ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
+    └── Fenced             the run lost its claim on the session; another runner answers
 """
 
 from __future__ import annotations
@@ -101,3 +102,7 @@ class ModelError(RunFailed):
 
 class ModelTimeout(RunFailed):
     code = "model_timeout"
+
+
+class Fenced(RunFailed):
+    code = "fenced"

@@ -40,7 +40,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.run import AgentRun
 
 from threadline.agents import AgentRegistry, RunDeps
-from threadline.errors import ModelError, ModelTimeout, RunFailed
+from threadline.errors import Fenced, ModelError, ModelTimeout, RunFailed
 from threadline.queue.core import Job, Outcome
 from threadline.store import Message, NewMessage, Reply, RunStart, Store
 
@@ -134,7 +134,7 @@ class TurnRunner:
                 )
                 turn = await self._store.start_run(job.session_id, start)
             if turn is None:
-                error = RunFailed("these messages were already answered", job.run_id)
+                error = Fenced("these messages were answered by another run", job.run_id)
                 return Outcome(job.run_id, (), error=error)
             prompt = PROMPT_SEPARATOR.join(m.content for m in turn.prompt)
             deps = RunDeps(job.session_id, job.run_id, options.user_id, options.context)
@@ -171,7 +171,8 @@ class TurnRunner:
                 self._store.commit_run(job.session_id, job.run_id, Reply(reply, usage))
             )
             if stored is None:
-                return Outcome(job.run_id, (), error=RunFailed("run was fenced out", job.run_id))
+                error = Fenced("another runner took over this session", job.run_id)
+                return Outcome(job.run_id, (), error=error)
             return Outcome(
                 job.run_id,
                 turn.run.message_ids,

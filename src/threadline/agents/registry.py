@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from openai import AsyncOpenAI
-
 from pydantic_ai import Agent
 from pydantic_ai.models import Model, infer_model
 

@@ -184,6 +184,10 @@ class TurnQueue:
     def running(self) -> int:
         return self._running
 
+    def has(self, session_id: UUID) -> bool:
+        """Whether the session has anything in flight here."""
+        return session_id in self._sessions
+
     def busy_run(self, session_id: UUID) -> UUID | None:
         state = self._sessions.get(session_id)
         return state.job.run_id if state and state.job else None

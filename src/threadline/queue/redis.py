@@ -1,0 +1,471 @@
+"""Coordination across processes and hosts through Redis; PostgreSQL stays the source of truth.
+
+Each session has at most one *owner* process, recorded in a Redis lease with an expiry that
+the owner renews. The owner runs the session's turns in its local ``TurnQueue``; the other
+processes only store messages and forward them::
+
+    caller ─▶ process B                     Redis                       process A (owner)
+              CLAIM lease ────────────────▶ held by A
+              INSERT message (PostgreSQL)
+              NUDGE: mark dirty, ─────────▶ PUBLISH node:A ───────────▶ adopt(message):
+                     publish to A                                       cancel run, merge
+              wait for answer ◀─────────── PUBLISH answers ◀─────────── run commits (fenced)
+
+* A free lease is taken by whoever needs it: the process a message arrives at, or a process
+  whose callers are waiting on a session whose owner died (the watchdog), which then answers
+  every unanswered message it finds in PostgreSQL.
+* The owner releases the lease when its queue goes idle, with one Lua step that refuses if the
+  session was marked dirty meanwhile, so no message is stranded between the owner's last look
+  and the release.
+* Fencing is PostgreSQL's: opening a run makes it the session's current run and a commit only
+  lands for the current run, so an owner that lost its lease (a pause, a partition) cannot
+  store a reply once a new owner has opened a run.
+* Redis errors surface as ``CoordinatorUnavailable`` (503) within ``REDIS_TIMEOUT_S``. The
+  lease is claimed before anything is stored, so a request failing that way stored nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+from uuid import UUID
+
+from redis import __version__ as redis_version
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import RedisError
+
+from threadline.agents import AgentRegistry
+from threadline.config import Settings
+from threadline.errors import (
+    CoordinatorUnavailable,
+    Fenced,
+    ModelError,
+    ModelTimeout,
+    QueueFull,
+    RunFailed,
+    SessionBusy,
+    ShuttingDown,
+    ThreadlineError,
+)
+from threadline.queue import keys
+from threadline.queue.coordinator import TurnRequest
+from threadline.queue.core import Accepted, Answer, Outcome, Strategy, TurnQueue
+from threadline.runner import RunOptions, TurnResult, TurnRunner
+from threadline.store import NewMessage, RunStart, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ERRORS: dict[str, type[ThreadlineError]] = {
+    cls.code: cls for cls in (RunFailed, ModelError, ModelTimeout, Fenced, ShuttingDown)
+}
+
+
+def _encode_answer(answer: Answer | None, error: BaseException | None, message_id: UUID) -> str:
+    body: dict[str, Any] = {"message_id": str(message_id)}
+    if answer is not None:
+        outcome = answer.outcome
+        body.update(
+            run_id=str(outcome.run_id),
+            message_ids=[str(m) for m in outcome.message_ids],
+            superseded=answer.superseded,
+        )
+        if isinstance(outcome.result, TurnResult):
+            result = asdict(outcome.result)
+            result["reply_message_id"] = str(outcome.result.reply_message_id)
+            body["result"] = result
+        error = outcome.error
+    if error is not None:
+        code = error.code if isinstance(error, ThreadlineError) else RunFailed.code
+        body["error"] = {"code": code, "message": str(error)}
+    return json.dumps(body)
+
+
+def _decode_answer(body: dict[str, Any]) -> Answer | ThreadlineError:
+    message_id = UUID(body["message_id"])
+    run_id = UUID(body["run_id"]) if body.get("run_id") else None
+    error: ThreadlineError | None = None
+    if body.get("error"):
+        kind = _ERRORS.get(body["error"]["code"], RunFailed)
+        message = body["error"]["message"]
+        error = kind(message, run_id) if issubclass(kind, RunFailed) else kind(message)
+    if run_id is None:
+        return error or RunFailed("run ended without an answer")
+    result = None
+    if body.get("result"):
+        raw = body["result"]
+        raw["reply_message_id"] = UUID(raw["reply_message_id"])
+        result = TurnResult(**raw)
+    outcome = Outcome(
+        run_id,
+        tuple(UUID(m) for m in body.get("message_ids", ())),
+        result,
+        error if isinstance(error, RunFailed) else None,
+    )
+    return Answer(message_id, outcome, bool(body.get("superseded")))
+
+
+class RedisCoordinator:
+    def __init__(
+        self, redis: Redis, store: Store, registry: AgentRegistry, settings: Settings
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self._registry = registry
+        self._settings = settings
+        self.node = uuid.uuid4().hex
+        self._ttl_ms = settings.lease_ttl_ms
+        # A dirty mark must outlive any owner that could still look at it.
+        self._dirty_ttl_ms = settings.lease_ttl_ms * 10
+        self.queue = TurnQueue(
+            TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
+            max_concurrent=settings.max_concurrent_runs,
+            merge_window=settings.merge_window_ms / 1000,
+            merge_max_wait=settings.merge_max_wait_ms / 1000,
+            session_queue_max=settings.session_queue_max,
+            on_idle=self._on_idle,
+        )
+        self._claim = redis.register_script(keys.CLAIM)
+        self._nudge = redis.register_script(keys.NUDGE)
+        self._release_script = redis.register_script(keys.RELEASE)
+        self._renew = redis.register_script(keys.RENEW)
+        self._drop = redis.register_script(keys.DROP)
+        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
+        self._owned: set[UUID] = set()
+        # Callers in this process waiting for an answer published by whichever process runs
+        # their session: message id -> (session id, future, options).
+        self._waiting: dict[UUID, tuple[UUID, asyncio.Future[Answer], RunOptions]] = {}
+        self._releasing: dict[UUID, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    @classmethod
+    async def connect(
+        cls, settings: Settings, store: Store, registry: AgentRegistry
+    ) -> RedisCoordinator:
+        assert settings.redis_url is not None
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            # One retry, no backoff: a caller must hear 503 within about REDIS_TIMEOUT_S,
+            # not after a ladder of retries.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+            # Given explicitly, redis-py skips reading its package metadata from disk, a
+            # blocking call on the event loop, on every new connection.
+            driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
+        )
+        self = cls(redis, store, registry, settings)
+        try:
+            await redis.ping()
+            await self._pubsub.subscribe(keys.node_channel(self.node), keys.ANSWERS_CHANNEL)
+        except RedisError as exc:
+            await redis.aclose()
+            raise CoordinatorUnavailable(f"cannot reach Redis: {exc}") from exc
+        for loop in (self._listen, self._renew_leases, self._watch):
+            self._spawn(loop())
+        return self
+
+    # -- submitting --------------------------------------------------------------------
+
+    async def submit(self, request: TurnRequest) -> Answer:
+        if self._closing:
+            raise ShuttingDown("server is shutting down; not accepting messages")
+        loaded = await self._registry.get(request.agent)
+        options = RunOptions(request.agent, request.user_id, request.history_limit, request.context)
+        sid = request.session_id
+        owner = await self._call(
+            self._claim,
+            [keys.lease(sid), keys.dirty(sid)],
+            [self.node, self._ttl_ms, self._dirty_ttl_ms],
+        )
+        if owner == self.node:
+            self._owned.add(sid)
+            return await self._submit_local(request, options, loaded.model_name)
+        return await self._submit_remote(request, options)
+
+    async def _submit_local(
+        self, request: TurnRequest, options: RunOptions, model_name: str
+    ) -> Answer:
+        sid = request.session_id
+        ids: list[UUID] = []
+
+        async def accept(run_id: UUID | None) -> Accepted:
+            start = None
+            if run_id is not None:
+                start = RunStart(run_id, request.agent, model_name, request.history_limit)
+            stored, turn = await self._store.add_user_message(
+                sid, self._new_message(request), start=start
+            )
+            ids.append(stored.id)
+            # Should this process lose the session mid-run, the answer comes from the new
+            # owner, addressed by message id.
+            self._expect(sid, stored.id, options)
+            return Accepted(stored.id, stored.seq, turn)
+
+        try:
+            answer = await self.queue.submit(sid, request.strategy, accept, options)
+            if isinstance(answer.outcome.error, Fenced):
+                return await asyncio.shield(self._waiting[answer.message_id][1])
+            return answer
+        finally:
+            for message_id in ids:
+                self._forget(message_id)
+
+    async def _submit_remote(self, request: TurnRequest, options: RunOptions) -> Answer:
+        sid = request.session_id
+        if request.strategy == "reject":
+            raise SessionBusy(sid, None)
+        backlog = await self._store.unanswered(sid)
+        if len(backlog) >= self._settings.session_queue_max:
+            raise QueueFull(sid, self._settings.session_queue_max)
+        stored, _ = await self._store.add_user_message(sid, self._new_message(request))
+        future = self._expect(sid, stored.id, options)
+        payload = json.dumps(
+            {
+                "session_id": str(sid),
+                "message_id": str(stored.id),
+                "seq": stored.seq,
+                "strategy": request.strategy,
+                "options": {
+                    "agent": options.agent,
+                    "user_id": options.user_id,
+                    "history_limit": options.history_limit,
+                    "context": dict(options.context),
+                },
+            }
+        )
+        try:
+            owner = await self._call(
+                self._nudge,
+                [keys.lease(sid), keys.dirty(sid)],
+                [self.node, self._ttl_ms, self._dirty_ttl_ms, keys.node_channel(""), payload],
+            )
+            if owner == self.node:
+                # The owner released the session between our two calls: it is ours now.
+                self._owned.add(sid)
+                await self._adopt_unanswered(sid, options)
+            return await asyncio.shield(future)
+        finally:
+            self._forget(stored.id)
+
+    @staticmethod
+    def _new_message(request: TurnRequest) -> NewMessage:
+        return NewMessage(
+            id=uuid.uuid4(),
+            role="user",
+            content=request.content,
+            channel_payload=request.channel_payload,
+        )
+
+    def _expect(self, sid: UUID, message_id: UUID, options: RunOptions) -> asyncio.Future[Answer]:
+        entry = self._waiting.get(message_id)
+        if entry is None:
+            entry = (sid, asyncio.get_running_loop().create_future(), options)
+            self._waiting[message_id] = entry
+        return entry[1]
+
+    def _forget(self, message_id: UUID) -> None:
+        self._waiting.pop(message_id, None)
+
+    # -- owning sessions ---------------------------------------------------------------
+
+    def _adopt(
+        self, sid: UUID, message_id: UUID, seq: int, strategy: Strategy, options: RunOptions
+    ) -> None:
+        future = self.queue.adopt(sid, message_id, seq, strategy, options)
+        future.add_done_callback(lambda f: self._spawn(self._publish(message_id, f)))
+
+    async def _adopt_unanswered(self, sid: UUID, options: RunOptions | None = None) -> None:
+        """Take on every unanswered message of a session we own (after a takeover, or when
+        the session was marked dirty and a nudge may have been lost)."""
+        pending = await self._store.unanswered(sid)
+        if not pending:
+            return
+        if options is None:
+            session = await self._store.get_session(sid)
+            if session is None:
+                return
+            options = RunOptions(session.agent, session.user_id, self._settings.history_limit)
+        for message in pending:
+            self._adopt(sid, message.id, message.seq, "merge", options)
+
+    async def _publish(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        answer = None if error is not None else future.result()
+        payload = _encode_answer(answer, error, message_id)
+        self._deliver(json.loads(payload))  # a caller here needs no round-trip through Redis
+        try:
+            await self._redis.publish(keys.ANSWERS_CHANNEL, payload)
+        except RedisError as exc:
+            # Callers elsewhere fall back to the watchdog, which finds the reply in the store.
+            log.warning("could not publish answer for %s: %s", message_id, exc)
+
+    def _deliver(self, body: dict[str, Any]) -> None:
+        entry = self._waiting.get(UUID(body["message_id"]))
+        if entry is None or entry[1].done():
+            return
+        decoded = _decode_answer(body)
+        if isinstance(decoded, Answer):
+            entry[1].set_result(decoded)
+        else:
+            entry[1].set_exception(decoded)
+
+    def _on_idle(self, sid: UUID) -> None:
+        if sid in self._releasing or self._closing:
+            return
+        task = self._spawn(self._release(sid))
+        self._releasing[sid] = task
+        task.add_done_callback(lambda _: self._releasing.pop(sid, None))
+
+    async def _release(self, sid: UUID) -> None:
+        while not self.queue.has(sid):
+            try:
+                result = await self._call(
+                    self._release_script, [keys.lease(sid), keys.dirty(sid)], [self.node]
+                )
+            except CoordinatorUnavailable as exc:
+                # The lease expires on its own; until then, nudges still reach us.
+                log.warning("could not release session %s: %s", sid, exc)
+                return
+            if result != b"dirty" and result != "dirty":
+                self._owned.discard(sid)
+                return
+            # Someone stored a message since we last looked; answer it before letting go.
+            if self.queue.has(sid):
+                return
+            await self._adopt_unanswered(sid)
+
+    # -- background loops --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        node_channel = keys.node_channel(self.node).encode()
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                log.warning("Redis subscription lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.subscribe(keys.node_channel(self.node), keys.ANSWERS_CHANNEL)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                body = json.loads(message["data"])
+                if message["channel"] == node_channel:
+                    self._on_nudge(body)
+                else:
+                    self._deliver(body)
+            except Exception:
+                log.exception("bad message on %r", message.get("channel"))
+
+    def _on_nudge(self, body: dict[str, Any]) -> None:
+        sid = UUID(body["session_id"])
+        if sid not in self._owned or self._closing:
+            return  # the sender's watchdog takes the session over once our lease is gone
+        raw = body["options"]
+        options = RunOptions(raw["agent"], raw["user_id"], raw["history_limit"], raw["context"])
+        self._adopt(sid, UUID(body["message_id"]), body["seq"], body["strategy"], options)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            owned = list(self._owned)
+            if not owned:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for sid in owned:
+                        await self._renew(
+                            keys=[keys.lease(sid)], args=[self.node, self._ttl_ms], client=pipe
+                        )
+                    renewed = await pipe.execute()
+            except RedisError as exc:
+                log.warning("could not renew leases: %s", exc)
+                continue
+            for sid, ok in zip(owned, renewed, strict=True):
+                if not ok and not self.queue.has(sid):
+                    self._owned.discard(sid)
+
+    async def _watch(self) -> None:
+        """Take over sessions whose owner died while callers here still wait on them."""
+        while True:
+            await asyncio.sleep(max(0.2, self._ttl_ms / 4000))
+            sessions: dict[UUID, RunOptions] = {}
+            for sid, future, options in list(self._waiting.values()):
+                if not future.done() and sid not in self._owned:
+                    sessions[sid] = options
+            for sid, options in sessions.items():
+                try:
+                    owner = await self._call(
+                        self._claim,
+                        [keys.lease(sid), keys.dirty(sid)],
+                        [self.node, self._ttl_ms, self._dirty_ttl_ms],
+                    )
+                    if owner == self.node:
+                        log.info("took over session %s", sid)
+                        self._owned.add(sid)
+                        await self._adopt_unanswered(sid, options)
+                except ThreadlineError as exc:
+                    log.warning("watchdog could not check session %s: %s", sid, exc)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _call(
+        self, script: Callable[..., Awaitable[T]], keys_: list[str], args: list[Any]
+    ) -> Any:
+        try:
+            result = await script(keys=keys_, args=args)
+        except RedisError as exc:
+            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        return result.decode() if isinstance(result, bytes) else result
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "sessions_in_memory": self.queue.session_count,
+            "runs_in_flight": self.queue.running,
+            "leases_held": len(self._owned),
+            "callers_waiting_elsewhere": len(self._waiting),
+            "node": self.node,
+        }
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        self._closing = True
+        await self.queue.aclose(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, future, _ in self._waiting.values():
+            if not future.done():
+                future.set_exception(ShuttingDown("server shut down before the answer came"))
+        with contextlib.suppress(RedisError, OSError):
+            # Let the sessions go now rather than after the lease expires, so another
+            # process can take them over at once.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in self._owned:
+                    await self._drop(keys=[keys.lease(sid)], args=[self.node], client=pipe)
+                await pipe.execute()
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._redis.aclose()
