@@ -66,6 +66,13 @@ class Settings(BaseSettings):
             raise ValueError(f"expected redis:// URL, got {value!r}")
         return value or None
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        # An exported-but-empty variable must not count as a key: it would authenticate
+        # nobody while lifting the loopback-only restriction.
+        return None if value in ("", None) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.pool_min_size > self.pool_max_size:

@@ -1,0 +1,63 @@
+"""Settings: built from the environment once, invalid values named in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from threadline.config import load_settings
+from threadline.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("THREADLINE_DATABASE_URL", "THREADLINE_REDIS_URL", "THREADLINE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.backend == "sqlite"
+    assert settings.redis_url is None
+    assert settings.model == "threadline:echo"
+    assert settings.history_limit == 20
+    assert settings.queue_strategy == "merge"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("THREADLINE_POOL_MAX_SIZE", "zero"),
+        ("THREADLINE_HISTORY_LIMIT", "-1"),
+        ("THREADLINE_DATABASE_URL", "mysql://x"),
+        ("THREADLINE_REDIS_URL", "http://x"),
+        ("THREADLINE_QUEUE_STRATEGY", "shout"),
+        ("THREADLINE_PORT", "70000"),
+    ],
+)
+def test_invalid_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_pool_bounds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_POOL_MIN_SIZE", "10")
+    monkeypatch.setenv("THREADLINE_POOL_MAX_SIZE", "5")
+    with pytest.raises(ConfigError, match="POOL_MIN_SIZE"):
+        load_settings()
+
+
+def test_no_api_key_means_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THREADLINE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="THREADLINE_API_KEY"):
+        load_settings(host="0.0.0.0").check_serving()
+    load_settings(host="127.0.0.1").check_serving()
+    load_settings(host="0.0.0.0", api_key="k").check_serving()
+
+
+def test_several_workers_need_postgres_and_redis() -> None:
+    with pytest.raises(ConfigError, match="WORKERS"):
+        load_settings(workers=2).check_serving()
+    with pytest.raises(ConfigError, match="WORKERS"):
+        load_settings(workers=2, database_url="postgresql://h/db").check_serving()
+    load_settings(
+        workers=2, database_url="postgresql://h/db", redis_url="redis://h:6379/0"
+    ).check_serving()
