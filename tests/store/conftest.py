@@ -12,27 +12,10 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from blockbuster import BlockBuster
 
 from threadline.store import NewMessage, PostgresStore, Reply, RunStart, Session, SQLiteStore, Store
 
 MakeSession = Callable[..., Awaitable[Session]]
-
-
-@pytest.fixture(autouse=True)
-def asyncpg_reads_client_config(blockbuster: BlockBuster | None) -> None:
-    """Let asyncpg probe its client config files when it opens a connection.
-
-    asyncpg resolves ~/.pgpass and ~/.postgresql/* (sslmode=prefer) with a few synchronous
-    stat/open calls per *new* connection, never per query; there is no hook to move that off
-    the loop. Allow exactly those frames, so anything else that blocks still fails the test.
-    """
-    if blockbuster is None:
-        return
-    for name in ("os.stat", "io.TextIOWrapper.read"):
-        blockbuster.functions[name].can_block_in(
-            "asyncpg/connect_utils.py", {"_read_password_file", "_parse_connect_dsn_and_args"}
-        )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -139,6 +139,24 @@ async def test_turn_opens_a_run_and_commits_the_reply(
     assert turn.prompt == [second]
 
 
+async def test_a_run_opened_with_a_message_may_stop_before_it(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = await make_session()
+    first, _ = await store.add_user_message(session.id, user("one"))
+    second, turn = await store.add_user_message(session.id, user("two"), start=starting(upto_seq=1))
+
+    assert turn is not None
+    assert turn.prompt == [first]
+    assert turn.history == []  # an unanswered message is a later prompt, never history
+    assert await store.commit_run(session.id, turn.run.id, answer()) is not None
+    assert await store.unanswered(session.id) == [second]
+    nothing = starting(upto_seq=1)
+    third, no_turn = await store.add_user_message(session.id, user("three"), start=nothing)
+    assert (third.seq, no_turn) == (4, None)
+    assert await store.get_run(nothing.run_id) is None
+
+
 async def test_superseded_run_cannot_commit(store: Store, make_session: MakeSession) -> None:
     session = await make_session()
     first, old = await store.add_user_message(session.id, user("one"), start=starting())

@@ -52,7 +52,7 @@ _TAGGED = (
 # snapshot's unanswered user messages up to upto_seq. `r` opens the run over `prompt`; `history`
 # is the newest history_limit rows that are not unanswered user messages (those are this prompt
 # or a later one), re-sorted by the final ORDER BY.
-_SNAPSHOT = f"""
+_EARLIER = f"""
 earlier AS (
     SELECT {_MSG} FROM messages
     WHERE session_id = $1::uuid AND role = 'user'
@@ -81,7 +81,7 @@ _ADD_MESSAGE_AND_START = f"""
 WITH snap AS (
     SELECT last_seq, answered_seq, COALESCE($6::bigint, last_seq + 1) AS upto
     FROM sessions WHERE id = $1::uuid
-),{_SNAPSHOT},
+),{_EARLIER},
 s AS (
     UPDATE sessions
     SET last_seq = sessions.last_seq + 1, updated_at = now(),
@@ -116,7 +116,7 @@ ORDER BY x.seq
 _START_RUN = f"""
 WITH snap AS (
     SELECT last_seq, answered_seq, $6::bigint AS upto FROM sessions WHERE id = $1::uuid
-),{_SNAPSHOT},
+),{_EARLIER},
 s AS (
     UPDATE sessions SET current_run_id = $2::uuid
     FROM snap
@@ -385,14 +385,8 @@ class PostgresStore:
     ) -> tuple[Message, Turn | None]:
         if message.role != "user":
             raise ValueError(f"add_user_message expects role 'user', got {message.role!r}")
-        fields = (
-            message.id,
-            message.role,
-            message.content,
-            message.run_id,
-            message.payload,
-            message.channel_payload,
-        )
+        m = message
+        fields = (m.id, m.role, m.content, m.run_id, m.payload, m.channel_payload)
         if start is None:
             rows = await self._fetch(_ADD_MESSAGE, session_id, *fields)
             if not rows:
@@ -401,7 +395,7 @@ class PostgresStore:
         args = (*_start_args(session_id, start), *fields)
         rows = await self._fetch(_ADD_MESSAGE_AND_START, *args)
         if not rows:  # a concurrent writer, or no such session
-            rows = await self._fetch_locked(session_id, _ADD_MESSAGE_AND_START, *args)
+            rows = await self._fetch(_ADD_MESSAGE_AND_START, *args, lock=session_id)
         if not rows:
             raise SessionNotFound(f"session {str(session_id)!r} not found")
         inserted, turn = _turn(rows)
@@ -414,22 +408,13 @@ class PostgresStore:
         args = _start_args(session_id, start)
         rows = await self._fetch(_START_RUN, *args)
         if rows and rows[0]["r_id"] is None:  # a prompt exists but a concurrent writer won
-            rows = await self._fetch_locked(session_id, _START_RUN, *args)
+            rows = await self._fetch(_START_RUN, *args, lock=session_id)
         return _turn(rows)[1]
 
     async def commit_run(self, session_id: UUID, run_id: UUID, reply: Reply) -> Message | None:
         m = reply.message
-        rows = await self._fetch(
-            _COMMIT_RUN,
-            session_id,
-            run_id,
-            m.id,
-            m.role,
-            m.content,
-            m.payload,
-            m.channel_payload,
-            reply.usage,
-        )
+        fields = (m.id, m.role, m.content, m.payload, m.channel_payload, reply.usage)
+        rows = await self._fetch(_COMMIT_RUN, session_id, run_id, *fields)
         return _message(rows[0]) if rows else None
 
     async def finish_run(
@@ -443,43 +428,32 @@ class PostgresStore:
         side_effects: list[NewMessage] | None = None,
     ) -> None:
         rows = side_effects or []
-        await self._fetch(
-            _FINISH_RUN,
-            session_id,
-            run_id,
-            status,
-            error,
-            superseded_by,
+        columns = (
             [r.id for r in rows],
             [r.role for r in rows],
             [r.content for r in rows],
             [r.payload for r in rows],
+            # jsonb[] would need the codec per element; text[] cast in SQL is simpler.
             [None if r.channel_payload is None else json.dumps(r.channel_payload) for r in rows],
         )
+        await self._fetch(_FINISH_RUN, session_id, run_id, status, error, superseded_by, *columns)
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
         return [_message(r) for r in await self._fetch(_UNANSWERED, session_id)]
 
-    async def _fetch(self, query: str, *args: Any) -> list[Any]:
-        self._check_open()
+    async def _fetch(self, query: str, *args: Any, lock: UUID | None = None) -> list[Any]:
+        """Run one statement; with ``lock``, first lock that session row in a transaction so
+        the statement's snapshot follows every writer (the slow path in the module docstring)."""
+        if self._closed:
+            raise StoreUnavailable("the PostgreSQL store is closed")
         try:
-            return list(await self._pool.fetch(query, *args))
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
-
-    async def _fetch_locked(self, session_id: UUID, query: str, *args: Any) -> list[Any]:
-        """Run ``query`` after locking the session row, so its snapshot follows every writer."""
-        self._check_open()
-        try:
+            if lock is None:
+                return list(await self._pool.fetch(query, *args))
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", session_id)
+                await conn.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", lock)
                 return list(await conn.fetch(query, *args))
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreUnavailable("the PostgreSQL store is closed")
 
 
 async def _keep_session(conn: Any) -> None:
@@ -499,15 +473,8 @@ def _redact(url: str) -> str:
     return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
-def _start_args(session_id: UUID, start: RunStart) -> tuple[Any, ...]:
-    return (
-        session_id,
-        start.run_id,
-        start.agent,
-        start.model,
-        start.history_limit,
-        start.upto_seq,
-    )
+def _start_args(session_id: UUID, s: RunStart) -> tuple[Any, ...]:
+    return (session_id, s.run_id, s.agent, s.model, s.history_limit, s.upto_seq)
 
 
 def _turn(rows: Sequence[Any]) -> tuple[Message | None, Turn | None]:

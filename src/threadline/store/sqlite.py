@@ -23,6 +23,7 @@ from threadline.store.base import Message, NewMessage, Reply, Run, RunStart, Ses
 from threadline.store.migrations import apply_sqlite, load_migrations
 
 T = TypeVar("T")
+R = TypeVar("R", Session, Message, Run)
 
 _MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at"
 _SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
@@ -50,6 +51,12 @@ class SQLiteStore:
         path = database.removeprefix("sqlite://")
         if path != database:
             path = path.removeprefix("/")  # sqlite:///rel -> rel, sqlite:////abs -> /abs
+        # Probe first: when aiosqlite fails to open, its worker thread later reports to a loop
+        # that may be gone by then ("Event loop is closed" in a thread).
+        try:
+            await asyncio.to_thread(_probe, path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {path!r}: {exc}") from exc
         # isolation_level=None: the sqlite3 module must not open transactions behind our back.
         conn = aiosqlite.connect(path, isolation_level=None)
         try:
@@ -251,8 +258,8 @@ class SQLiteStore:
             result: T = await self._conn._execute(  # type: ignore[no-untyped-call]
                 _call, self._conn, fn, args, transaction
             )
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES:
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _UNAVAILABLE_CODES:
                 raise StoreUnavailable(f"SQLite is unavailable: {exc}") from exc
             raise
         return result
@@ -265,11 +272,16 @@ def _call(conn: aiosqlite.Connection, fn: Callable[..., T], args: Any, transacti
     db.execute("BEGIN IMMEDIATE")
     try:
         result = fn(db, *args)
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
     return result
+
+
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 def _configure(db: sqlite3.Connection) -> None:
@@ -377,59 +389,36 @@ def _open_run(db: sqlite3.Connection, session_id: UUID, start: RunStart, upto: i
 
 def _get_run(db: sqlite3.Connection, run_id: UUID) -> Run | None:
     row = db.execute("SELECT * FROM runs WHERE id = ?", (str(run_id),)).fetchone()
-    if row is None:
-        return None
-    return Run(
-        id=UUID(row["id"]),
-        session_id=UUID(row["session_id"]),
-        agent=row["agent"],
-        status=row["status"],
-        message_ids=tuple(UUID(i) for i in json.loads(row["message_ids"])),
-        upto_seq=row["upto_seq"],
-        reply_message_id=_uuid(row["reply_message_id"]),
-        superseded_by=_uuid(row["superseded_by"]),
-        error=row["error"],
-        model=row["model"],
-        usage=_json(row["usage"]),
-        created_at=dt.datetime.fromisoformat(row["created_at"]),
-        started_at=_time(row["started_at"]),
-        finished_at=_time(row["finished_at"]),
-    )
+    return None if row is None else _record(Run, row)
 
 
 def _session(row: sqlite3.Row) -> Session:
-    return Session(
-        id=UUID(row["id"]),
-        name=row["name"],
-        agent=row["agent"],
-        user_id=row["user_id"],
-        metadata=json.loads(row["metadata"]),
-        created_at=dt.datetime.fromisoformat(row["created_at"]),
-        updated_at=dt.datetime.fromisoformat(row["updated_at"]),
-    )
+    return _record(Session, row)
 
 
 def _message(row: sqlite3.Row) -> Message:
-    return Message(
-        id=UUID(row["id"]),
-        session_id=UUID(row["session_id"]),
-        seq=row["seq"],
-        role=row["role"],
-        content=row["content"],
-        run_id=_uuid(row["run_id"]),
-        payload=row["payload"],
-        channel_payload=_json(row["channel_payload"]),
-        created_at=dt.datetime.fromisoformat(row["created_at"]),
-    )
+    return _record(Message, row)
 
 
-def _uuid(value: str | None) -> UUID | None:
-    return None if value is None else UUID(value)
+def _uuids(value: str) -> tuple[UUID, ...]:
+    return tuple(UUID(i) for i in json.loads(value))
 
 
-def _json(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+# How each stored column becomes a record field; NULL is None whatever the column.
+_PARSE: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(("id", "session_id", "run_id", "reply_message_id", "superseded_by"), UUID),
+    **dict.fromkeys(("metadata", "channel_payload", "usage"), json.loads),
+    **dict.fromkeys(
+        ("created_at", "updated_at", "started_at", "finished_at"), dt.datetime.fromisoformat
+    ),
+    "message_ids": _uuids,
+}
 
 
-def _time(value: str | None) -> dt.datetime | None:
-    return None if value is None else dt.datetime.fromisoformat(value)
+def _record(cls: Callable[..., R], row: sqlite3.Row) -> R:
+    fields = zip(row.keys(), row, strict=True)  # iterating a Row yields values, not keys
+    return cls(**{k: None if v is None else _PARSE.get(k, _same)(v) for k, v in fields})
+
+
+def _same(value: Any) -> Any:
+    return value
