@@ -1,0 +1,324 @@
+"""Real server processes for the multi-process tests, sharing PostgreSQL and Redis.
+
+Each server is ``python -m threadline serve`` in its own process group, with the agents of
+``tests/mp_agents.py``. Its output is kept in memory and shown when something goes wrong. Every
+wait here polls a condition (a port answering, a row landing); the test's timeout bounds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tests.conftest import _service_url
+from threadline.store import PostgresStore, Session
+
+ROOT = Path(__file__).resolve().parents[2]
+POLL_S = 0.01
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], callers: Sequence[asyncio.Task[Any]] = ()
+) -> None:
+    """Poll a condition owned by another process; the test's timeout bounds the wait.
+
+    ``callers`` are requests that must still be waiting meanwhile: one that ends first (an
+    error, say) fails the wait at once instead of leaving it to the timeout.
+    """
+    while not await predicate():
+        for caller in callers:
+            if caller.done():
+                raise AssertionError(f"a caller finished early: {_describe(caller)}")
+        await asyncio.sleep(POLL_S)
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    if task.exception() is not None:
+        return repr(task.exception())
+    result = task.result()
+    if isinstance(result, httpx.Response):
+        return f"{result.status_code} {result.text}"
+    return repr(result)
+
+
+@dataclass
+class Process:
+    """A child process in its own process group, its output collected as it comes."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    output: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, name: str, *argv: str, env: dict[str, str], cwd: Path) -> Process:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self = cls(name, process)
+        self.reader = asyncio.ensure_future(self._collect())
+        return self
+
+    async def _collect(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.output.append(line.decode(errors="replace"))
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    def logs(self) -> str:
+        return f"--- output of {self.name} ---\n" + "".join(self.output[-200:])
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Signal the process group, wait for the exit; SIGKILL if it does not go."""
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                await asyncio.wait_for(self.process.wait(), 20)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                await self.process.wait()
+        if self.reader is not None:
+            await self.reader
+
+
+@dataclass
+class Server:
+    """A threadline server process listening on ``port``."""
+
+    child: Process
+    port: int
+
+    @property
+    def name(self) -> str:
+        return self.child.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class RedisServer:
+    """A private ``redis-server`` listening on ``port``."""
+
+    child: Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def server_env(database_url: str, redis_url: str, **settings: object) -> dict[str, str]:
+    """The environment of a server process: ours minus any THREADLINE_ setting, plus these."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(
+        THREADLINE_DATABASE_URL=database_url,
+        THREADLINE_REDIS_URL=redis_url,
+        THREADLINE_AGENTS_MODULE="tests.mp_agents",
+        THREADLINE_POOL_MIN_SIZE="1",
+        THREADLINE_POOL_MAX_SIZE="5",
+        THREADLINE_SHUTDOWN_GRACE_S="1",
+    )
+    env.update({f"THREADLINE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+async def start_servers(
+    count: int, env: dict[str, str], cwd: Path, prefix: str = "server"
+) -> list[Server]:
+    """Start ``count`` servers on free loopback ports and wait until each answers /health."""
+    servers: list[Server] = []
+    try:
+        for index in range(count):
+            port = free_port()
+            argv = (sys.executable, "-m", "threadline", "serve", "--port", str(port))
+            child = await Process.start(f"{prefix}-{index}", *argv, env=env, cwd=cwd)
+            servers.append(Server(child, port))
+        async with httpx.AsyncClient(timeout=5) as client:
+            await asyncio.gather(*(_healthy(client, s) for s in servers))
+    except BaseException:
+        await asyncio.gather(*(s.child.stop() for s in servers))
+        raise
+    return servers
+
+
+async def _healthy(client: httpx.AsyncClient, server: Server) -> None:
+    while True:
+        if not server.child.running:
+            raise RuntimeError(f"{server.name} exited during start-up\n{server.child.logs()}")
+        with contextlib.suppress(httpx.TransportError):
+            if (await client.get(f"{server.url}/health")).status_code == 200:
+                return
+        await asyncio.sleep(POLL_S * 5)
+
+
+async def start_redis(cwd: Path, port: int | None = None) -> RedisServer:
+    """A private ``redis-server`` (no persistence) that a test may stop and restart."""
+    port = port or free_port()
+    argv = ("redis-server", "--port", str(port), "--bind", "127.0.0.1")
+    argv += ("--save", "", "--appendonly", "no", "--daemonize", "no")
+    child = await Process.start(f"redis-{port}", *argv, env=dict(os.environ), cwd=cwd)
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        while True:
+            if not child.running:
+                raise RuntimeError(f"redis-server exited during start-up\n{child.logs()}")
+            with contextlib.suppress(RedisError, OSError):
+                if await client.ping():
+                    return RedisServer(child, port)
+            await asyncio.sleep(POLL_S)
+    except BaseException:
+        await child.stop()
+        raise
+    finally:
+        await client.aclose()
+
+
+@dataclass
+class GateCall:
+    """One model call of the ``gated`` agent, held open until the test releases it."""
+
+    prompt: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def release(self) -> None:
+        self.writer.write(b"go\n")
+
+    async def cancelled(self) -> None:
+        """Return once the model call has gone: its process closed the connection."""
+        assert await self.reader.read() == b"", "the gate got data instead of a close"
+
+
+@dataclass
+class Gate:
+    """Where the ``gated`` agent's model calls report, in any server process."""
+
+    port: int
+    calls: asyncio.Queue[GateCall] = field(default_factory=asyncio.Queue)
+
+    async def next(self) -> GateCall:
+        """The next model call to start, in whichever process."""
+        return await self.calls.get()
+
+    def line(self) -> str:
+        return f"gate {self.port}"
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> str:
+    return _service_url("THREADLINE_TEST_DATABASE_URL")
+
+
+@pytest.fixture(scope="module")
+def redis_dsn() -> str:
+    return _service_url("THREADLINE_TEST_REDIS_URL")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The servers' working directory: empty, so no stray .env or SQLite file is picked up."""
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def db(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """Raw reads of what the servers wrote (runs per session have no API)."""
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def store(pg_dsn: str) -> AsyncIterator[PostgresStore]:
+    opened = await PostgresStore.connect(pg_dsn, min_size=1, max_size=2)
+    try:
+        await opened.migrate()
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+MakeSession = Callable[..., Awaitable[Session]]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def make_session(store: PostgresStore) -> AsyncIterator[MakeSession]:
+    """Create sessions under a user id of this test's own; delete them afterwards."""
+    user_id = f"mp-{uuid.uuid4().hex}"
+    created: list[uuid.UUID] = []
+
+    async def make(agent: str = "burst", **kwargs: Any) -> Session:
+        session = await store.create_session(agent, user_id=user_id, **kwargs)
+        created.append(session.id)
+        return session
+
+    yield make
+    for session_id in created:
+        await store.delete_session(session_id)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def gate() -> AsyncIterator[Gate]:
+    opened: list[asyncio.StreamWriter] = []
+    queue: asyncio.Queue[GateCall] = asyncio.Queue()
+
+    async def arrive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)
+        line = await reader.readline()
+        if line:
+            await queue.put(GateCall(json.loads(line)["prompt"], reader, writer))
+
+    server = await asyncio.start_server(arrive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield Gate(port, queue)
+    finally:
+        server.close()
+        for writer in opened:
+            writer.close()
+        await server.wait_closed()
