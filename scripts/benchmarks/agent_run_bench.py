@@ -1,0 +1,560 @@
+"""Load benchmark: threadline against a blocking baseline and two ceilings, in one run.
+
+    python scripts/benchmarks/agent_run_bench.py                 # `make bench`, about 8 minutes
+    python scripts/benchmarks/agent_run_bench.py --requests 2000 --scenarios main   # quick look
+    python scripts/benchmarks/agent_run_bench.py --json bench-results/run.json
+
+Everything it measures it starts itself, as real processes on 127.0.0.1, one server at a time:
+
+* ``threadline`` and ``threadline_w2``: ``threadline serve --workers 1|2`` on PostgreSQL (asyncpg),
+  the ``echo`` model with ``--model-delay-ms`` of simulated latency (w2 also needs Redis);
+* ``blocking_baseline`` (``baseline_server.py``): the same route, SQL and agent run on a
+  synchronous driver called inside the async handler;
+* ``ceiling`` and ``ceiling_no_framework`` (``ceiling_server.py``): bare FastAPI + asyncpg doing
+  the same round trips and the same agent run (or the model function alone), nothing else.
+
+Each server gets a fresh database of its own on the PostgreSQL server named by
+``THREADLINE_BENCH_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``;
+its database is only used to create and drop the others). With ``--db-latency-ms`` above zero
+every server reaches PostgreSQL through ``latency_proxy.py``, in a process of its own.
+
+Scenarios: ``main`` (``--db-latency-ms``, one new session per request), ``zero_latency`` (the
+same with the database reached directly) and ``burst`` (each session receives ``--burst K``
+messages at once). The load comes from ``load_client.py`` in its own process. Servers whose
+services are missing are skipped, with the reason printed and written to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from report import Scenario, evaluate, markdown, summarize
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling", "ceiling_no_framework")
+SCENARIOS = ("main", "zero_latency", "burst")
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+# Burst runs skip the framework-free ceiling: it answers the same way the ceiling does.
+BURST_SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling")
+
+
+class Processes:
+    """Every child process, each in a process group of its own, so that stopping one stops
+    whatever it forked (uvicorn's workers) and nothing outlives the benchmark."""
+
+    def __init__(self) -> None:
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        # The group may still hold workers even once its leader has exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc in self._running:
+            self._running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._running)):
+            self.stop(proc, grace=5.0)
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _with_database(url: str, database: str, port: int | None = None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if port is not None:
+        userinfo, _, _ = netloc.rpartition("@")
+        netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, path=f"/{database}"))
+
+
+def _upstream(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+
+
+def _python_env() -> dict[str, str]:
+    """The environment for every child: no stray THREADLINE_ settings; threadline importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    if importlib.util.find_spec("threadline") is None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p
+        )
+    return env
+
+
+def _threadline_command() -> list[str]:
+    script = Path(sys.executable).with_name("threadline")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "threadline"]
+
+
+class Postgres:
+    """The admin connection: creates and drops the benchmark databases."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def check(self) -> str | None:
+        try:
+            import psycopg
+        except ImportError:
+            return "psycopg is not installed (pip install -e '.[dev]')"
+        try:
+            with psycopg.connect(self.url, connect_timeout=5) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            return f"cannot connect to {self.url!r}: {exc}".strip()
+        return None
+
+    def reset(self, database: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{database}"')
+
+    def drop(self, database: str) -> None:
+        import psycopg
+
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn,
+        ):
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+    def version(self) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        return str(row[0]) if row else "?"
+
+    @staticmethod
+    def round_trip_ms(url: str, samples: int = 200) -> float:
+        """Median time of ``SELECT 1`` on one connection: what one round trip costs."""
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            for _ in range(20):
+                conn.execute("SELECT 1")
+            times = []
+            for _ in range(samples):
+                started = time.perf_counter()
+                conn.execute("SELECT 1")
+                times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+
+def _check_redis(url: str) -> str | None:
+    if (
+        importlib.util.find_spec("threadline.queue.redis") is None
+        and not (REPO / "src" / "threadline" / "queue" / "redis.py").exists()
+    ):
+        return "threadline has no Redis coordinator yet (threadline.queue.redis is missing)"
+    try:
+        import redis
+    except ImportError:
+        return "the redis package is not installed"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        return f"cannot reach Redis at {url!r}: {exc}"
+    return None
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=3)
+    client.flushdb()
+    client.close()
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    postgres: Postgres
+    procs: Processes
+    logs: Path
+
+    def server_command(self, name: str, port: int, db_url: str) -> tuple[list[str], dict[str, str]]:
+        args = self.args
+        env = _python_env()
+        common = ["--host", "127.0.0.1", "--port", str(port)]
+        if name.startswith("threadline"):
+            workers = 2 if name == "threadline_w2" else 1
+            env.update(
+                THREADLINE_DATABASE_URL=db_url,
+                THREADLINE_MODEL="threadline:echo",
+                THREADLINE_ECHO_DELAY_MS=str(args.model_delay_ms),
+                THREADLINE_POOL_MAX_SIZE=str(args.pool_max_size),
+                THREADLINE_DEBUG_METRICS="true",
+            )
+            if workers > 1:
+                env["THREADLINE_REDIS_URL"] = args.redis_url
+            return [*_threadline_command(), "serve", *common, "--workers", str(workers)], env
+        script = "baseline_server.py" if name == "blocking_baseline" else "ceiling_server.py"
+        cmd = [
+            sys.executable,
+            str(HERE / script),
+            *common,
+            "--database-url",
+            db_url,
+            "--model-delay-ms",
+            str(args.model_delay_ms),
+        ]
+        if name != "blocking_baseline":
+            cmd += ["--pool-max-size", str(args.pool_max_size)]
+        if name == "ceiling_no_framework":
+            cmd.append("--no-framework")
+        return cmd, env
+
+    @contextlib.contextmanager
+    def proxy(self, scenario: Scenario, tag: str) -> Iterator[tuple[int | None, int | None]]:
+        """Yield (port, pid) of a latency proxy for the scenario, or (None, None) for none."""
+        if scenario.db_latency_ms <= 0:
+            yield None, None
+            return
+        log = self.logs / f"{tag}-proxy.log"
+        cmd = [
+            sys.executable,
+            str(HERE / "latency_proxy.py"),
+            "--upstream",
+            _upstream(self.postgres.url),
+            "--delay-ms",
+            str(scenario.db_latency_ms),
+        ]
+        proc = self.procs.start(cmd, _python_env(), log)
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                text = log.read_text(errors="replace")
+                if "listening on" in text:
+                    port = int(text.split("listening on", 1)[1].split()[0].rpartition(":")[2])
+                    yield port, proc.pid
+                    return
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            raise RuntimeError(f"latency proxy did not start: {log.read_text(errors='replace')}")
+        finally:
+            self.procs.stop(proc)
+
+    def wait_healthy(self, proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
+        deadline = time.monotonic() + self.args.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(f"{base}/health", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"server not healthy after {self.args.startup_timeout}s:\n{_tail(log)}")
+
+    def run_server(self, name: str, scenario: Scenario) -> dict[str, Any]:
+        args = self.args
+        tag = f"{scenario.name}-{name}"
+        database = f"bench_{name}"
+        self.postgres.reset(database)
+        if name == "threadline_w2":
+            _flush_redis(args.redis_url)
+        with self.proxy(scenario, tag) as (proxy_port, proxy_pid):
+            db_url = _with_database(self.postgres.url, database, proxy_port)
+            rtt = Postgres.round_trip_ms(db_url)
+            port = _free_port()
+            base = f"http://127.0.0.1:{port}"
+            cmd, env = self.server_command(name, port, db_url)
+            log = self.logs / f"{tag}.log"
+            server = self.procs.start(cmd, env, log)
+            try:
+                self.wait_healthy(server, base, log)
+                raw = self.load(base, scenario, tag, server.pid, proxy_pid)
+            finally:
+                self.procs.stop(server)
+        self.postgres.drop(database)
+        result = summarize(raw, scenario, args.duration)
+        result["db_round_trip_ms"] = round(rtt, 3)
+        return result
+
+    def load(
+        self, base: str, scenario: Scenario, tag: str, pgid: int, proxy_pid: int | None
+    ) -> dict[str, Any]:
+        args = self.args
+        out = self.logs / f"{tag}-load.json"
+        cmd = [
+            sys.executable,
+            str(HERE / "load_client.py"),
+            "--url",
+            base,
+            "--concurrency",
+            str(args.concurrency),
+            "--burst",
+            str(scenario.burst),
+            "--timeout",
+            str(args.request_timeout),
+            "--warmup",
+            str(args.warmup),
+            "--tag",
+            tag,
+            "--watch-pgid",
+            str(pgid),
+            "--out",
+            str(out),
+        ]
+        cmd += ["--requests", str(args.requests)] if args.requests else []
+        cmd += ["--duration", str(args.duration)] if not args.requests else []
+        if proxy_pid is not None:
+            cmd += ["--watch-pid", str(proxy_pid)]
+        # A hard bound on the client: the run, the warm-up, the slowest request, and slack.
+        limit = (args.duration or 0) + args.warmup + args.request_timeout * 2 + 60
+        if args.requests:
+            limit += args.requests * 0.05
+        client = self.procs.start(cmd, _python_env(), self.logs / f"{tag}-load.log")
+        try:
+            client.wait(limit)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"load client did not finish within {limit:.0f}s") from None
+        finally:
+            self.procs.stop(client)
+        if client.returncode != 0 or not out.exists():
+            raise RuntimeError(f"load client failed:\n{_tail(self.logs / f'{tag}-load.log')}")
+        raw: dict[str, Any] = json.loads(out.read_text())
+        return raw
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        info["memory_gib"] = round(kib / 1024 / 1024, 1)
+    versions = {}
+    for package in ("fastapi", "uvicorn", "pydantic", "pydantic-ai-slim", "asyncpg", "psycopg"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+    info["packages"] = versions
+    info["uvloop"] = importlib.util.find_spec("uvloop") is not None
+    info["httptools"] = importlib.util.find_spec("httptools") is not None
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=200, help="requests in flight")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="measured requests per server")
+    amount.add_argument("--duration", type=float, help="measured seconds per server (default 20)")
+    parser.add_argument("--burst", type=int, default=3, metavar="K", help="messages per burst")
+    parser.add_argument("--model-delay-ms", type=int, default=50)
+    parser.add_argument("--db-latency-ms", type=float, default=1.0, help="added per round trip")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated, from {', '.join(SERVERS)}"
+    )
+    parser.add_argument("--pool-max-size", type=int, default=20)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load")
+    parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
+    parser.add_argument("--json", type=Path, help="write every figure and the settings here")
+    parser.add_argument("--markdown", type=Path, help="write the tables here too")
+    parser.add_argument("--logs", type=Path, help="keep server and client logs in this folder")
+    args = parser.parse_args(argv)
+    if args.requests is None and args.duration is None:
+        args.duration = 20.0
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.servers = [s for s in args.servers.split(",") if s]
+    for value, known in ((args.scenarios, SCENARIOS), (args.servers, SERVERS)):
+        unknown = set(value) - set(known)
+        if unknown:
+            parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    args.database_url = os.environ.get("THREADLINE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
+    args.redis_url = os.environ.get("THREADLINE_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[Scenario]:
+    scenarios = []
+    if "main" in args.scenarios:
+        scenarios.append(Scenario("main", args.db_latency_ms, 1))
+    if "zero_latency" in args.scenarios and args.db_latency_ms > 0:
+        scenarios.append(Scenario("zero_latency", 0.0, 1))
+    if "burst" in args.scenarios and args.burst > 1:
+        scenarios.append(Scenario("burst", args.db_latency_ms, args.burst))
+    return scenarios
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    procs = Processes()
+    postgres = Postgres(args.database_url)
+    skipped: dict[str, str] = {}
+    problem = postgres.check()
+    if problem is not None:
+        skipped = {name: f"PostgreSQL unavailable: {problem}" for name in args.servers}
+    elif "threadline_w2" in args.servers:
+        problem = _check_redis(args.redis_url)
+        if problem is not None:
+            skipped["threadline_w2"] = problem
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}", file=sys.stderr)
+
+    scenarios = plan(args)
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in scenarios}
+    failures: dict[str, str] = {}
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        logs = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        logs.mkdir(parents=True, exist_ok=True)
+        bench = Bench(args, postgres, procs, logs)
+        stack.callback(procs.stop_all)
+        for scenario in scenarios:
+            names = [n for n in args.servers if n not in skipped]
+            if scenario.burst > 1:
+                names = [n for n in names if n in BURST_SERVERS]
+            for name in names:
+                label = f"{scenario.name}/{name}"
+                print(f"[{time.monotonic() - started:5.0f}s] {label} ...", file=sys.stderr)
+                try:
+                    result = bench.run_server(name, scenario)
+                except (RuntimeError, OSError) as exc:
+                    failures[label] = str(exc)
+                    print(f"  failed: {exc}", file=sys.stderr)
+                    continue
+                results[scenario.name][name] = result
+                print(
+                    f"  {result['rps']} req/s, mean {result['mean_ms']} ms, "
+                    f"p99 {result['p99_ms']} ms, {result['errors']} errors, "
+                    f"loop lag max {result['loop_lag_max_ms']} ms",
+                    file=sys.stderr,
+                )
+
+    sections = []
+    for scenario in scenarios:
+        title = {
+            "main": f"database +{scenario.db_latency_ms:g} ms per round trip",
+            "zero_latency": "database on loopback, no added latency",
+            "burst": f"bursts of {scenario.burst} messages per session, "
+            f"database +{scenario.db_latency_ms:g} ms",
+        }[scenario.name]
+        sections.append(f"### {scenario.name}: {title}\n\n")
+        sections[-1] += markdown(scenario, results[scenario.name], skipped)
+    targets = evaluate(results)
+    lines = [
+        f"- {'MET' if t['met'] else 'MISSED' if t['met'] is False else 'NOT MEASURED'}: "
+        f"{t['target']} ({t['detail']})"
+        for t in targets
+    ]
+    settings = {
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "burst": args.burst,
+        "model_delay_ms": args.model_delay_ms,
+        "db_latency_ms": args.db_latency_ms,
+        "pool_max_size": args.pool_max_size,
+        "request_timeout_s": args.request_timeout,
+        "scenarios": [s.name for s in scenarios],
+        "database_url": args.database_url,
+    }
+    report = "\n\n".join(sections) + "\n\n### targets\n\n" + "\n".join(lines) + "\n"
+    print(report)
+    for label, reason in failures.items():
+        print(f"FAILED {label}: {reason}", file=sys.stderr)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report)
+    if args.json:
+        document = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "settings": settings,
+            "machine": machine() | {"postgres": postgres.version() if not problem else None},
+            "servers": results.get("main", {}),
+            "scenarios": results,
+            "skipped": skipped,
+            "failed": failures,
+            "targets": targets,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

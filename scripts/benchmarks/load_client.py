@@ -1,0 +1,298 @@
+"""The load generator: bounded aiohttp loops that check every response and keep every latency.
+
+    python scripts/benchmarks/load_client.py --url http://127.0.0.1:8000 --concurrency 200 \\
+        --duration 15 --out result.json
+
+``agent_run_bench.py`` runs it in a process of its own (the server under test must not share an
+event loop or a GIL with its load), but it works against any server with threadline's route.
+It uses aiohttp: on this machine httpx spent 3-5 ms of CPU per request at 200 connections,
+aiohttp 0.3 ms, and the client shares the machine's two cores with the server it measures.
+
+Phases: warm-up (pools fill, statements get prepared; not measured), then a read of
+/debug/metrics that also resets the server's loop-lag window, the measured phase, and a final
+read. Every request must answer 2xx with a body that echoes its own prompt; anything else is an
+error, counted by kind. Latencies are raw per-request wall times, never a histogram's estimate.
+
+Modes: one new session per request (the default), or ``--burst K``: ``concurrency // K`` lanes
+each send K messages to one new session at once, as a user typing fast does.
+
+CPU accounting (Linux): with ``--watch-pgid`` / ``--watch-pid`` the client reads /proc before
+and after the measured phase, so the report can say how many milliseconds of CPU each request
+cost the server, PostgreSQL, the latency proxy and the client itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROUTE = "/api/v1/agent/echo/run"
+METRIC_READS = 8  # fresh connections, so that with several workers each one is likely read
+
+
+@dataclass
+class Phase:
+    latencies_ms: list[float] = field(default_factory=list)
+    # When each successful request finished, in seconds from the start of the phase.
+    finished_s: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+    sent: int = 0
+    ok: int = 0
+    elapsed_s: float = 0.0
+    window_s: float = 0.0
+    bursts: int = 0
+    bursts_answered: int = 0
+    bursts_merged: int = 0
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{kind}: {detail[:300]}")
+
+
+@dataclass
+class Plan:
+    url: str
+    concurrency: int
+    requests: int | None
+    duration: float | None
+    burst: int
+    timeout: float
+    tag: str
+
+
+def _check(body: Any, prompts: list[str]) -> str | None:
+    """Why ``body`` is not a well-formed answer to ``prompts``; None when it is."""
+    if not isinstance(body, dict):
+        return "body is not a JSON object"
+    message = body.get("message")
+    if not isinstance(message, str):
+        return "no message"
+    if not all(p in message for p in prompts):
+        return f"message does not echo {prompts!r}: {message!r}"
+    if body.get("success") is not True:
+        return "success is not true"
+    try:
+        uuid.UUID(str(body.get("session_id")))
+        uuid.UUID(str(body.get("run_id")))
+    except ValueError:
+        return "session_id or run_id is not a UUID"
+    if not isinstance(body.get("message_ids"), list):
+        return "no message_ids"
+    return None
+
+
+async def _send(
+    client: aiohttp.ClientSession,
+    plan: Plan,
+    phase: Phase,
+    origin: float,
+    session: str,
+    prompt: str,
+) -> str | None:
+    """One request; returns the reply text when it passed every check."""
+    payload = {"message_content": prompt, "session_name": session, "user_id": "bench"}
+    phase.sent += 1
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(plan.timeout), client.post(ROUTE, json=payload) as response:
+            raw = await response.read()
+            status = response.status
+    except TimeoutError:
+        phase.error("timeout", f"no answer within {plan.timeout:g}s")
+        return None
+    except aiohttp.ClientError as exc:
+        phase.error(type(exc).__name__, str(exc))
+        return None
+    finished = time.perf_counter()
+    latency = (finished - started) * 1000
+    if not 200 <= status < 300:
+        phase.error(f"status {status}", raw.decode(errors="replace"))
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        phase.error("invalid JSON", raw.decode(errors="replace"))
+        return None
+    problem = _check(body, [prompt])
+    if problem is not None:
+        phase.error("bad body", problem)
+        return None
+    phase.latencies_ms.append(latency)
+    phase.finished_s.append(finished - origin)
+    phase.ok += 1
+    message: str = body["message"]
+    return message
+
+
+async def _drive(client: aiohttp.ClientSession, plan: Plan, name: str, burst: int) -> Phase:
+    """Run one phase: lanes take the next unit of work until the count or the clock runs out."""
+    phase = Phase()
+    started = time.perf_counter()
+    deadline = started + plan.duration if plan.duration is not None else None
+    units = plan.requests if plan.requests is not None else None
+    if units is not None and burst > 1:
+        units = max(1, units // burst)
+    lanes = max(1, plan.concurrency // burst)
+    counter = iter(range(10**9))
+
+    async def lane() -> None:
+        while True:
+            index = next(counter)
+            if units is not None and index >= units:
+                return
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            session = f"{plan.tag}-{name}-{index}"
+            if burst <= 1:
+                await _send(client, plan, phase, started, session, f"<{session}>")
+                continue
+            prompts = [f"<{session}:{k}>" for k in range(burst)]
+            replies = await asyncio.gather(
+                *(_send(client, plan, phase, started, session, p) for p in prompts)
+            )
+            phase.bursts += 1
+            if all(r is not None for r in replies):
+                phase.bursts_answered += 1
+                if all(all(p in r for p in prompts) for r in replies if r is not None):
+                    phase.bursts_merged += 1
+
+    await asyncio.gather(*(lane() for _ in range(lanes)))
+    phase.elapsed_s = time.perf_counter() - started
+    phase.window_s = plan.duration if plan.duration is not None else phase.elapsed_s
+    return phase
+
+
+async def _read_metrics(url: str, reset: bool) -> list[dict[str, Any]]:
+    """Several reads on fresh connections: with N workers each read lands on one of them."""
+    reads = []
+    for _ in range(METRIC_READS):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+                client.get(f"{url}/debug/metrics", params={"reset": str(reset).lower()}) as r,
+            ):
+                if r.status == 200:
+                    reads.append(await r.json())
+    return reads
+
+
+def _clock_ticks() -> float:
+    return float(os.sysconf("SC_CLK_TCK"))
+
+
+def _proc_cpu(match: Any) -> float:
+    """CPU seconds (user + system) of every live process for which ``match(pid, stat)`` holds."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: split after the last ')'.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if match(int(entry.name), comm, fields):
+            total += int(fields[11]) + int(fields[12])
+    return total / _clock_ticks()
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """Busy and stolen CPU seconds of the whole machine, all cores, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    steal = fields[7] if len(fields) > 7 else 0
+    return busy / _clock_ticks(), steal / _clock_ticks()
+
+
+def cpu_snapshot(pgids: list[int], pids: list[int]) -> dict[str, float]:
+    if not os.path.isdir("/proc"):
+        return {}
+    groups = set(pgids)
+    watched = set(pids)
+    times = os.times()
+    busy, steal = _machine_cpu()
+    return {
+        "machine_busy": busy,
+        "machine_steal": steal,
+        "server": _proc_cpu(lambda pid, comm, f: int(f[2]) in groups),
+        "proxy": _proc_cpu(lambda pid, comm, f: pid in watched),
+        "postgres": _proc_cpu(lambda pid, comm, f: comm.startswith("postgres")),
+        "client": times.user + times.system,
+    }
+
+
+async def run(plan: Plan, warmup_s: float, pgids: list[int], pids: list[int]) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=plan.concurrency)
+    async with aiohttp.ClientSession(
+        base_url=plan.url, connector=connector, timeout=aiohttp.ClientTimeout(total=plan.timeout)
+    ) as client:
+        warm = Plan(plan.url, plan.concurrency, None, warmup_s, 1, plan.timeout, plan.tag)
+        warmup = await _drive(client, warm, "warmup", 1) if warmup_s > 0 else Phase()
+        before = await _read_metrics(plan.url, reset=True)
+        cpu_before = cpu_snapshot(pgids, pids)
+        measured = await _drive(client, plan, "run", plan.burst)
+        cpu_after = cpu_snapshot(pgids, pids)
+        after = await _read_metrics(plan.url, reset=False)
+    return {
+        "warmup": {"sent": warmup.sent, "ok": warmup.ok, "errors": warmup.errors},
+        "measured": asdict(measured),
+        "metrics_before": before,
+        "metrics_after": after,
+        "cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--requests", type=int)
+    parser.add_argument("--duration", type=float)
+    parser.add_argument("--burst", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds, not measured")
+    parser.add_argument("--tag", default=uuid.uuid4().hex[:8])
+    parser.add_argument("--watch-pgid", type=int, action="append", default=[])
+    parser.add_argument("--watch-pid", type=int, action="append", default=[])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if (args.requests is None) == (args.duration is None):
+        parser.error("give exactly one of --requests and --duration")
+    plan = Plan(
+        args.url.rstrip("/"),
+        args.concurrency,
+        args.requests,
+        args.duration,
+        max(1, args.burst),
+        args.timeout,
+        args.tag,
+    )
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(run(plan, args.warmup, args.watch_pgid, args.watch_pid))
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
