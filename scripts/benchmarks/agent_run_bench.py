@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -49,6 +50,8 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from profile_breakdown import breakdown
+from profile_breakdown import table as profile_table
 from report import Scenario, evaluate, markdown, summarize
 
 HERE = Path(__file__).resolve().parent
@@ -303,7 +306,11 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"server not healthy after {self.args.startup_timeout}s:\n{_tail(log)}")
 
-    def run_server(self, name: str, scenario: Scenario) -> dict[str, Any]:
+    def run_server(
+        self, name: str, scenario: Scenario, profile: Path | None = None
+    ) -> dict[str, Any]:
+        """Start ``name`` on a fresh database, load it, stop it; with ``profile``, also record
+        a py-spy profile of the server during the measured phase."""
         args = self.args
         tag = f"{scenario.name}-{name}"
         database = f"bench_{name}"
@@ -320,18 +327,28 @@ class Bench:
             server = self.procs.start(cmd, env, log)
             try:
                 self.wait_healthy(server, base, log)
-                raw = self.load(base, scenario, tag, server.pid, proxy_pid)
+                raw = self.load(base, scenario, tag, server.pid, proxy_pid, profile)
             finally:
                 self.procs.stop(server)
         self.postgres.drop(database)
-        result = summarize(raw, scenario, args.duration)
+        duration = args.profile_seconds + 2 if profile else args.duration
+        result = summarize(raw, scenario, duration if not args.requests or profile else None)
         result["db_round_trip_ms"] = round(rtt, 3)
         return result
 
     def load(
-        self, base: str, scenario: Scenario, tag: str, pgid: int, proxy_pid: int | None
+        self,
+        base: str,
+        scenario: Scenario,
+        tag: str,
+        pgid: int,
+        proxy_pid: int | None,
+        profile: Path | None = None,
     ) -> dict[str, Any]:
         args = self.args
+        requests, duration = args.requests, args.duration
+        if profile is not None:
+            requests, duration = None, args.profile_seconds + 2
         out = self.logs / f"{tag}-load.json"
         cmd = [
             sys.executable,
@@ -353,16 +370,18 @@ class Bench:
             "--out",
             str(out),
         ]
-        cmd += ["--requests", str(args.requests)] if args.requests else []
-        cmd += ["--duration", str(args.duration)] if not args.requests else []
+        cmd += ["--requests", str(requests)] if requests else ["--duration", str(duration)]
         if proxy_pid is not None:
             cmd += ["--watch-pid", str(proxy_pid)]
         # A hard bound on the client: the run, the warm-up, the slowest request, and slack.
-        limit = (args.duration or 0) + args.warmup + args.request_timeout * 2 + 60
-        if args.requests:
-            limit += args.requests * 0.05
+        limit = (duration or 0) + args.warmup + args.request_timeout * 2 + 60
+        if requests:
+            limit += requests * 0.05
         client = self.procs.start(cmd, _python_env(), self.logs / f"{tag}-load.log")
         try:
+            if profile is not None:
+                time.sleep(args.warmup + 1)
+                self.record_profile(pgid, profile)
             client.wait(limit)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"load client did not finish within {limit:.0f}s") from None
@@ -372,6 +391,31 @@ class Bench:
             raise RuntimeError(f"load client failed:\n{_tail(self.logs / f'{tag}-load.log')}")
         raw: dict[str, Any] = json.loads(out.read_text())
         return raw
+
+    def record_profile(self, pid: int, out: Path) -> None:
+        """py-spy on the server process for ``--profile-seconds``, in raw (collapsed) form."""
+        cmd = [
+            self.args.py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(self.args.profile_seconds),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ]
+        spy = self.procs.start(cmd, dict(os.environ), out.with_suffix(".log"))
+        try:
+            spy.wait(self.args.profile_seconds + 30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("py-spy did not finish") from None
+        finally:
+            self.procs.stop(spy)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -433,18 +477,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every figure and the settings here")
     parser.add_argument("--markdown", type=Path, help="write the tables here too")
     parser.add_argument("--logs", type=Path, help="keep server and client logs in this folder")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after the scenarios, profile --profile-servers under the main load with py-spy",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument("--profile-servers", default="threadline,ceiling,ceiling_no_framework")
     args = parser.parse_args(argv)
     if args.requests is None and args.duration is None:
         args.duration = 20.0
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.servers = [s for s in args.servers.split(",") if s]
-    for value, known in ((args.scenarios, SCENARIOS), (args.servers, SERVERS)):
+    args.profile_servers = [s for s in args.profile_servers.split(",") if s]
+    args.py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if args.profile and not Path(args.py_spy).exists():
+        parser.error("--profile needs py-spy (pip install py-spy)")
+    for value, known in (
+        (args.scenarios, SCENARIOS),
+        (args.servers, SERVERS),
+        (args.profile_servers, SERVERS),
+    ):
         unknown = set(value) - set(known)
         if unknown:
             parser.error(f"unknown: {', '.join(sorted(unknown))}")
     args.database_url = os.environ.get("THREADLINE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
     args.redis_url = os.environ.get("THREADLINE_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
     return args
+
+
+def run_profiles(bench: Bench, skipped: dict[str, str], failures: dict[str, str]) -> dict[str, Any]:
+    """Profile each server under the main scenario's load; split its CPU by component."""
+    args = bench.args
+    args.profile.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario("profile", args.db_latency_ms, 1)
+    profiles: dict[str, Any] = {}
+    for name in args.profile_servers:
+        if name in skipped or name == "threadline_w2":
+            continue  # w2: py-spy follows one process; profile the one-worker server instead
+        out = args.profile / f"{name}.txt"
+        print(f"profile/{name} ...", file=sys.stderr)
+        try:
+            result = bench.run_server(name, scenario, profile=out)
+        except (RuntimeError, OSError) as exc:
+            failures[f"profile/{name}"] = str(exc)
+            continue
+        counts, total = breakdown(out)
+        cpu = result["cpu_ms_per_request"].get("server")
+        profiles[name] = {
+            "file": str(out),
+            "samples": total,
+            "cpu_ms_per_request": cpu,
+            "rps": result["rps"],
+            "components": {k: round(v / total, 3) for k, v in counts.items()} if total else {},
+            "table": profile_table(counts, total, cpu),
+        }
+    return profiles
 
 
 def plan(args: argparse.Namespace) -> list[Scenario]:
@@ -476,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scenarios = plan(args)
     results: dict[str, dict[str, Any]] = {s.name: {} for s in scenarios}
+    profiles: dict[str, Any] = {}
     failures: dict[str, str] = {}
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -503,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"loop lag max {result['loop_lag_max_ms']} ms",
                     file=sys.stderr,
                 )
+        if args.profile:
+            profiles = run_profiles(bench, skipped, failures)
 
     sections = []
     for scenario in scenarios:
@@ -533,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": [s.name for s in scenarios],
         "database_url": args.database_url,
     }
+    for name, profile in profiles.items():
+        sections.append(
+            f"### CPU profile: {name} ({profile['samples']} samples, "
+            f"{profile['cpu_ms_per_request']} ms of server CPU per request)\n\n" + profile["table"]
+        )
     report = "\n\n".join(sections) + "\n\n### targets\n\n" + "\n".join(lines) + "\n"
     print(report)
     for label, reason in failures.items():
@@ -550,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": skipped,
             "failed": failures,
             "targets": targets,
+            "profiles": {k: {x: v[x] for x in v if x != "table"} for k, v in profiles.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2) + "\n")
