@@ -35,8 +35,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,11 +46,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from profile_breakdown import breakdown
 from profile_breakdown import table as profile_table
 from report import Scenario, evaluate, markdown, summarize
+from services import (
+    Postgres,
+    Processes,
+    check_redis,
+    flush_redis,
+    free_port,
+    upstream_address,
+    with_database,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -64,63 +70,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 BURST_SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling")
 
 
-class Processes:
-    """Every child process, each in a process group of its own, so that stopping one stops
-    whatever it forked (uvicorn's workers) and nothing outlives the benchmark."""
-
-    def __init__(self) -> None:
-        self._running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self._running.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
-        # The group may still hold workers even once its leader has exited.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        if proc in self._running:
-            self._running.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._running)):
-            self.stop(proc, grace=5.0)
-
-
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"stopped by signal {signum}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _with_database(url: str, database: str, port: int | None = None) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if port is not None:
-        userinfo, _, _ = netloc.rpartition("@")
-        netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=netloc, path=f"/{database}"))
-
-
-def _upstream(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
 
 
 def _python_env() -> dict[str, str]:
@@ -136,90 +87,6 @@ def _python_env() -> dict[str, str]:
 def _threadline_command() -> list[str]:
     script = Path(sys.executable).with_name("threadline")
     return [str(script)] if script.exists() else [sys.executable, "-m", "threadline"]
-
-
-class Postgres:
-    """The admin connection: creates and drops the benchmark databases."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def check(self) -> str | None:
-        try:
-            import psycopg
-        except ImportError:
-            return "psycopg is not installed (pip install -e '.[dev]')"
-        try:
-            with psycopg.connect(self.url, connect_timeout=5) as conn:
-                conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            return f"cannot connect to {self.url!r}: {exc}".strip()
-        return None
-
-    def reset(self, database: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{database}"')
-
-    def drop(self, database: str) -> None:
-        import psycopg
-
-        with (
-            contextlib.suppress(psycopg.Error),
-            psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn,
-        ):
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-    def version(self) -> str:
-        import psycopg
-
-        with psycopg.connect(self.url, connect_timeout=5) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        return str(row[0]) if row else "?"
-
-    @staticmethod
-    def round_trip_ms(url: str, samples: int = 200) -> float:
-        """Median time of ``SELECT 1`` on one connection: what one round trip costs."""
-        import psycopg
-
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            for _ in range(20):
-                conn.execute("SELECT 1")
-            times = []
-            for _ in range(samples):
-                started = time.perf_counter()
-                conn.execute("SELECT 1")
-                times.append((time.perf_counter() - started) * 1000)
-        return statistics.median(times)
-
-
-def _check_redis(url: str) -> str | None:
-    if (
-        importlib.util.find_spec("threadline.queue.redis") is None
-        and not (REPO / "src" / "threadline" / "queue" / "redis.py").exists()
-    ):
-        return "threadline has no Redis coordinator yet (threadline.queue.redis is missing)"
-    try:
-        import redis
-    except ImportError:
-        return "the redis package is not installed"
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        return f"cannot reach Redis at {url!r}: {exc}"
-    return None
-
-
-def _flush_redis(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=3)
-    client.flushdb()
-    client.close()
 
 
 @dataclass
@@ -244,6 +111,7 @@ class Bench:
             )
             if workers > 1:
                 env["THREADLINE_REDIS_URL"] = args.redis_url
+            env.update(args.threadline_env)
             return [*_threadline_command(), "serve", *common, "--workers", str(workers)], env
         script = "baseline_server.py" if name == "blocking_baseline" else "ceiling_server.py"
         cmd = [
@@ -272,7 +140,7 @@ class Bench:
             sys.executable,
             str(HERE / "latency_proxy.py"),
             "--upstream",
-            _upstream(self.postgres.url),
+            upstream_address(self.postgres.url),
             "--delay-ms",
             str(scenario.db_latency_ms),
         ]
@@ -316,11 +184,11 @@ class Bench:
         database = f"bench_{name}"
         self.postgres.reset(database)
         if name == "threadline_w2":
-            _flush_redis(args.redis_url)
+            flush_redis(args.redis_url)
         with self.proxy(scenario, tag) as (proxy_port, proxy_pid):
-            db_url = _with_database(self.postgres.url, database, proxy_port)
+            db_url = with_database(self.postgres.url, database, proxy_port)
             rtt = Postgres.round_trip_ms(db_url)
-            port = _free_port()
+            port = free_port()
             base = f"http://127.0.0.1:{port}"
             cmd, env = self.server_command(name, port, db_url)
             log = self.logs / f"{tag}.log"
@@ -471,6 +339,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--servers", default=",".join(SERVERS), help=f"comma-separated, from {', '.join(SERVERS)}"
     )
     parser.add_argument("--pool-max-size", type=int, default=20)
+    parser.add_argument(
+        "--threadline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra setting for the threadline servers, e.g. THREADLINE_MAX_CONCURRENT_RUNS=32",
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load")
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
@@ -491,6 +366,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.servers = [s for s in args.servers.split(",") if s]
     args.profile_servers = [s for s in args.profile_servers.split(",") if s]
+    pairs = [item.partition("=") for item in args.threadline_env]
+    if any(not name.startswith("THREADLINE_") or not sep for name, sep, _ in pairs):
+        parser.error("--threadline-env takes THREADLINE_NAME=VALUE")
+    args.threadline_env = {name: value for name, _, value in pairs}
     args.py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if args.profile and not Path(args.py_spy).exists():
         parser.error("--profile needs py-spy (pip install py-spy)")
@@ -557,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         skipped = {name: f"PostgreSQL unavailable: {problem}" for name in args.servers}
     elif "threadline_w2" in args.servers:
-        problem = _check_redis(args.redis_url)
+        problem = check_redis(args.redis_url)
         if problem is not None:
             skipped["threadline_w2"] = problem
     for name, reason in skipped.items():
@@ -621,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_delay_ms": args.model_delay_ms,
         "db_latency_ms": args.db_latency_ms,
         "pool_max_size": args.pool_max_size,
+        "threadline_env": args.threadline_env,
         "request_timeout_s": args.request_timeout,
         "scenarios": [s.name for s in scenarios],
         "database_url": args.database_url,
