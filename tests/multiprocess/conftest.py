@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -24,10 +26,12 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from redis import __version__ as redis_version
 from redis.asyncio import Redis
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
-from tests.conftest import _service_url
+from tests.conftest import REQUIRE_SERVICES, _service_url
 from threadline.store import PostgresStore, Session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,13 +195,24 @@ async def _healthy(client: httpx.AsyncClient, server: Server) -> None:
         await asyncio.sleep(POLL_S * 5)
 
 
+def redis_client(url: str) -> Redis:
+    # With the version given, redis-py skips reading its package metadata from disk (a
+    # blocking call the event-loop guard would flag) on every new connection.
+    return Redis.from_url(url, driver_info=DriverInfo(name="redis-py", lib_version=redis_version))
+
+
 async def start_redis(cwd: Path, port: int | None = None) -> RedisServer:
     """A private ``redis-server`` (no persistence) that a test may stop and restart."""
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not on PATH: the Redis outage test starts its own"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
     port = port or free_port()
     argv = ("redis-server", "--port", str(port), "--bind", "127.0.0.1")
     argv += ("--save", "", "--appendonly", "no", "--daemonize", "no")
     child = await Process.start(f"redis-{port}", *argv, env=dict(os.environ), cwd=cwd)
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    client = redis_client(f"redis://127.0.0.1:{port}/0")
     try:
         while True:
             if not child.running:
@@ -242,6 +257,78 @@ class Gate:
 
     def line(self) -> str:
         return f"gate {self.port}"
+
+
+# -- requests and what the servers stored ------------------------------------------------
+
+SEPARATOR = "\n---\n"  # between the messages of one prompt (runner.PROMPT_SEPARATOR)
+
+
+def post(
+    client: httpx.AsyncClient,
+    server: Server,
+    session_id: uuid.UUID,
+    text: str,
+    agent: str = "burst",
+    **extra: Any,
+) -> asyncio.Task[httpx.Response]:
+    body = {"message_content": text, "session_id": str(session_id), **extra}
+    return asyncio.create_task(client.post(f"{server.url}/api/v1/agent/{agent}/run", json=body))
+
+
+async def stored(db: asyncpg.Pool, session_id: uuid.UUID, count: int) -> bool:
+    """Whether ``count`` user messages of the session have landed."""
+    return await user_messages(db, session_id) >= count
+
+
+async def user_messages(db: asyncpg.Pool, session_id: uuid.UUID) -> int:
+    query = "SELECT count(*) FROM messages WHERE session_id = $1 AND role = 'user'"
+    count: int = await db.fetchval(query, session_id)
+    return count
+
+
+async def runs(db: asyncpg.Pool, session_id: uuid.UUID) -> list[asyncpg.Record]:
+    query = (
+        "SELECT id, status, message_ids, reply_message_id, superseded_by FROM runs"
+        " WHERE session_id = $1"
+    )
+    found: list[asyncpg.Record] = await db.fetch(query, session_id)
+    return found
+
+
+async def history(client: httpx.AsyncClient, server: Server, session_id: uuid.UUID) -> Any:
+    response = await client.get(f"{server.url}/api/v1/sessions/{session_id}")
+    assert response.status_code == 200, response.text
+    return response.json()["messages"]
+
+
+def describe(found: list[asyncpg.Record]) -> str:
+    return "runs:\n" + "\n".join(
+        f"{r['id']} {r['status']} answers={len(r['message_ids'])} "
+        f"superseded_by={r['superseded_by']} reply={r['reply_message_id']}"
+        for r in found
+    )
+
+
+def assert_one_runner(found: list[asyncpg.Record], winner: str) -> None:
+    """One completed run (the winner); every other run was superseded and stored no reply.
+
+    One runner opens each run only after the previous one has ended, for more messages than
+    it: the runs answer ever longer prefixes of the winner's messages, never the same ones
+    twice. (A run superseded before it opened leaves no row, so ``superseded_by`` may name a
+    run that does not exist.)
+    """
+    ordered = sorted(found, key=lambda r: len(r["message_ids"]))
+    assert [str(r["id"]) for r in found if r["status"] == "succeeded"] == [winner], describe(found)
+    assert str(ordered[-1]["id"]) == winner, describe(found)
+    for run in ordered[:-1]:
+        assert run["status"] == "superseded", describe(found)
+        assert run["superseded_by"] is not None, describe(found)
+        assert run["reply_message_id"] is None, describe(found)
+    answers = [list(r["message_ids"]) for r in ordered]
+    for shorter, longer in itertools.pairwise(answers):
+        assert len(shorter) < len(longer), describe(found)
+        assert longer[: len(shorter)] == shorter, describe(found)
 
 
 # -- fixtures ----------------------------------------------------------------------------

@@ -9,11 +9,9 @@ part, a ``gated`` run only once the test opens its gate.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -21,17 +19,22 @@ import pytest
 import pytest_asyncio
 
 from tests.multiprocess.conftest import (
+    SEPARATOR,
     Gate,
     MakeSession,
     Server,
+    assert_one_runner,
+    history,
+    post,
+    runs,
     server_env,
     start_servers,
+    stored,
+    user_messages,
     wait_until,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-SEPARATOR = "\n---\n"
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -51,68 +54,6 @@ async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
         assert server.child.running, server.child.logs()
 
 
-def post(
-    client: httpx.AsyncClient,
-    server: Server,
-    session_id: uuid.UUID,
-    text: str,
-    agent: str = "burst",
-    **extra: Any,
-) -> asyncio.Task[httpx.Response]:
-    body = {"message_content": text, "session_id": str(session_id), **extra}
-    return asyncio.create_task(client.post(f"{server.url}/api/v1/agent/{agent}/run", json=body))
-
-
-async def user_messages(db: asyncpg.Pool, session_id: uuid.UUID) -> int:
-    query = "SELECT count(*) FROM messages WHERE session_id = $1 AND role = 'user'"
-    count: int = await db.fetchval(query, session_id)
-    return count
-
-
-async def runs(db: asyncpg.Pool, session_id: uuid.UUID) -> list[asyncpg.Record]:
-    query = (
-        "SELECT id, status, message_ids, reply_message_id, superseded_by FROM runs"
-        " WHERE session_id = $1"
-    )
-    found: list[asyncpg.Record] = await db.fetch(query, session_id)
-    return found
-
-
-async def history(client: httpx.AsyncClient, server: Server, session_id: uuid.UUID) -> Any:
-    response = await client.get(f"{server.url}/api/v1/sessions/{session_id}")
-    assert response.status_code == 200, response.text
-    return response.json()["messages"]
-
-
-def describe(found: list[asyncpg.Record]) -> str:
-    return "runs:\n" + "\n".join(
-        f"{r['id']} {r['status']} answers={len(r['message_ids'])} "
-        f"superseded_by={r['superseded_by']} reply={r['reply_message_id']}"
-        for r in found
-    )
-
-
-def assert_one_runner(found: list[asyncpg.Record], winner: str) -> None:
-    """One completed run (the winner); every other run was superseded and stored no reply.
-
-    One runner opens each run only after the previous one has ended, for more messages than
-    it: the runs answer ever longer prefixes of the winner's messages, never the same ones
-    twice. (A run superseded before it opened leaves no row, so ``superseded_by`` may name a
-    run that does not exist.)
-    """
-    ordered = sorted(found, key=lambda r: len(r["message_ids"]))
-    assert [str(r["id"]) for r in found if r["status"] == "succeeded"] == [winner], describe(found)
-    assert str(ordered[-1]["id"]) == winner, describe(found)
-    for run in ordered[:-1]:
-        assert run["status"] == "superseded", describe(found)
-        assert run["superseded_by"] is not None, describe(found)
-        assert run["reply_message_id"] is None, describe(found)
-    answers = [list(r["message_ids"]) for r in ordered]
-    for shorter, longer in itertools.pairwise(answers):
-        assert len(shorter) < len(longer), describe(found)
-        assert longer[: len(shorter)] == shorter, describe(found)
-
-
 @pytest.mark.timeout(60)
 async def test_twenty_bursts_alternating_across_processes_get_one_model_call_each(
     servers: list[Server],
@@ -129,7 +70,7 @@ async def test_twenty_bursts_alternating_across_processes_get_one_model_call_eac
             # Part i goes to another process than part i-1; it is sent once part i-1 is
             # stored, so the order of arrival (FIFO) is the order of the parts.
             callers.append(post(client, servers[(k + i) % len(servers)], sid, text))
-            await wait_until(lambda n=i + 1: _stored(db, sid, n), callers)
+            await wait_until(lambda n=i + 1: stored(db, sid, n), callers)
         return parts, list(await asyncio.gather(*callers))
 
     results = await asyncio.gather(*(burst(k, sid) for k, sid in enumerate(sessions)))
@@ -149,10 +90,6 @@ async def test_twenty_bursts_alternating_across_processes_get_one_model_call_eac
         assert messages[-1]["content"] == reply
         assert all(b["message_ids"] == [m["id"] for m in users] for b in bodies)
         assert_one_runner(await runs(db, sid), bodies[0]["run_id"])
-
-
-async def _stored(db: asyncpg.Pool, sid: uuid.UUID, count: int) -> bool:
-    return await user_messages(db, sid) >= count
 
 
 @pytest.mark.timeout(30)
@@ -201,7 +138,7 @@ async def test_enqueue_across_processes_answers_each_message_in_arrival_order(
     call = await gate.next()
     for i, server in ((1, servers[1]), (2, servers[2])):
         callers.append(post(client, server, sid, texts[i], "gated", strategy="enqueue"))
-        await wait_until(lambda n=i + 1: _stored(db, sid, n), callers)
+        await wait_until(lambda n=i + 1: stored(db, sid, n), callers)
 
     prompts = [call.prompt]
     call.release()

@@ -36,6 +36,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 from uuid import UUID
 
+from pydantic_ai.messages import ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
 from redis import __version__ as redis_version
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -61,7 +62,7 @@ from threadline.queue import keys
 from threadline.queue.coordinator import TurnRequest
 from threadline.queue.core import Accepted, Answer, Outcome, Strategy, TurnQueue
 from threadline.runner import RunOptions, TurnResult, TurnRunner
-from threadline.store import NewMessage, RunStart, Store
+from threadline.store import Message, NewMessage, Run, RunStart, Store
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,30 @@ def _decode_answer(body: dict[str, Any]) -> Answer | ThreadlineError:
         error if isinstance(error, RunFailed) else None,
     )
     return Answer(message_id, outcome, bool(body.get("superseded")))
+
+
+def _stored_result(reply: Message, run: Run) -> TurnResult:
+    """A committed reply read back from the store, as the run's callers received it."""
+    messages = ModelMessagesTypeAdapter.validate_json(reply.payload) if reply.payload else []
+    calls = [p for m in messages for p in m.parts if isinstance(p, ToolCallPart)]
+    returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+    return TurnResult(
+        reply.content,
+        reply.id,
+        [
+            {"tool_name": c.tool_name, "args": c.args_as_dict(), "tool_call_id": c.tool_call_id}
+            for c in calls
+        ],
+        [
+            {
+                "tool_name": r.tool_name,
+                "content": r.model_response_str(),
+                "tool_call_id": r.tool_call_id,
+            }
+            for r in returns
+        ],
+        run.usage or {},
+    )
 
 
 class RedisCoordinator:
@@ -350,6 +375,43 @@ class RedisCoordinator:
                 return
             await self._adopt_unanswered(sid)
 
+    async def _answer_from_store(self, sid: UUID) -> None:
+        """Resolve callers here whose message a run has already answered.
+
+        Their answer was published while we could not hear it (Redis was down), or never: a
+        process that claims a free lease for a message of its own answers the older
+        unanswered messages in the same run without publishing anything for them.
+        """
+        waiting = {
+            message_id: future
+            for message_id, (session, future, _) in self._waiting.items()
+            if session == sid and not future.done()
+        }
+        for message in await self._store.unanswered(sid):
+            waiting.pop(message.id, None)
+        seen: list[UUID] = []
+        runs: dict[UUID, Run | None] = {}
+        offset = 0
+        while waiting:
+            page, total = await self._store.list_messages(sid, limit=500, offset=offset)
+            for row in page:
+                if row.id in waiting:
+                    seen.append(row.id)
+                if row.role != "assistant" or row.run_id is None or not seen:
+                    continue
+                if row.run_id not in runs:
+                    runs[row.run_id] = await self._store.get_run(row.run_id)
+                run = runs[row.run_id]
+                if run is None:
+                    continue
+                for message_id in [m for m in seen if m in run.message_ids]:
+                    seen.remove(message_id)
+                    outcome = Outcome(run.id, run.message_ids, _stored_result(row, run))
+                    waiting.pop(message_id).set_result(Answer(message_id, outcome, False))
+            offset += len(page)
+            if not page or offset >= total:
+                break
+
     # -- background loops --------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -399,8 +461,25 @@ class RedisCoordinator:
                 log.warning("could not renew leases: %s", exc)
                 continue
             for sid, ok in zip(owned, renewed, strict=True):
-                if not ok and not self.queue.has(sid):
+                if ok:
+                    continue
+                if not self.queue.has(sid):
                     self._owned.discard(sid)
+                    continue
+                # The lease vanished (Redis restarted, or we stalled past the TTL) while the
+                # session still runs here: take it back, unless another process holds it now,
+                # so that new messages keep coming to this runner.
+                try:
+                    owner = await self._call(
+                        self._claim,
+                        [keys.lease(sid), keys.dirty(sid)],
+                        [self.node, self._ttl_ms, self._dirty_ttl_ms],
+                    )
+                except CoordinatorUnavailable as exc:
+                    log.warning("could not reclaim session %s: %s", sid, exc)
+                    continue
+                if owner != self.node:
+                    log.warning("session %s running here is now owned by %s", sid, owner)
 
     async def _watch(self) -> None:
         """Take over sessions whose owner died while callers here still wait on them."""
@@ -421,6 +500,9 @@ class RedisCoordinator:
                         log.info("took over session %s", sid)
                         self._owned.add(sid)
                         await self._adopt_unanswered(sid, options)
+                        await self._answer_from_store(sid)
+                        if not self.queue.has(sid):
+                            self._on_idle(sid)  # nothing left to run: let the lease go
                 except ThreadlineError as exc:
                     log.warning("watchdog could not check session %s: %s", sid, exc)
 

@@ -1,0 +1,155 @@
+"""Redis goes away under two server processes, then comes back (empty: no persistence).
+
+The test owns its ``redis-server``. While it is down, requests fail fast with 503 and store
+nothing; a run already in flight still finishes and every caller already accepted is answered,
+including the one waiting at the process that does not run the session, whose answer could
+not be published; once Redis is back, bursts across processes work again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.multiprocess.conftest import (
+    SEPARATOR,
+    Gate,
+    MakeSession,
+    Server,
+    assert_one_runner,
+    history,
+    post,
+    redis_client,
+    runs,
+    server_env,
+    start_redis,
+    start_servers,
+    stored,
+    user_messages,
+    wait_until,
+)
+from threadline.queue import keys
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
+
+
+async def node(client: httpx.AsyncClient, server: Server) -> str:
+    """The server's coordinator node id, as it appears in Redis."""
+    metrics = (await client.get(f"{server.url}/debug/metrics")).json()
+    return str(metrics["coordinator"]["node"])
+
+
+async def subscribed(redis: Redis, client: httpx.AsyncClient, servers: list[Server]) -> bool:
+    """Whether every server listens again on its own channel and on the answers channel."""
+    channels = [keys.node_channel(await node(client, s)) for s in servers]
+    counts = dict(await redis.pubsub_numsub(keys.ANSWERS_CHANNEL, *channels))
+    wanted = {channel.encode(): 1 for channel in channels}
+    wanted[keys.ANSWERS_CHANNEL.encode()] = len(servers)
+    return counts == wanted
+
+
+@pytest.mark.timeout(60)
+async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
+    pg_dsn: str, workdir: Path, db: asyncpg.Pool, make_session: MakeSession, gate: Gate
+) -> None:
+    redis_server = await start_redis(workdir)
+    env = server_env(pg_dsn, redis_server.url, lease_ttl_ms=1000)
+    servers: list[Server] = []
+    redis = redis_client(redis_server.url)
+    try:
+        servers = await start_servers(2, env, workdir, "outage")
+        owner, other = servers
+        # ``finished``: its run ends during the outage. ``spanning``: its run is in flight
+        # across the outage. ``fresh``: first used during the outage.
+        finished = (await make_session("gated")).id
+        spanning = (await make_session()).id
+        fresh = (await make_session()).id
+        halves = [f"part {i}/2 of spanning-{spanning}" for i in (1, 2)]
+        async with httpx.AsyncClient(timeout=60) as client:
+            # A run at the owner answers a caller there and one at the other process.
+            first = post(client, owner, finished, f"first\n{gate.line()}", "gated")
+            call = await gate.next()
+            second = post(client, other, finished, f"second\n{gate.line()}", "gated")
+            await call.cancelled()
+            merged = await gate.next()
+            assert merged.prompt == f"first\n{gate.line()}{SEPARATOR}second\n{gate.line()}"
+            spanning_first = post(client, owner, spanning, halves[0])
+            await wait_until(lambda: stored(db, spanning, 1), [spanning_first])
+
+            await redis_server.child.stop()
+
+            # Every new message fails fast, at either process, and nothing of it is stored.
+            for server in servers:
+                for sid in (finished, spanning, fresh):
+                    refused = await post(client, server, sid, f"lost?\n{gate.line()}", "gated")
+                    assert refused.status_code == 503, refused.text
+                    assert refused.json()["error"]["code"] == "coordinator_unavailable"
+            assert [await user_messages(db, sid) for sid in (finished, spanning, fresh)] == [
+                2,
+                1,
+                0,
+            ]
+            assert not any(c.done() for c in (first, second, spanning_first))
+
+            # A run in flight needs no Redis to finish; its caller at the owner hears back.
+            merged.release()
+            answered = await first
+            assert answered.status_code == 200, answered.text
+            reply = answered.json()
+            assert reply["message"] == f"echo: {merged.prompt}"
+
+            redis_server = await start_redis(workdir, redis_server.port)
+            # The other process missed the answer published during the outage and finds it in
+            # the store once it can take the session over.
+            late = await second
+            assert late.status_code == 200, late.text
+            assert (late.json()["message"], late.json()["run_id"]) == (
+                reply["message"],
+                reply["run_id"],
+            )
+
+            # Redis came back empty. The owner takes back the lease of the session it still
+            # runs, and both processes listen again; then the burst that spans the outage
+            # completes across processes, and so does one on a session first used meanwhile.
+            owner_node = (await node(client, owner)).encode()
+            await wait_until(lambda: _leased(redis, spanning, owner_node), [spanning_first])
+            await wait_until(lambda: subscribed(redis, client, servers))
+            spanning_second = post(client, other, spanning, halves[1])
+            parts = [f"part {i}/2 of fresh-{fresh}" for i in (1, 2)]
+            fresh_first = post(client, other, fresh, parts[0])
+            await wait_until(lambda: stored(db, fresh, 1), [fresh_first])
+            fresh_second = post(client, owner, fresh, parts[1])
+            responses = await asyncio.gather(
+                spanning_first, spanning_second, fresh_first, fresh_second
+            )
+            bodies = [r.json() for r in responses]
+            assert [r.status_code for r in responses] == [200] * 4, bodies
+            assert [b["message"] for b in bodies] == [
+                *["echo: " + SEPARATOR.join(halves)] * 2,
+                *["echo: " + SEPARATOR.join(parts)] * 2,
+            ]
+
+            # Nothing accepted was lost or answered twice.
+            messages = await history(client, other, finished)
+            assert [m["role"] for m in messages] == ["user", "user", "assistant"]
+            assert messages[-1]["content"] == reply["message"]
+            assert_one_runner(await runs(db, finished), reply["run_id"])
+            assert_one_runner(await runs(db, spanning), bodies[0]["run_id"])
+            assert_one_runner(await runs(db, fresh), bodies[2]["run_id"])
+            for sid in (spanning, fresh):
+                roles = [m["role"] for m in await history(client, owner, sid)]
+                assert roles == ["user", "user", "assistant"]
+    finally:
+        await redis.aclose()
+        await asyncio.gather(*(s.child.stop() for s in servers))
+        await redis_server.child.stop()
+
+
+async def _leased(redis: Redis, session_id: uuid.UUID, owner: bytes) -> bool:
+    return bool(await redis.get(keys.lease(session_id)) == owner)
