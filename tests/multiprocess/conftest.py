@@ -201,15 +201,10 @@ def redis_client(url: str) -> Redis:
     return Redis.from_url(url, driver_info=DriverInfo(name="redis-py", lib_version=redis_version))
 
 
-async def start_redis(cwd: Path, port: int | None = None) -> RedisServer:
+async def start_redis(binary: str, cwd: Path, port: int | None = None) -> RedisServer:
     """A private ``redis-server`` (no persistence) that a test may stop and restart."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not on PATH: the Redis outage test starts its own"
-        if REQUIRE_SERVICES:
-            pytest.fail(message)
-        pytest.skip(message)
     port = port or free_port()
-    argv = ("redis-server", "--port", str(port), "--bind", "127.0.0.1")
+    argv = (binary, "--port", str(port), "--bind", "127.0.0.1")
     argv += ("--save", "", "--appendonly", "no", "--daemonize", "no")
     child = await Process.start(f"redis-{port}", *argv, env=dict(os.environ), cwd=cwd)
     client = redis_client(f"redis://127.0.0.1:{port}/0")
@@ -342,6 +337,18 @@ def pg_dsn() -> str:
 @pytest.fixture(scope="module")
 def redis_dsn() -> str:
     return _service_url("THREADLINE_TEST_REDIS_URL")
+
+
+@pytest.fixture(scope="module")
+def redis_server_binary() -> str:
+    """``redis-server``, for tests that run (and stop) a Redis of their own."""
+    found = shutil.which("redis-server")
+    if found is None:
+        message = "redis-server is not on PATH: the Redis outage test starts its own"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,14 @@ async def subscribed(redis: Redis, client: httpx.AsyncClient, servers: list[Serv
 
 @pytest.mark.timeout(60)
 async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
-    pg_dsn: str, workdir: Path, db: asyncpg.Pool, make_session: MakeSession, gate: Gate
+    pg_dsn: str,
+    redis_server_binary: str,
+    workdir: Path,
+    db: asyncpg.Pool,
+    make_session: MakeSession,
+    gate: Gate,
 ) -> None:
-    redis_server = await start_redis(workdir)
+    redis_server = await start_redis(redis_server_binary, workdir)
     env = server_env(pg_dsn, redis_server.url, lease_ttl_ms=1000)
     servers: list[Server] = []
     redis = redis_client(redis_server.url)
@@ -104,7 +109,7 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
             reply = answered.json()
             assert reply["message"] == f"echo: {merged.prompt}"
 
-            redis_server = await start_redis(workdir, redis_server.port)
+            redis_server = await start_redis(redis_server_binary, workdir, redis_server.port)
             # The other process missed the answer published during the outage and finds it in
             # the store once it can take the session over.
             late = await second
