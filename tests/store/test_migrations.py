@@ -60,7 +60,7 @@ async def fresh_pg_database(pg_url: str) -> Any:
 async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) -> None:
     results = await asyncio.gather(*(migrate_postgres(fresh_pg_database) for _ in range(5)))
 
-    assert sorted(results) == [[], [], [], [], [1]]
+    assert sorted(results) == [[], [], [], [], [1, 2]]
     assert await migrate_postgres(fresh_pg_database) == []
     conn = await asyncpg.connect(fresh_pg_database)
     try:
@@ -68,7 +68,11 @@ async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) 
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
         )
+        indexes = await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        )
     finally:
         await conn.close()
-    assert [tuple(r) for r in rows] == [(1, "001_init.sql")]
+    assert [tuple(r) for r in rows] == [(1, "001_init.sql"), (2, "002_runs_message_ids.sql")]
     assert {r["tablename"] for r in tables} == TABLES
+    assert "runs_message_ids" in {r["indexname"] for r in indexes}

@@ -55,6 +55,36 @@ async def test_postgres_turn_is_two_statements_and_holds_no_connection(pg_url: s
         await store.aclose()
 
 
+async def test_postgres_answer_for_is_one_statement_on_the_message_ids_index(pg_url: str) -> None:
+    queries: list[str] = []
+    store = await PostgresStore.connect(
+        pg_url, min_size=1, max_size=1, query_logger=lambda record: queries.append(record.query)
+    )
+    session = None
+    try:
+        await store.migrate()
+        session = await store.create_session("echo", user_id=f"round-trips-{uuid4().hex}")
+        question, opened = await store.add_user_message(session.id, user(), start=starting())
+        assert opened is not None
+        await store.commit_run(session.id, opened.run.id, answer())
+        await drain_loop_callbacks()
+        queries[:] = []
+
+        assert await store.answer_for(question.id) is not None
+        await drain_loop_callbacks()
+        assert len(queries) == 1, queries
+
+        # Even on a table too small for the planner to care, the index must be usable.
+        async with store.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plan = await conn.fetch(f"EXPLAIN {queries[0]}", question.id)
+        assert any("runs_message_ids" in row[0] for row in plan), plan
+    finally:
+        if session is not None:
+            await store.delete_session(session.id)
+        await store.aclose()
+
+
 async def test_query_logger_sees_a_default_pool_reset(pg_url: str) -> None:
     """Guards the test above: with asyncpg's default reset, the logger would have seen it."""
     queries: list[str] = []
@@ -97,5 +127,12 @@ async def test_sqlite_turn_is_two_hops(tmp_path: Any, monkeypatch: Any) -> None:
 
         assert helper_calls == ["add", "commit"]
         assert len(thread_hops) == 2
+
+        question, opened = await store.add_user_message(session.id, user(), start=starting())
+        assert opened is not None
+        await store.commit_run(session.id, opened.run.id, answer())
+        thread_hops[:] = []
+        assert await store.answer_for(question.id) is not None
+        assert len(thread_hops) == 1
     finally:
         await store.aclose()

@@ -9,6 +9,10 @@ Both keep the same invariants, which the queue relies on:
   ever answer a prefix of them, so one integer describes what has been answered.
 * ``sessions.current_run_id`` is the fence: a run may commit its reply only while it is the
   session's current run, checked in the same write that stores the reply.
+* Opening a run closes the run it fences out, in the same write, if that run is still
+  ``queued`` or ``running``: it becomes ``superseded`` by the new run. A process that died
+  mid-run thus leaves no run ``running`` once another process has taken the session over. A run
+  that already finished keeps its status.
 
 Hot path (a turn on an idle session) is two round-trips: ``add_user_message(..., start=...)``
 (insert the message, open the run, read the history window) and ``commit_run``.
@@ -88,7 +92,8 @@ class RunStart:
 
     ``upto_seq=None`` in ``add_user_message`` means "up to the message being inserted".
     Opening a run makes it the session's current run (the fence), so any earlier run of the
-    session can no longer commit.
+    session can no longer commit; the run it replaces as current, if still unfinished, is
+    finished as ``superseded`` with ``superseded_by`` set to ``run_id``.
     """
 
     run_id: UUID
@@ -205,6 +210,13 @@ class Store(Protocol):
         ``side_effects`` are tool rows (calls already executed and their results) that must
         survive the cancel so the next run's model knows what was done. They get seqs after
         the existing rows. Releases the fence if this run still holds it.
+        """
+
+    async def answer_for(self, message_id: UUID) -> tuple[Run, Message] | None:
+        """The succeeded run whose ``message_ids`` holds ``message_id``, and its reply.
+
+        None while the message is unanswered, and for an unknown id. Lets a process find an
+        answer it was not told about (a lost notification) without knowing the run's id.
         """
 
     async def unanswered(self, session_id: UUID) -> list[Message]:

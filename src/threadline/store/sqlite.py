@@ -241,6 +241,9 @@ class SQLiteStore:
 
         await self._run(finish)
 
+    async def answer_for(self, message_id: UUID) -> tuple[Run, Message] | None:
+        return await self._run(_answer_for, message_id, transaction=False)
+
     async def unanswered(self, session_id: UUID) -> list[Message]:
         return await self._run(_unanswered, session_id, None, transaction=False)
 
@@ -374,6 +377,13 @@ def _open_run(db: sqlite3.Connection, session_id: UUID, start: RunStart, upto: i
             now,
         ),
     )
+    # Close the run this one fences out, unless it already finished on its own.
+    db.execute(
+        "UPDATE runs SET status = 'superseded', superseded_by = ?, finished_at = ?"
+        " WHERE id = (SELECT current_run_id FROM sessions WHERE id = ?)"
+        " AND status IN ('queued', 'running')",
+        (rid, now, sid),
+    )
     db.execute("UPDATE sessions SET current_run_id = ? WHERE id = ?", (rid, sid))
     # Unanswered user messages are this prompt or a later one, never history.
     history = db.execute(
@@ -385,6 +395,24 @@ def _open_run(db: sqlite3.Connection, session_id: UUID, start: RunStart, upto: i
     run = _get_run(db, start.run_id)
     assert run is not None
     return Turn(run=run, history=[_message(r) for r in reversed(history)], prompt=prompt)
+
+
+def _answer_for(db: sqlite3.Connection, message_id: UUID) -> tuple[Run, Message] | None:
+    # A message's runs are among its session's: the runs_session_id index bounds the scan of
+    # message_ids arrays without an index on their elements.
+    row = db.execute(
+        "SELECT runs.* FROM messages m JOIN runs ON runs.session_id = m.session_id"
+        " WHERE m.id = ? AND runs.status = 'succeeded' AND runs.upto_seq >= m.seq"
+        " AND EXISTS (SELECT 1 FROM json_each(runs.message_ids) WHERE value = m.id) LIMIT 1",
+        (str(message_id),),
+    ).fetchone()
+    if row is None:
+        return None
+    run = _record(Run, row)
+    reply = db.execute(
+        f"SELECT {_MSG} FROM messages WHERE id = ?", (str(run.reply_message_id),)
+    ).fetchone()
+    return (run, _message(reply)) if reply else None
 
 
 def _get_run(db: sqlite3.Connection, run_id: UUID) -> Run | None:
