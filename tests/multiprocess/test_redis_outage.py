@@ -118,6 +118,8 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
                 reply["message"],
                 reply["run_id"],
             )
+            # Having nothing left to run there, that process lets the session go again.
+            await wait_until(lambda: _leased(redis, finished, None))
 
             # Redis came back empty. The owner takes back the lease of the session it still
             # runs, and both processes listen again; then the burst that spans the outage
@@ -156,5 +158,6 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
         await redis_server.child.stop()
 
 
-async def _leased(redis: Redis, session_id: uuid.UUID, owner: bytes) -> bool:
+async def _leased(redis: Redis, session_id: uuid.UUID, owner: bytes | None) -> bool:
+    """Whether ``owner`` holds the session's lease (None: nobody does)."""
     return bool(await redis.get(keys.lease(session_id)) == owner)
