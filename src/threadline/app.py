@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     @app.get("/ready", tags=["ops"])
     async def ready(services: ServicesDep) -> dict[str, str]:
         await services.store.ping()
+        await services.coordinator.ping()
         return {"status": "ready", "store": services.settings.backend}
 
     if settings.debug_metrics:

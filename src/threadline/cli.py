@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -29,7 +30,9 @@ def _serve(settings: Settings, reload: bool) -> None:
         port=settings.port,
         workers=settings.workers if not reload else None,
         reload=reload,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        # uvicorn treats 0 as "no limit"; the lifespan then gives runs still in flight the
+        # same grace again, so a shutdown takes at most twice SHUTDOWN_GRACE_S.
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         log_level="info",
         access_log=False,
     )

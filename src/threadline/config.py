@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     # Redis coordination (multi-process); see docs/operations.md for why these defaults.
-    lease_ttl_ms: int = Field(default=10_000, ge=500)
+    # A dead owner's sessions are taken over within LEASE_TTL_MS plus one watchdog interval
+    # (TTL/4): 7.5 s with 6 s, inside the 10 s we promise; renewal runs every TTL/3 (2 s), so
+    # only a loop stalled for 4 s loses its leases.
+    lease_ttl_ms: int = Field(default=6_000, ge=500)
     redis_timeout_s: float = Field(default=2.0, gt=0)
 
     host: str = "127.0.0.1"

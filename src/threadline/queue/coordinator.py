@@ -33,6 +33,9 @@ class Coordinator(Protocol):
         Raises ``SessionBusy``, ``QueueFull`` or ``Unavailable`` before storing anything.
         """
 
+    async def ping(self) -> None:
+        """Raise ``CoordinatorUnavailable`` if coordination is down (for /ready)."""
+
     def metrics(self) -> dict[str, Any]:
         """Numbers for /debug/metrics."""
 

@@ -47,6 +47,9 @@ class LocalCoordinator:
 
         return await self.queue.submit(request.session_id, request.strategy, accept, options)
 
+    async def ping(self) -> None:
+        """Nothing outside this process to check."""
+
     def metrics(self) -> dict[str, Any]:
         return {
             "sessions_in_memory": self.queue.session_count,

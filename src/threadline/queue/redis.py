@@ -20,8 +20,11 @@ processes only store messages and forward them::
 * Fencing is PostgreSQL's: opening a run makes it the session's current run and a commit only
   lands for the current run, so an owner that lost its lease (a pause, a partition) cannot
   store a reply once a new owner has opened a run.
-* Redis errors surface as ``CoordinatorUnavailable`` (503) within ``REDIS_TIMEOUT_S``. The
-  lease is claimed before anything is stored, so a request failing that way stored nothing.
+* Redis errors surface as ``CoordinatorUnavailable`` (503): at once when Redis refuses the
+  connection, within two attempts of ``REDIS_TIMEOUT_S`` when it does not answer. The lease is
+  claimed before anything is stored, so a request failing at that step stored nothing; one
+  failing at the nudge, after its insert, gets 503 although its message is stored, and the
+  session's next run answers it.
 """
 
 from __future__ import annotations
@@ -199,8 +202,9 @@ class RedisCoordinator:
         except RedisError as exc:
             await redis.aclose()
             raise CoordinatorUnavailable(f"cannot reach Redis: {exc}") from exc
-        for loop in (self._listen, self._renew_leases, self._watch):
-            self._spawn(loop())
+        self._spawn(self._listen())
+        self._spawn(self._every(self._ttl_ms / 3000, self._renew_leases))
+        self._spawn(self._every(max(0.2, self._ttl_ms / 4000), self._watch))
         return self
 
     # -- submitting --------------------------------------------------------------------
@@ -211,11 +215,7 @@ class RedisCoordinator:
         loaded = await self._registry.get(request.agent)
         options = RunOptions(request.agent, request.user_id, request.history_limit, request.context)
         sid = request.session_id
-        owner = await self._call(
-            self._claim,
-            [keys.lease(sid), keys.dirty(sid)],
-            [self.node, self._ttl_ms, self._dirty_ttl_ms],
-        )
+        owner = await self._claim_lease(sid)
         if owner == self.node:
             self._owned.add(sid)
             return await self._submit_local(request, options, loaded.model_name)
@@ -444,67 +444,71 @@ class RedisCoordinator:
         options = RunOptions(raw["agent"], raw["user_id"], raw["history_limit"], raw["context"])
         self._adopt(sid, UUID(body["message_id"]), body["seq"], body["strategy"], options)
 
-    async def _renew_leases(self) -> None:
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` forever; one failing step is logged, never the end of the loop."""
         while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
-            owned = list(self._owned)
-            if not owned:
-                continue
+            await asyncio.sleep(interval)
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for sid in owned:
-                        await self._renew(
-                            keys=[keys.lease(sid)], args=[self.node, self._ttl_ms], client=pipe
-                        )
-                    renewed = await pipe.execute()
-            except RedisError as exc:
-                log.warning("could not renew leases: %s", exc)
-                continue
-            for sid, ok in zip(owned, renewed, strict=True):
-                if ok:
-                    continue
-                if not self.queue.has(sid):
-                    self._owned.discard(sid)
-                    continue
-                # The lease vanished (Redis restarted, or we stalled past the TTL) while the
-                # session still runs here: take it back, unless another process holds it now,
-                # so that new messages keep coming to this runner.
-                try:
-                    owner = await self._call(
-                        self._claim,
-                        [keys.lease(sid), keys.dirty(sid)],
-                        [self.node, self._ttl_ms, self._dirty_ttl_ms],
+                await step()
+            except Exception:
+                log.exception("background step %s failed", step.__name__)
+
+    async def _renew_leases(self) -> None:
+        owned = list(self._owned)
+        if not owned:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in owned:
+                    await self._renew(
+                        keys=[keys.lease(sid)], args=[self.node, self._ttl_ms], client=pipe
                     )
-                except CoordinatorUnavailable as exc:
-                    log.warning("could not reclaim session %s: %s", sid, exc)
-                    continue
-                if owner != self.node:
-                    log.warning("session %s running here is now owned by %s", sid, owner)
+                renewed = await pipe.execute()
+        except RedisError as exc:
+            log.warning("could not renew leases: %s", exc)
+            return
+        for sid, ok in zip(owned, renewed, strict=True):
+            if ok:
+                continue
+            if not self.queue.has(sid):
+                self._owned.discard(sid)
+                continue
+            # The lease vanished (Redis restarted, or we stalled past the TTL) while the
+            # session still runs here: take it back, unless another process holds it now,
+            # so that new messages keep coming to this runner.
+            try:
+                owner = await self._claim_lease(sid)
+            except CoordinatorUnavailable as exc:
+                log.warning("could not reclaim session %s: %s", sid, exc)
+                continue
+            if owner != self.node:
+                log.warning("session %s running here is now owned by %s", sid, owner)
 
     async def _watch(self) -> None:
         """Take over sessions whose owner died while callers here still wait on them."""
-        while True:
-            await asyncio.sleep(max(0.2, self._ttl_ms / 4000))
-            sessions: dict[UUID, RunOptions] = {}
-            for sid, future, options in list(self._waiting.values()):
-                if not future.done() and sid not in self._owned:
-                    sessions[sid] = options
-            for sid, options in sessions.items():
-                try:
-                    owner = await self._call(
-                        self._claim,
-                        [keys.lease(sid), keys.dirty(sid)],
-                        [self.node, self._ttl_ms, self._dirty_ttl_ms],
-                    )
-                    if owner == self.node:
-                        log.info("took over session %s", sid)
-                        self._owned.add(sid)
-                        await self._adopt_unanswered(sid, options)
-                        await self._answer_from_store(sid)
-                        if not self.queue.has(sid):
-                            self._on_idle(sid)  # nothing left to run: let the lease go
-                except ThreadlineError as exc:
-                    log.warning("watchdog could not check session %s: %s", sid, exc)
+        sessions: dict[UUID, RunOptions] = {}
+        for sid, future, options in list(self._waiting.values()):
+            if not future.done() and sid not in self._owned:
+                sessions[sid] = options
+        for sid, options in sessions.items():
+            try:
+                if await self._claim_lease(sid) != self.node:
+                    continue
+                log.info("took over session %s", sid)
+                self._owned.add(sid)
+                await self._adopt_unanswered(sid, options)
+                await self._answer_from_store(sid)
+                if not self.queue.has(sid):
+                    self._on_idle(sid)  # nothing left to run: let the lease go
+            except ThreadlineError as exc:
+                log.warning("watchdog could not check session %s: %s", sid, exc)
+
+    async def _claim_lease(self, sid: UUID) -> Any:
+        return await self._call(
+            self._claim,
+            [keys.lease(sid), keys.dirty(sid)],
+            [self.node, self._ttl_ms, self._dirty_ttl_ms],
+        )
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -522,6 +526,12 @@ class RedisCoordinator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
 
     def metrics(self) -> dict[str, Any]:
         return {
