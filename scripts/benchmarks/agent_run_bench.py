@@ -338,6 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers", default=",".join(SERVERS), help=f"comma-separated, from {', '.join(SERVERS)}"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure every server this many times, interleaved; report the median run",
+    )
     parser.add_argument("--pool-max-size", type=int, default=20)
     parser.add_argument(
         "--threadline-env",
@@ -415,6 +421,18 @@ def run_profiles(bench: Bench, skipped: dict[str, str], failures: dict[str, str]
     return profiles
 
 
+def median_run(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput, carrying every run's throughput and error count.
+
+    Repeats interleave the servers, so each one meets the same share of whatever else the
+    machine is doing; the median run is the one least moved by it.
+    """
+    chosen = dict(sorted(done, key=lambda r: r["rps"])[len(done) // 2])
+    chosen["rps_all_runs"] = [r["rps"] for r in done]
+    chosen["errors_all_runs"] = sum(r["errors"] for r in done)
+    return chosen
+
+
 def plan(args: argparse.Namespace) -> list[Scenario]:
     scenarios = []
     if "main" in args.scenarios:
@@ -452,26 +470,31 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(parents=True, exist_ok=True)
         bench = Bench(args, postgres, procs, logs)
         stack.callback(procs.stop_all)
-        for scenario in scenarios:
-            names = [n for n in args.servers if n not in skipped]
-            if scenario.burst > 1:
-                names = [n for n in names if n in BURST_SERVERS]
-            for name in names:
-                label = f"{scenario.name}/{name}"
-                print(f"[{time.monotonic() - started:5.0f}s] {label} ...", file=sys.stderr)
-                try:
-                    result = bench.run_server(name, scenario)
-                except (RuntimeError, OSError) as exc:
-                    failures[label] = str(exc)
-                    print(f"  failed: {exc}", file=sys.stderr)
-                    continue
-                results[scenario.name][name] = result
-                print(
-                    f"  {result['rps']} req/s, mean {result['mean_ms']} ms, "
-                    f"p99 {result['p99_ms']} ms, {result['errors']} errors, "
-                    f"loop lag max {result['loop_lag_max_ms']} ms",
-                    file=sys.stderr,
-                )
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for repeat in range(args.repeat):
+            for scenario in scenarios:
+                names = [n for n in args.servers if n not in skipped]
+                if scenario.burst > 1:
+                    names = [n for n in names if n in BURST_SERVERS]
+                for name in names:
+                    label = f"{scenario.name}/{name}"
+                    elapsed = time.monotonic() - started
+                    print(f"[{elapsed:5.0f}s] {label} (run {repeat + 1})", file=sys.stderr)
+                    try:
+                        result = bench.run_server(name, scenario)
+                    except (RuntimeError, OSError) as exc:
+                        failures[f"{label} (run {repeat + 1})"] = str(exc)
+                        print(f"  failed: {exc}", file=sys.stderr)
+                        continue
+                    runs.setdefault((scenario.name, name), []).append(result)
+                    print(
+                        f"  {result['rps']} req/s, mean {result['mean_ms']} ms, "
+                        f"p99 {result['p99_ms']} ms, {result['errors']} errors, "
+                        f"loop lag max {result['loop_lag_max_ms']} ms",
+                        file=sys.stderr,
+                    )
+        for (scenario_name, name), done in runs.items():
+            results[scenario_name][name] = median_run(done)
         if args.profile:
             profiles = run_profiles(bench, skipped, failures)
 
@@ -496,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "repeat": args.repeat,
         "burst": args.burst,
         "model_delay_ms": args.model_delay_ms,
         "db_latency_ms": args.db_latency_ms,

@@ -124,6 +124,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _rps(result: dict[str, Any]) -> str:
+    """Throughput of the reported run, with the range over repeats when there were some."""
+    runs = result.get("rps_all_runs") or []
+    if len(runs) < 2:
+        return _fmt(result["rps"])
+    return f"{_fmt(result['rps'])} ({_fmt(min(runs))}-{_fmt(max(runs))})"
+
+
 def markdown(scenario: Scenario, results: dict[str, Any], skipped: dict[str, str]) -> str:
     burst = scenario.burst > 1
     head = [
@@ -147,7 +155,7 @@ def markdown(scenario: Scenario, results: dict[str, Any], skipped: dict[str, str
         parts = ("server", "postgres", "proxy", "client")
         row = [
             f"`{name}`",
-            _fmt(r["rps"]),
+            _rps(r),
             _fmt(r["mean_ms"]),
             _fmt(r["p50_ms"]),
             _fmt(r["p95_ms"]),
@@ -197,7 +205,11 @@ def evaluate(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for n, r in results.items()
         if n.startswith("threadline")
     ]
-    failed = [f"{label}: {r['errors']} {r['error_kinds']}" for label, r in runs if r["errors"]]
+    failed = [
+        f"{label}: {r.get('errors_all_runs', r['errors'])} ({r['error_kinds']} in the median run)"
+        for label, r in runs
+        if r.get("errors_all_runs", r["errors"])
+    ]
     name = "zero errors (threadline, every scenario)"
     target(name, not failed if runs else None, "; ".join(failed) or f"0 in {len(runs)} runs")
     name = "event-loop lag max under 50 ms (threadline)"
