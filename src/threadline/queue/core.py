@@ -25,7 +25,8 @@ calls in flight.
 
 Fast path: when a message reaches an idle session with no debounce window and a free slot, the
 queue hands ``accept`` a run id so the store can insert the message *and* open the run in one
-write; the run then starts with that prepared turn.
+write; the run then starts with that prepared turn (once no other insert of the session is in
+flight: a run never starts covering a message whose ``accept`` has not returned).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class _Session:
     waiters: list[_Waiter] = field(default_factory=list)  # unanswered, in seq order
     reserved: int = 0  # admitted, their insert still in flight
     starting: bool = False  # fast path: the insert that opens a run is in flight
+    prepared: Job | None = None  # fast path: the opened run, waiting for other inserts
     job: Job | None = None
     task: asyncio.Task[Outcome] | None = None
     queued: bool = False  # waiting for a concurrency slot
@@ -303,7 +305,10 @@ class TurnQueue:
             if fast_run_id is not None:
                 state.starting = False
                 self._release_slot()
-            self._settle(state)
+            # Messages stored meanwhile may have waited for this insert (``_start_prepared``,
+            # ``_schedule``); give them their run. Settles the session if nothing is left.
+            self._start_prepared(state)
+            self._schedule(state)
             raise
         state.reserved -= 1
         waiter = _Waiter(
@@ -316,12 +321,20 @@ class TurnQueue:
         )
         self._insert_waiter(state, waiter)
         if fast_run_id is not None:
-            state.starting = False
-            job = Job(state.id, fast_run_id, accepted.seq, accepted.prepared, options)
-            self._start(state, job)
+            state.prepared = Job(state.id, fast_run_id, accepted.seq, accepted.prepared, options)
         else:
             self._on_arrival(state, waiter)
+        self._start_prepared(state)
         return await waiter.future
+
+    def _start_prepared(self, state: _Session) -> None:
+        # An insert that overtook the fast one may hold a seq the opened run covers: starting
+        # before it came back would answer a message whose caller is not waiting yet, and
+        # that caller would then get a run with nothing left to answer.
+        if state.prepared is not None and not state.reserved:
+            job, state.prepared = state.prepared, None
+            state.starting = False
+            self._start(state, job)
 
     @staticmethod
     def _insert_waiter(state: _Session, waiter: _Waiter) -> None:
@@ -346,6 +359,8 @@ class TurnQueue:
     def _may_supersede(self, state: _Session, job: Job) -> bool:
         if job.committing or job.cancel_reason is not None:
             return False
+        if state.task is not None and state.task.done():
+            return False  # the runner has returned; only its done callback is pending
         covered = [w for w in state.waiters if w.seq <= job.upto_seq]
         if not covered:
             return True
@@ -362,6 +377,10 @@ class TurnQueue:
             return
         if not state.waiters:
             self._settle(state)
+            return
+        if state.reserved:
+            # An insert in flight may already hold a seq below the next run's upto_seq (see
+            # ``_start_prepared``). Its arrival, or its failure, schedules again.
             return
         if self._merge_window > 0:
             oldest = state.waiters[0].arrived_at
