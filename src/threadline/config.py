@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     # only a loop stalled for 4 s loses its leases.
     lease_ttl_ms: int = Field(default=6_000, ge=500)
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    redis_max_connections: int = Field(default=64, ge=2)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -132,6 +132,7 @@ class TurnRunner:
                     options.history_limit,
                     job.upto_seq,
                 )
+                job.opening = True
                 turn = await self._store.start_run(job.session_id, start)
             if turn is None:
                 error = Fenced("these messages were answered by another run", job.run_id)

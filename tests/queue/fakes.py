@@ -150,6 +150,9 @@ class RunRecord:
     action: Literal["reply", "error", "raise"] = "reply"
     state: RunState = "running"
     model_called: bool = False  # False when cancelled before it got past its first step
+    # With ``FakeRunner(hold_open=True)`` the runner waits here, started but before asking
+    # the store to open its run (as the real runner does while it loads the agent).
+    may_open: asyncio.Event = field(default_factory=asyncio.Event)
     ended_at: int | None = None
     outcome: Outcome | None = None
 
@@ -178,9 +181,10 @@ class FakeRunner:
     ``auto=True`` answers every job at once (for volume tests).
     """
 
-    def __init__(self, store: FakeStore, *, auto: bool = False) -> None:
+    def __init__(self, store: FakeStore, *, auto: bool = False, hold_open: bool = False) -> None:
         self.store = store
         self.auto = auto
+        self.hold_open = hold_open
         self.runs: list[RunRecord] = []
         self.changed = Signal()
         self.in_flight: dict[UUID, int] = {}
@@ -223,6 +227,9 @@ class FakeRunner:
         job = record.job
         if job.cancel_reason is not None:
             raise asyncio.CancelledError
+        if self.hold_open:
+            await record.may_open.wait()
+        job.opening = True
         record.model_called = True
         await record.model.wait()
         if record.action == "raise":

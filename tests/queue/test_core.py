@@ -51,7 +51,8 @@ async def make_queue(store: FakeStore, runner: FakeRunner) -> AsyncIterator[Make
     queues: list[TurnQueue] = []
 
     def make(**options: Any) -> TurnQueue:
-        queue = TurnQueue(runner, **options)
+        options.setdefault("runner", runner)
+        queue = TurnQueue(**options)
         queues.append(queue)
         return queue
 
@@ -927,3 +928,27 @@ async def test_aclose_during_fast_path_insert_never_calls_the_model(
         await caller
     assert [(r.job.cancel_reason, r.model_called) for r in runner.runs] == [("shutdown", False)]
     assert queue.session_count == 0
+
+
+async def test_a_run_superseded_before_it_opened_hands_its_id_to_the_next(
+    store: FakeStore, make_queue: MakeQueue
+) -> None:
+    # Run 2 is cancelled while it is still loading, before the store has a row for it. The
+    # next run takes over its id, so run 1's ``superseded_by`` names a run that exists.
+    runner = FakeRunner(store, hold_open=True)
+    queue = make_queue(runner=runner)
+    first = submit(queue, store, A)
+    run1 = await runner.started(1)
+    run1.may_open.set()
+    second = submit(queue, store, A)
+    run2 = await runner.started(2)
+    third = submit(queue, store, A)
+    run3 = await runner.started(3)
+    run3.may_open.set()
+    run3.reply()
+    answers = [await first, await second, await third]
+
+    assert run2.state == "cancelled"
+    assert not run2.job.opening
+    assert run1.job.superseded_by == run2.job.run_id == run3.job.run_id
+    assert {a.outcome.run_id for a in answers} == {run3.job.run_id}

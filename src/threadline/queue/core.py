@@ -71,6 +71,10 @@ class Job:
     # Set by the runner right before its commit write: past this point a cancel could leave
     # the caller unsure whether the reply landed, so the queue no longer cancels.
     committing: bool = False
+    # Set by the runner before it asks the store to open the run. A superseded job that never
+    # got that far has no row, so the next run takes over its id: the run it superseded
+    # then names, in ``superseded_by``, a run that exists.
+    opening: bool = False
     cancel_reason: CancelReason | None = None
     superseded_by: UUID | None = None
 
@@ -457,6 +461,8 @@ class TurnQueue:
             if job.cancel_reason != "superseded":
                 covered = [w for w in state.waiters if w.seq <= job.upto_seq]
                 self._fail_waiters(state, covered, ShuttingDown("server shut down mid-run"))
+            elif not job.opening and job.prepared is None:
+                state.next_run_id = job.run_id
         elif (exc := task.exception()) is not None:
             error = exc if isinstance(exc, RunFailed) else RunFailed(repr(exc), job.run_id)
             outcome = Outcome(job.run_id, (), error=error)

@@ -41,7 +41,7 @@ from uuid import UUID
 
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
 from redis import __version__ as redis_version
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -183,8 +183,13 @@ class RedisCoordinator:
         cls, settings: Settings, store: Store, registry: AgentRegistry
     ) -> RedisCoordinator:
         assert settings.redis_url is not None
-        redis = Redis.from_url(
+        # A bounded pool: a burst of requests queues for a connection (up to REDIS_TIMEOUT_S)
+        # instead of opening one connection per request, which under load costs more than the
+        # commands themselves and can push a connect past its timeout.
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             # One retry, no backoff: a caller must hear 503 within about REDIS_TIMEOUT_S,
@@ -195,6 +200,7 @@ class RedisCoordinator:
             # blocking call on the event loop, on every new connection.
             driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
         )
+        redis = Redis.from_pool(pool)
         self = cls(redis, store, registry, settings)
         try:
             await redis.ping()
