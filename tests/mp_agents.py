@@ -18,22 +18,14 @@ import asyncio
 import json
 import re
 
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from threadline.agents import AgentSpec
+from threadline.agents.echo import last_prompt
 
 PART = re.compile(r"part (\d+)/(\d+) of (\S+)")
 GATE = re.compile(r"^gate (\d+)$", re.MULTILINE)
-
-
-def last_prompt(messages: list[ModelMessage]) -> str:
-    for message in reversed(messages):
-        if isinstance(message, ModelRequest):
-            for part in reversed(message.parts):
-                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                    return part.content
-    return ""
 
 
 def burst_complete(prompt: str) -> bool:

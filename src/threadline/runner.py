@@ -69,6 +69,30 @@ class TurnResult:
     tool_outputs: list[dict[str, Any]]
     usage: dict[str, Any]
 
+    @classmethod
+    def build(
+        cls, text: str, reply_id: UUID, messages: list[ModelMessage], usage: dict[str, Any]
+    ) -> TurnResult:
+        """The caller-facing result of a reply, from the model messages the run produced."""
+        calls, returns = _tool_parts(messages)
+        return cls(
+            text,
+            reply_id,
+            [
+                {"tool_name": c.tool_name, "args": c.args_as_dict(), "tool_call_id": c.tool_call_id}
+                for c in calls
+            ],
+            [
+                {
+                    "tool_name": r.tool_name,
+                    "content": r.model_response_str(),
+                    "tool_call_id": r.tool_call_id,
+                }
+                for r in returns
+            ],
+            usage,
+        )
+
 
 def to_model_messages(rows: list[Message]) -> list[ModelMessage]:
     """Rebuild pydantic-ai history from stored rows (user text, replies, saved tool rows)."""
@@ -151,7 +175,7 @@ class TurnRunner:
             result = agent_run.result
             assert result is not None
             new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
-            calls, returns = _tool_parts(new)
+            calls, _ = _tool_parts(new)
             text = result.output
             usage = {
                 "input_tokens": result.usage.input_tokens,
@@ -175,29 +199,7 @@ class TurnRunner:
                 error = Fenced("another runner took over this session", job.run_id)
                 return Outcome(job.run_id, (), error=error)
             return Outcome(
-                job.run_id,
-                turn.run.message_ids,
-                TurnResult(
-                    text,
-                    stored.id,
-                    [
-                        {
-                            "tool_name": c.tool_name,
-                            "args": c.args_as_dict(),
-                            "tool_call_id": c.tool_call_id,
-                        }
-                        for c in calls
-                    ],
-                    [
-                        {
-                            "tool_name": r.tool_name,
-                            "content": r.model_response_str(),
-                            "tool_call_id": r.tool_call_id,
-                        }
-                        for r in returns
-                    ],
-                    usage,
-                ),
+                job.run_id, turn.run.message_ids, TurnResult.build(text, stored.id, new, usage)
             )
         except asyncio.CancelledError:
             if not job.committing:

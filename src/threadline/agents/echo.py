@@ -36,7 +36,8 @@ class ModelCallStats:
     cancelled: int = 0
 
 
-def _last_prompt(messages: list[ModelMessage]) -> str:
+def last_prompt(messages: list[ModelMessage]) -> str:
+    """The text of the newest user prompt the model was given."""
     for message in reversed(messages):
         if isinstance(message, ModelRequest):
             for part in reversed(message.parts):
@@ -67,7 +68,7 @@ def echo_model(delay_s: float = 0.0, stats: ModelCallStats | None = None) -> Fun
         except asyncio.CancelledError:
             stats.cancelled += 1
             raise
-        prompt = _last_prompt(messages)
+        prompt = last_prompt(messages)
         last = messages[-1]
         returns = [p for p in last.parts if isinstance(p, ToolReturnPart)]
         stats.completed += 1

@@ -3,48 +3,78 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.queue.coordinator import TurnRequest
-from threadline.queue.core import Accepted, Answer, TurnQueue
+from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.runner import RunOptions, TurnRunner
 from threadline.store import NewMessage, RunStart, Store
+
+
+def build_queue(
+    store: Store,
+    registry: AgentRegistry,
+    settings: Settings,
+    on_idle: Callable[[UUID], None] | None = None,
+) -> TurnQueue:
+    """The turn queue both coordinators run, configured from settings."""
+    return TurnQueue(
+        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
+        max_concurrent=settings.max_concurrent_runs,
+        merge_window=settings.merge_window_ms / 1000,
+        merge_max_wait=settings.merge_max_wait_ms / 1000,
+        session_queue_max=settings.session_queue_max,
+        on_idle=on_idle,
+    )
+
+
+def user_message(request: TurnRequest) -> NewMessage:
+    return NewMessage(
+        id=uuid.uuid4(),
+        role="user",
+        content=request.content,
+        channel_payload=request.channel_payload,
+    )
+
+
+def storing(
+    store: Store,
+    request: TurnRequest,
+    model_name: str,
+    on_stored: Callable[[UUID], None] | None = None,
+) -> Accept:
+    """The queue's ``accept`` for one request: insert the message, opening the run on the
+    fast path, and tell ``on_stored`` the new message's id."""
+
+    async def accept(run_id: UUID | None) -> Accepted:
+        start = None
+        if run_id is not None:
+            start = RunStart(run_id, request.agent, model_name, request.history_limit)
+        stored, turn = await store.add_user_message(
+            request.session_id, user_message(request), start=start
+        )
+        if on_stored is not None:
+            on_stored(stored.id)
+        return Accepted(stored.id, stored.seq, turn)
+
+    return accept
 
 
 class LocalCoordinator:
     def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
         self._store = store
         self._registry = registry
-        self.queue = TurnQueue(
-            TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
-            max_concurrent=settings.max_concurrent_runs,
-            merge_window=settings.merge_window_ms / 1000,
-            merge_max_wait=settings.merge_max_wait_ms / 1000,
-            session_queue_max=settings.session_queue_max,
-        )
+        self.queue = build_queue(store, registry, settings)
 
     async def submit(self, request: TurnRequest) -> Answer:
         loaded = await self._registry.get(request.agent)
         options = RunOptions(request.agent, request.user_id, request.history_limit, request.context)
 
-        async def accept(run_id: UUID | None) -> Accepted:
-            message = NewMessage(
-                id=uuid.uuid4(),
-                role="user",
-                content=request.content,
-                channel_payload=request.channel_payload,
-            )
-            start = None
-            if run_id is not None:
-                start = RunStart(run_id, request.agent, loaded.model_name, request.history_limit)
-            stored, turn = await self._store.add_user_message(
-                request.session_id, message, start=start
-            )
-            return Accepted(stored.id, stored.seq, turn)
-
+        accept = storing(self._store, request, loaded.model_name)
         return await self.queue.submit(request.session_id, request.strategy, accept, options)
 
     async def ping(self) -> None:

@@ -39,7 +39,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 from uuid import UUID
 
-from pydantic_ai.messages import ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
+from pydantic_ai.messages import ModelMessagesTypeAdapter
 from redis import __version__ as redis_version
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -63,9 +63,10 @@ from threadline.errors import (
 )
 from threadline.queue import keys
 from threadline.queue.coordinator import TurnRequest
-from threadline.queue.core import Accepted, Answer, Outcome, Strategy, TurnQueue
-from threadline.runner import RunOptions, TurnResult, TurnRunner
-from threadline.store import Message, NewMessage, Run, RunStart, Store
+from threadline.queue.core import Answer, Outcome, Strategy
+from threadline.queue.local import build_queue, storing, user_message
+from threadline.runner import RunOptions, TurnResult
+from threadline.store import Message, Run, Store
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +124,7 @@ def _decode_answer(body: dict[str, Any]) -> Answer | ThreadlineError:
 def _stored_result(reply: Message, run: Run) -> TurnResult:
     """A committed reply read back from the store, as the run's callers received it."""
     messages = ModelMessagesTypeAdapter.validate_json(reply.payload) if reply.payload else []
-    calls = [p for m in messages for p in m.parts if isinstance(p, ToolCallPart)]
-    returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
-    return TurnResult(
-        reply.content,
-        reply.id,
-        [
-            {"tool_name": c.tool_name, "args": c.args_as_dict(), "tool_call_id": c.tool_call_id}
-            for c in calls
-        ],
-        [
-            {
-                "tool_name": r.tool_name,
-                "content": r.model_response_str(),
-                "tool_call_id": r.tool_call_id,
-            }
-            for r in returns
-        ],
-        run.usage or {},
-    )
+    return TurnResult.build(reply.content, reply.id, messages, run.usage or {})
 
 
 class RedisCoordinator:
@@ -156,14 +139,7 @@ class RedisCoordinator:
         self._ttl_ms = settings.lease_ttl_ms
         # A dirty mark must outlive any owner that could still look at it.
         self._dirty_ttl_ms = settings.lease_ttl_ms * 10
-        self.queue = TurnQueue(
-            TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
-            max_concurrent=settings.max_concurrent_runs,
-            merge_window=settings.merge_window_ms / 1000,
-            merge_max_wait=settings.merge_max_wait_ms / 1000,
-            session_queue_max=settings.session_queue_max,
-            on_idle=self._on_idle,
-        )
+        self.queue = build_queue(store, registry, settings, self._on_idle)
         self._claim = redis.register_script(keys.CLAIM)
         self._nudge = redis.register_script(keys.NUDGE)
         self._release_script = redis.register_script(keys.RELEASE)
@@ -233,19 +209,13 @@ class RedisCoordinator:
         sid = request.session_id
         ids: list[UUID] = []
 
-        async def accept(run_id: UUID | None) -> Accepted:
-            start = None
-            if run_id is not None:
-                start = RunStart(run_id, request.agent, model_name, request.history_limit)
-            stored, turn = await self._store.add_user_message(
-                sid, self._new_message(request), start=start
-            )
-            ids.append(stored.id)
+        def on_stored(message_id: UUID) -> None:
+            ids.append(message_id)
             # Should this process lose the session mid-run, the answer comes from the new
             # owner, addressed by message id.
-            self._expect(sid, stored.id, options)
-            return Accepted(stored.id, stored.seq, turn)
+            self._expect(sid, message_id, options)
 
+        accept = storing(self._store, request, model_name, on_stored)
         try:
             answer = await self.queue.submit(sid, request.strategy, accept, options)
             if isinstance(answer.outcome.error, Fenced):
@@ -262,7 +232,7 @@ class RedisCoordinator:
         backlog = await self._store.unanswered(sid)
         if len(backlog) >= self._settings.session_queue_max:
             raise QueueFull(sid, self._settings.session_queue_max)
-        stored, _ = await self._store.add_user_message(sid, self._new_message(request))
+        stored, _ = await self._store.add_user_message(sid, user_message(request))
         future = self._expect(sid, stored.id, options)
         payload = json.dumps(
             {
@@ -291,15 +261,6 @@ class RedisCoordinator:
             return await asyncio.shield(future)
         finally:
             self._forget(stored.id)
-
-    @staticmethod
-    def _new_message(request: TurnRequest) -> NewMessage:
-        return NewMessage(
-            id=uuid.uuid4(),
-            role="user",
-            content=request.content,
-            channel_payload=request.channel_payload,
-        )
 
     def _expect(self, sid: UUID, message_id: UUID, options: RunOptions) -> asyncio.Future[Answer]:
         entry = self._waiting.get(message_id)
