@@ -36,6 +36,8 @@ from threadline.store.migrations import migrate_postgres
 
 QueryLogger = Callable[[Any], object]
 
+COMMAND_TIMEOUT_S = 30.0
+
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -84,6 +86,9 @@ class PostgresStore:
                 min_size=min_size,
                 max_size=max_size,
                 timeout=connect_timeout,
+                # A database that stops answering mid-statement must surface as a 503 rather
+                # than hold the caller (and a shutdown waiting for inserts) forever.
+                command_timeout=COMMAND_TIMEOUT_S,
                 init=init,
                 reset=_keep_session,
             )
