@@ -74,7 +74,7 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"stopped by signal {signum}")
 
 
-def _python_env() -> dict[str, str]:
+def python_env() -> dict[str, str]:
     """The environment for every child: no stray THREADLINE_ settings; threadline importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
     if importlib.util.find_spec("threadline") is None:
@@ -84,7 +84,7 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-def _threadline_command() -> list[str]:
+def threadline_command() -> list[str]:
     script = Path(sys.executable).with_name("threadline")
     return [str(script)] if script.exists() else [sys.executable, "-m", "threadline"]
 
@@ -98,7 +98,7 @@ class Bench:
 
     def server_command(self, name: str, port: int, db_url: str) -> tuple[list[str], dict[str, str]]:
         args = self.args
-        env = _python_env()
+        env = python_env()
         common = ["--host", "127.0.0.1", "--port", str(port)]
         if name.startswith("threadline"):
             workers = 2 if name == "threadline_w2" else 1
@@ -112,7 +112,7 @@ class Bench:
             if workers > 1:
                 env["THREADLINE_REDIS_URL"] = args.redis_url
             env.update(args.threadline_env)
-            return [*_threadline_command(), "serve", *common, "--workers", str(workers)], env
+            return [*threadline_command(), "serve", *common, "--workers", str(workers)], env
         script = "baseline_server.py" if name == "blocking_baseline" else "ceiling_server.py"
         cmd = [
             sys.executable,
@@ -144,7 +144,7 @@ class Bench:
             "--delay-ms",
             str(scenario.db_latency_ms),
         ]
-        proc = self.procs.start(cmd, _python_env(), log)
+        proc = self.procs.start(cmd, python_env(), log)
         try:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -245,7 +245,7 @@ class Bench:
         limit = (duration or 0) + args.warmup + args.request_timeout * 2 + 60
         if requests:
             limit += requests * 0.05
-        client = self.procs.start(cmd, _python_env(), self.logs / f"{tag}-load.log")
+        client = self.procs.start(cmd, python_env(), self.logs / f"{tag}-load.log")
         try:
             if profile is not None:
                 time.sleep(args.warmup + 1)
