@@ -48,6 +48,8 @@ def make_app(database_url: str, coordinator_url: str | None) -> AppFactory:
     ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
         overrides.setdefault("database_url", database_url)
         overrides.setdefault("redis_url", coordinator_url)
+        # The test process keeps the interpreter's own GC settings.
+        overrides.setdefault("gc_tuning", False)
         settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
         app = create_app(settings, agents)
         async with app.router.lifespan_context(app):

@@ -8,6 +8,7 @@ runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -70,6 +71,20 @@ async def open_services(
         yield Services(settings, store, registry, coordinator, monitor)
 
 
+def tune_gc() -> None:
+    """Keep the garbage collector off the hot path once the app is built.
+
+    ~150,000 long-lived objects exist after start-up (FastAPI, pydantic schemas, pydantic-ai);
+    freezing them keeps every collection from walking them again, and a higher young-generation
+    threshold stops a collection every 700 allocations while each agent run allocates
+    thousands. Measured: 1.4-1.7 ms less CPU per turn and the worst loop lag from ~185 to
+    ~70 ms under saturation (docs/performance.md). Costs some memory held a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 class BodyLimit:
     """Reject request bodies over ``limit`` bytes with 413 before the route parses them."""
 
@@ -113,6 +128,8 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
             )
         async with open_services(settings, agents) as services:
             app.state.services = services
+            if settings.gc_tuning:
+                tune_gc()
             log.info(
                 "threadline %s ready: store=%s coordinator=%s model=%s",
                 __version__,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 
 import pytest
@@ -211,3 +212,17 @@ async def test_health_and_ready(make_app: AppFactory, backend: str) -> None:
         assert (await client.get("/health")).json() == {"status": "ok"}
         ready = (await client.get("/ready")).json()
         assert ready == {"status": "ready", "store": backend.split("+")[0]}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_gc_is_tuned_once_the_app_is_up(make_app: AppFactory) -> None:
+    threshold = gc.get_threshold()
+    try:
+        async with make_app(gc_tuning=True) as (client, _):
+            assert gc.get_threshold() == (20_000, 20, 20)
+            assert gc.get_freeze_count() > 0
+            ok = await client.post("/api/v1/agent/echo/run", json={"message_content": "x"})
+            assert ok.status_code == 200
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

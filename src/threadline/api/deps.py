@@ -26,7 +26,10 @@ class Services:
     monitor: LoopLagMonitor
 
 
-def get_services(request: Request) -> Services:
+# Both dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def``
+# dependency in its thread pool, two thread hops per request that cost about 1 ms of CPU
+# (docs/performance.md).
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -36,7 +39,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def require_api_key(
+async def require_api_key(
     services: ServicesDep, key: Annotated[str | None, Depends(_api_key_header)]
 ) -> None:
     expected = services.settings.api_key
