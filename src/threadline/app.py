@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
         async def metrics(services: ServicesDep, reset: bool = False) -> dict[str, Any]:
             stats = services.registry.stats
             body = {
+                "pid": os.getpid(),  # tells the workers of one `serve --workers N` apart
                 "loop_lag": services.monitor.snapshot(),
                 "model_calls": {
                     "started": stats.started,
