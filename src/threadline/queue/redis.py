@@ -35,11 +35,9 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any, TypeVar
 from uuid import UUID
 
-from pydantic_ai.messages import ModelMessagesTypeAdapter
 from redis import __version__ as redis_version
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -53,78 +51,22 @@ from threadline.config import Settings
 from threadline.errors import (
     CoordinatorUnavailable,
     Fenced,
-    ModelError,
-    ModelTimeout,
     QueueFull,
-    RunFailed,
     SessionBusy,
     ShuttingDown,
     ThreadlineError,
 )
 from threadline.queue import keys
+from threadline.queue.answers import decode_answer, encode_answer, stored_result
 from threadline.queue.coordinator import TurnRequest
 from threadline.queue.core import Answer, Outcome, Strategy
 from threadline.queue.local import build_queue, storing, user_message
-from threadline.runner import RunOptions, TurnResult
-from threadline.store import Message, Run, Store
+from threadline.runner import RunOptions
+from threadline.store import Run, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_ERRORS: dict[str, type[ThreadlineError]] = {
-    cls.code: cls for cls in (RunFailed, ModelError, ModelTimeout, Fenced, ShuttingDown)
-}
-
-
-def _encode_answer(answer: Answer | None, error: BaseException | None, message_id: UUID) -> str:
-    body: dict[str, Any] = {"message_id": str(message_id)}
-    if answer is not None:
-        outcome = answer.outcome
-        body.update(
-            run_id=str(outcome.run_id),
-            message_ids=[str(m) for m in outcome.message_ids],
-            superseded=answer.superseded,
-        )
-        if isinstance(outcome.result, TurnResult):
-            result = asdict(outcome.result)
-            result["reply_message_id"] = str(outcome.result.reply_message_id)
-            body["result"] = result
-        error = outcome.error
-    if error is not None:
-        code = error.code if isinstance(error, ThreadlineError) else RunFailed.code
-        body["error"] = {"code": code, "message": str(error)}
-    return json.dumps(body)
-
-
-def _decode_answer(body: dict[str, Any]) -> Answer | ThreadlineError:
-    message_id = UUID(body["message_id"])
-    run_id = UUID(body["run_id"]) if body.get("run_id") else None
-    error: ThreadlineError | None = None
-    if body.get("error"):
-        kind = _ERRORS.get(body["error"]["code"], RunFailed)
-        message = body["error"]["message"]
-        error = kind(message, run_id) if issubclass(kind, RunFailed) else kind(message)
-    if run_id is None:
-        return error or RunFailed("run ended without an answer")
-    result = None
-    if body.get("result"):
-        raw = body["result"]
-        raw["reply_message_id"] = UUID(raw["reply_message_id"])
-        result = TurnResult(**raw)
-    outcome = Outcome(
-        run_id,
-        tuple(UUID(m) for m in body.get("message_ids", ())),
-        result,
-        error if isinstance(error, RunFailed) else None,
-    )
-    return Answer(message_id, outcome, bool(body.get("superseded")))
-
-
-def _stored_result(reply: Message, run: Run) -> TurnResult:
-    """A committed reply read back from the store, as the run's callers received it."""
-    messages = ModelMessagesTypeAdapter.validate_json(reply.payload) if reply.payload else []
-    return TurnResult.build(reply.content, reply.id, messages, run.usage or {})
 
 
 class RedisCoordinator:
@@ -299,7 +241,7 @@ class RedisCoordinator:
             return
         error = future.exception()
         answer = None if error is not None else future.result()
-        payload = _encode_answer(answer, error, message_id)
+        payload = encode_answer(answer, error, message_id)
         self._deliver(json.loads(payload))  # a caller here needs no round-trip through Redis
         try:
             await self._redis.publish(keys.ANSWERS_CHANNEL, payload)
@@ -311,7 +253,7 @@ class RedisCoordinator:
         entry = self._waiting.get(UUID(body["message_id"]))
         if entry is None or entry[1].done():
             return
-        decoded = _decode_answer(body)
+        decoded = decode_answer(body)
         if isinstance(decoded, Answer):
             entry[1].set_result(decoded)
         else:
@@ -373,7 +315,7 @@ class RedisCoordinator:
                     continue
                 for message_id in [m for m in seen if m in run.message_ids]:
                     seen.remove(message_id)
-                    outcome = Outcome(run.id, run.message_ids, _stored_result(row, run))
+                    outcome = Outcome(run.id, run.message_ids, stored_result(row, run))
                     waiting.pop(message_id).set_result(Answer(message_id, outcome, False))
             offset += len(page)
             if not page or offset >= total:
