@@ -14,6 +14,7 @@ import pytest
 
 from tests.multiprocess.conftest import (
     SEPARATOR,
+    Gate,
     MakeSession,
     describe,
     history,
@@ -91,3 +92,49 @@ async def test_a_killed_owner_is_taken_over_and_nothing_is_lost_or_answered_twic
     assert len([r for r in others if r["status"] == "running"]) <= 1, describe(found)
     assert all(r["reply_message_id"] is None for r in others), describe(found)
     assert any(len(r["message_ids"]) == 2 for r in others), describe(found)
+
+
+@pytest.mark.timeout(60)
+async def test_a_session_whose_callers_all_died_with_its_owner_is_still_answered(
+    pg_dsn: str,
+    redis_dsn: str,
+    workdir: Path,
+    db: asyncpg.Pool,
+    make_session: MakeSession,
+    gate: Gate,
+) -> None:
+    # Nobody waits for this session anywhere else: only the orphan sweep of the survivor's
+    # watchdog can find it once the dead owner's lease has run out.
+    env = server_env(pg_dsn, redis_dsn, lease_ttl_ms=1000)
+    victim, survivor = await start_servers(2, env, workdir, "orphan")
+    try:
+        sid = (await make_session("gated")).id
+        text = f"only caller dies\n{gate.line()}"
+        async with httpx.AsyncClient(timeout=60) as client:
+            doomed = post(client, victim, sid, text, "gated")
+            first = await gate.next()  # the model call runs in the victim
+            await victim.child.stop(signal.SIGKILL)
+            await first.cancelled()
+            with pytest.raises(httpx.TransportError):
+                await doomed
+            retried = await gate.next()  # the survivor took the session over
+            assert retried.prompt == text
+            retried.release()
+            await wait_until(lambda: answered(db, sid), [])
+            messages = await history(client, survivor, sid)
+    finally:
+        await asyncio.gather(*(s.child.stop() for s in (victim, survivor)))
+
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", text),
+        ("assistant", f"echo: {text}"),
+    ]
+    found = await runs(db, sid)
+    assert [r["status"] for r in found].count("succeeded") == 1, describe(found)
+    assert "running" not in [r["status"] for r in found], describe(found)
+
+
+async def answered(db: asyncpg.Pool, session_id: uuid.UUID) -> bool:
+    query = "SELECT count(*) FROM messages WHERE session_id = $1 AND role = 'assistant'"
+    found: int = await db.fetchval(query, session_id)
+    return found > 0

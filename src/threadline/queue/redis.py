@@ -66,6 +66,9 @@ from threadline.store import Run, Store
 
 log = logging.getLogger(__name__)
 
+# Orphaned sessions one watchdog pass takes on at most; the next pass takes the rest.
+ORPHAN_BATCH = 20
+
 T = TypeVar("T")
 
 
@@ -87,6 +90,7 @@ class RedisCoordinator:
         self._release_script = redis.register_script(keys.RELEASE)
         self._renew = redis.register_script(keys.RENEW)
         self._drop = redis.register_script(keys.DROP)
+        self._orphans = redis.register_script(keys.ORPHANS)
         self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
         self._owned: set[UUID] = set()
         # Callers in this process waiting for an answer published by whichever process runs
@@ -193,8 +197,15 @@ class RedisCoordinator:
         try:
             owner = await self._call(
                 self._nudge,
-                [keys.lease(sid), keys.dirty(sid)],
-                [self.node, self._ttl_ms, self._dirty_ttl_ms, keys.node_channel(""), payload],
+                [keys.lease(sid), keys.dirty(sid), keys.ACTIVE],
+                [
+                    self.node,
+                    self._ttl_ms,
+                    self._dirty_ttl_ms,
+                    keys.node_channel(""),
+                    payload,
+                    str(sid),
+                ],
             )
             if owner == self.node:
                 # The owner released the session between our two calls: it is ours now.
@@ -270,7 +281,9 @@ class RedisCoordinator:
         while not self.queue.has(sid):
             try:
                 result = await self._call(
-                    self._release_script, [keys.lease(sid), keys.dirty(sid)], [self.node]
+                    self._release_script,
+                    [keys.lease(sid), keys.dirty(sid), keys.ACTIVE],
+                    [self.node, str(sid)],
                 )
             except CoordinatorUnavailable as exc:
                 # The lease expires on its own; until then, nudges still reach us.
@@ -370,7 +383,9 @@ class RedisCoordinator:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sid in owned:
                     await self._renew(
-                        keys=[keys.lease(sid)], args=[self.node, self._ttl_ms], client=pipe
+                        keys=[keys.lease(sid), keys.ACTIVE],
+                        args=[self.node, self._ttl_ms, str(sid)],
+                        client=pipe,
                     )
                 renewed = await pipe.execute()
         except RedisError as exc:
@@ -394,7 +409,33 @@ class RedisCoordinator:
                 log.warning("session %s running here is now owned by %s", sid, owner)
 
     async def _watch(self) -> None:
-        """Take over sessions whose owner died while callers here still wait on them."""
+        """Take over sessions whose owner died: those callers here wait on, then any other
+        session whose lease ran out without a release, so its unanswered messages are
+        answered even when every caller of it was connected to the dead process."""
+        await self._watch_waiting()
+        await self._adopt_orphans()
+
+    async def _adopt_orphans(self) -> None:
+        try:
+            found = await self._orphans(keys=[keys.ACTIVE], args=[ORPHAN_BATCH])
+        except RedisError as exc:
+            log.warning("watchdog could not list orphaned sessions: %s", exc)
+            return
+        for raw in found:
+            sid = UUID(raw.decode() if isinstance(raw, bytes) else raw)
+            try:
+                if await self._claim_lease(sid) != self.node:
+                    continue  # another process owns it now; its renewals keep it listed
+                self._owned.add(sid)
+                await self._adopt_unanswered(sid)
+                if self.queue.has(sid):
+                    log.info("took over orphaned session %s", sid)
+                else:
+                    self._on_idle(sid)  # nothing left to answer: release, and unlist it
+            except ThreadlineError as exc:
+                log.warning("watchdog could not take over session %s: %s", sid, exc)
+
+    async def _watch_waiting(self) -> None:
         sessions: dict[UUID, RunOptions] = {}
         for sid, future, options in list(self._waiting.values()):
             if not future.done() and sid not in self._owned:
@@ -415,8 +456,8 @@ class RedisCoordinator:
     async def _claim_lease(self, sid: UUID) -> Any:
         return await self._call(
             self._claim,
-            [keys.lease(sid), keys.dirty(sid)],
-            [self.node, self._ttl_ms, self._dirty_ttl_ms],
+            [keys.lease(sid), keys.dirty(sid), keys.ACTIVE],
+            [self.node, self._ttl_ms, self._dirty_ttl_ms, str(sid)],
         )
 
     # -- plumbing ----------------------------------------------------------------------
@@ -465,7 +506,9 @@ class RedisCoordinator:
             # process can take them over at once.
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sid in self._owned:
-                    await self._drop(keys=[keys.lease(sid)], args=[self.node], client=pipe)
+                    await self._drop(
+                        keys=[keys.lease(sid), keys.ACTIVE], args=[self.node, str(sid)], client=pipe
+                    )
                 await pipe.execute()
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
