@@ -94,6 +94,8 @@ def create_app(database_url: str, *, delay_s: float, pool_size: int = 4) -> Fast
             with pool.connection() as conn:
                 conn.execute(SCHEMA)
             pools.append(pool)
+            # No gc tuning here (unlike threadline and the ceilings): the baseline stays the
+            # server as commonly written; docs/performance.md says what that means for it.
             async with monitor.running():
                 yield
         finally:

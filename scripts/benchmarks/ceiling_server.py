@@ -9,7 +9,8 @@ what this machine can do with the same agent framework, so threadline's throughp
 against it. ``--no-framework`` calls the echo model's function directly instead of running the
 agent: the difference between the two ceilings is what pydantic-ai's ``Agent.run`` costs.
 
-Both expose /health and /debug/metrics (event-loop lag, model calls) like threadline.
+Both expose /health and /debug/metrics (event-loop lag, model calls) like threadline, and
+both tune the garbage collector after start-up as threadline does (``reference.tune_gc``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from reference import (
     new_ids,
     split_turn,
     to_model_messages,
+    tune_gc,
 )
 
 from threadline.agents.echo import ModelCallStats, echo_model
@@ -80,6 +82,7 @@ def create_app(
         try:
             await pool.execute(SCHEMA)
             pools.append(pool)
+            tune_gc()  # as threadline's lifespan does by default (THREADLINE_GC_TUNING)
             async with monitor.running():
                 yield
         finally:
