@@ -26,14 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from agent_run_bench import DEFAULT_DATABASE_URL, HERE, python_env, threadline_command
-from services import Postgres, Processes, free_port, with_database
+from services import Postgres, Processes, free_port, wait_healthy, with_database
 
 
 def _variant(text: str) -> tuple[str, str, dict[str, str]]:
@@ -43,21 +40,6 @@ def _variant(text: str) -> tuple[str, str, dict[str, str]]:
     src, _, settings = rest.partition(":")
     env = dict(item.split("=", 1) for item in settings.split(",") if item)
     return name, src, env
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server {base} exited with {proc.returncode}")
-        with (
-            contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(f"{base}/health", timeout=2) as response,
-        ):
-            if response.status == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server {base} not healthy after {timeout:g}s")
 
 
 def main() -> int:
@@ -120,7 +102,7 @@ def main() -> int:
             proc = procs.start(cmd, python_env(), logs / "ceiling.log")
             servers["ceiling"] = (proc, f"http://127.0.0.1:{port}")
         for proc, base in servers.values():
-            _wait_healthy(base, proc)
+            wait_healthy(base, proc, 60.0)
 
         for rep in range(args.reps):
             for name, (proc, base) in servers.items():

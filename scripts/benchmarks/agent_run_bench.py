@@ -39,8 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +54,9 @@ from services import (
     check_redis,
     flush_redis,
     free_port,
+    tail,
     upstream_address,
+    wait_healthy,
     with_database,
 )
 
@@ -160,20 +160,6 @@ class Bench:
         finally:
             self.procs.stop(proc)
 
-    def wait_healthy(self, proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
-        deadline = time.monotonic() + self.args.startup_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{base}/health", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"server not healthy after {self.args.startup_timeout}s:\n{_tail(log)}")
-
     def run_server(
         self, name: str, scenario: Scenario, profile: Path | None = None
     ) -> dict[str, Any]:
@@ -194,7 +180,7 @@ class Bench:
             log = self.logs / f"{tag}.log"
             server = self.procs.start(cmd, env, log)
             try:
-                self.wait_healthy(server, base, log)
+                wait_healthy(base, server, self.args.startup_timeout, log)
                 raw = self.load(base, scenario, tag, server.pid, proxy_pid, profile)
             finally:
                 self.procs.stop(server)
@@ -256,7 +242,7 @@ class Bench:
         finally:
             self.procs.stop(client)
         if client.returncode != 0 or not out.exists():
-            raise RuntimeError(f"load client failed:\n{_tail(self.logs / f'{tag}-load.log')}")
+            raise RuntimeError(f"load client failed:\n{tail(self.logs / f'{tag}-load.log')}")
         raw: dict[str, Any] = json.loads(out.read_text())
         return raw
 
@@ -284,13 +270,6 @@ class Bench:
             raise RuntimeError("py-spy did not finish") from None
         finally:
             self.procs.stop(spy)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def machine() -> dict[str, Any]:

@@ -14,6 +14,8 @@ import socket
 import statistics
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,6 +54,35 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(list(self._running)):
             self.stop(proc, grace=5.0)
+
+
+def wait_healthy(
+    base: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None
+) -> None:
+    """Poll ``base``/health until it answers 200; fail early if the server exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {base} exited with {proc.returncode}{_log_tail(log)}")
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(f"{base}/health", timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server {base} not healthy after {timeout:g}s{_log_tail(log)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _log_tail(log: Path | None) -> str:
+    return f":\n{tail(log)}" if log is not None else ""
 
 
 def free_port() -> int:
