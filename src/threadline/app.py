@@ -25,7 +25,6 @@ from threadline.api.deps import Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, error_response
 from threadline.api.routes import router
 from threadline.config import Settings, load_settings
-from threadline.errors import Unavailable
 from threadline.monitor import LoopLagMonitor
 from threadline.queue.coordinator import Coordinator
 from threadline.queue.local import LocalCoordinator
@@ -176,6 +175,3 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
             return body
 
     return app
-
-
-__all__ = ["Unavailable", "create_app", "open_services"]
