@@ -165,10 +165,10 @@ class Postgres:
 
 def check_redis(url: str) -> str | None:
     if (
-        importlib.util.find_spec("threadline.queue.redis") is None
+        importlib.util.find_spec("threadline.coordination.redis") is None
         and not (REPO / "src" / "threadline" / "queue" / "redis.py").exists()
     ):
-        return "threadline has no Redis coordinator yet (threadline.queue.redis is missing)"
+        return "threadline has no Redis coordinator yet (threadline.coordination.redis is missing)"
     try:
         import redis
     except ImportError:

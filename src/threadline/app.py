@@ -25,9 +25,9 @@ from threadline.api.deps import Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, error_response
 from threadline.api.routes import router
 from threadline.config import Settings, load_settings
+from threadline.coordination import Coordinator
+from threadline.coordination.local import LocalCoordinator
 from threadline.monitor import LoopLagMonitor
-from threadline.queue.coordinator import Coordinator
-from threadline.queue.local import LocalCoordinator
 from threadline.store import Store, open_store
 
 log = logging.getLogger("threadline")
@@ -39,7 +39,7 @@ async def open_coordinator(
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
     if settings.redis_url:
-        from threadline.queue.redis import RedisCoordinator
+        from threadline.coordination.redis import RedisCoordinator
 
         coordinator = await RedisCoordinator.connect(settings, store, registry)
     else:

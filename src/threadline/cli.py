@@ -48,8 +48,7 @@ async def _migrate(settings: Settings) -> None:
 
 async def _run_once(settings: Settings, agent: str, message: str, session: str | None) -> int:
     from threadline.app import open_services
-    from threadline.queue.coordinator import TurnRequest
-    from threadline.runner import TurnResult
+    from threadline.coordination import TurnRequest
 
     async with open_services(settings) as services:
         services.registry.spec(agent)
@@ -68,7 +67,8 @@ async def _run_once(settings: Settings, agent: str, message: str, session: str |
         )
         if answer.outcome.error is not None:
             raise answer.outcome.error
-        result: TurnResult = answer.outcome.result
+        result = answer.outcome.result
+        assert result is not None
         print(result.message)
     return 0
 

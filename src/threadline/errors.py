@@ -12,11 +12,19 @@ ThreadlineError
 ├── Unavailable            503: a dependency is down or we are shutting down
 │   ├── StoreUnavailable
 │   ├── CoordinatorUnavailable
-│   └── ShuttingDown
-└── RunFailed              the run that was to answer the caller failed
+│   ├── ShuttingDown
+│   └── AnswerPending      the message is stored, its answer could not be had here
+└── RunFailed              502: the run that was to answer the caller failed
     ├── ModelError         502: the model provider failed
     ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
-    └── Fenced             the run lost its claim on the session; another runner answers
+    ├── ToolError          502: a tool of the agent raised; the run stopped
+    └── Handoff            the run did not answer here: look for the answer elsewhere
+        ├── AnsweredElsewhere  another run had already answered these messages
+        └── FencedOut          a newer run (another owner) took the session over mid-run
+
+A ``Handoff`` never reaches a client: the coordinator resolves it into the answer of the run
+that did answer (``Mailbox``/``Store.answer_for``). A run that fails for a store error reports
+``StoreUnavailable`` (503) and a session deleted mid-run reports ``SessionNotFound`` (404).
 """
 
 from __future__ import annotations
@@ -88,6 +96,10 @@ class ShuttingDown(Unavailable):
     code = "shutting_down"
 
 
+class AnswerPending(Unavailable):
+    code = "answer_pending"
+
+
 class RunFailed(ThreadlineError):
     code = "run_failed"
 
@@ -104,5 +116,21 @@ class ModelTimeout(RunFailed):
     code = "model_timeout"
 
 
-class Fenced(RunFailed):
-    code = "fenced"
+class ToolError(RunFailed):
+    code = "tool_error"
+
+    def __init__(self, message: str, run_id: UUID | None = None, *, tool: str = "") -> None:
+        super().__init__(message, run_id)
+        self.tool = tool
+
+
+class Handoff(RunFailed):
+    code = "answer_elsewhere"
+
+
+class AnsweredElsewhere(Handoff):
+    code = "answered_elsewhere"
+
+
+class FencedOut(Handoff):
+    code = "fenced_out"

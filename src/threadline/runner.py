@@ -2,27 +2,35 @@
 
 Steps, each with its failure mode:
 
-1. open the run (skipped on the fast path, where the insert already did it);
+1. open the run (skipped on the fast path, where the insert already did it). Nothing to open
+   means another run answered the messages (``AnsweredElsewhere``) or the session is gone;
 2. run the agent on the history window, the prompt being every message of the run joined by
    ``"\\n---\\n"``; bounded by ``MODEL_TIMEOUT_S``;
-3. commit: one fenced write stores the reply and finishes the run. Shielded: once started it
-   completes even if the queue or a shutdown cancels us, so a caller is never unsure whether
-   its reply landed.
+3. commit: one fenced write stores the reply and finishes the run. Once started it completes
+   even if the queue or a shutdown cancels us, and its result is the callers' answer, so a
+   caller is never told "shut down" about a reply that landed. A fenced-out commit means a
+   newer run owns the session (``FencedOut``) or the session was deleted.
 
-A cancel from the queue (superseded, shutdown) aborts the model call (pydantic-ai closes the
-provider request) and saves the tool calls the run already executed, so the next run's model
-knows what was done. Model errors and timeouts finish the run as ``failed`` and come back as
-an ``Outcome`` with an error for every caller; the messages stay unanswered.
+Every run ends in one status (docs/architecture.md, "Failure semantics"):
+
+* ``succeeded``: committed.
+* ``failed``: model error, timeout, tool exception, store error, or a bug. The tool calls it
+  completed are kept in history, its messages are answered by failure (never prompted again,
+  so a poison message cannot break the session's next one) and its callers get the error's
+  stable code with a message safe to show a user; the details go to the log with session and
+  run ids. When the store refuses to record the failure, the callers are answered at once and
+  the runner retries the record until the store is back.
+* ``superseded`` / ``cancelled``: the queue cancelled us (a merge, a shutdown); completed tool
+  calls are kept and the messages stay unanswered for the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from pydantic_ai import Agent
@@ -38,60 +46,51 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 from pydantic_ai.run import AgentRun
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from threadline.agents import AgentRegistry, RunDeps
-from threadline.errors import Fenced, ModelError, ModelTimeout, RunFailed
-from threadline.queue.core import Job, Outcome
-from threadline.store import Message, NewMessage, Reply, RunStart, Store
+from threadline.agents.tool_errors import TOOL_ERRORS
+from threadline.errors import (
+    AnsweredElsewhere,
+    FencedOut,
+    ModelError,
+    ModelTimeout,
+    RunFailed,
+    SessionNotFound,
+    StoreUnavailable,
+    ThreadlineError,
+    ToolError,
+)
+from threadline.queue.job import Job, Outcome, TurnResult
+from threadline.store import Message, NewMessage, Reply, Run, RunError, RunStart, Store, Turn
 
 log = logging.getLogger(__name__)
 
 PROMPT_SEPARATOR = "\n---\n"
 
 
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    """What the newest caller of a run asked for; travels through the queue as ``Job.options``."""
-
-    agent: str
-    user_id: str | None
-    history_limit: int
-    context: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class TurnResult:
-    """A committed reply, as every caller of the run receives it."""
-
-    message: str
-    reply_message_id: UUID
-    tool_calls: list[dict[str, Any]]
-    tool_outputs: list[dict[str, Any]]
-    usage: dict[str, Any]
-
-    @classmethod
-    def build(
-        cls, text: str, reply_id: UUID, messages: list[ModelMessage], usage: dict[str, Any]
-    ) -> TurnResult:
-        """The caller-facing result of a reply, from the model messages the run produced."""
-        calls, returns = _tool_parts(messages)
-        return cls(
-            text,
-            reply_id,
-            [
-                {"tool_name": c.tool_name, "args": c.args_as_dict(), "tool_call_id": c.tool_call_id}
-                for c in calls
-            ],
-            [
-                {
-                    "tool_name": r.tool_name,
-                    "content": r.model_response_str(),
-                    "tool_call_id": r.tool_call_id,
-                }
-                for r in returns
-            ],
-            usage,
-        )
+def turn_result(
+    text: str, reply_id: UUID, messages: list[ModelMessage], usage: dict[str, Any]
+) -> TurnResult:
+    """The caller-facing result of a reply, from the model messages the run produced."""
+    calls, returns = _tool_parts(messages)
+    return TurnResult(
+        text,
+        reply_id,
+        [
+            {"tool_name": c.tool_name, "args": c.args_as_dict(), "tool_call_id": c.tool_call_id}
+            for c in calls
+        ],
+        [
+            {
+                "tool_name": r.tool_name,
+                "content": r.model_response_str(),
+                "tool_call_id": r.tool_call_id,
+            }
+            for r in returns
+        ],
+        usage,
+    )
 
 
 def to_model_messages(rows: list[Message]) -> list[ModelMessage]:
@@ -113,24 +112,43 @@ def _tool_parts(messages: list[ModelMessage]) -> tuple[list[ToolCallPart], list[
     return calls, returns
 
 
-def _side_effects(run_id: UUID, messages: list[ModelMessage]) -> list[NewMessage]:
-    """The tool calls a cancelled run completed, as one tool row for the next run's history."""
+def _side_effects(run_id: UUID, messages: list[ModelMessage], ending: str) -> list[NewMessage]:
+    """The tool calls a run completed before it ended without a reply, as one tool row.
+
+    ``messages`` must be the run's *own* messages: the history it was given holds earlier
+    runs' tool calls, which are stored already.
+    """
     calls, returns = _tool_parts(messages)
     done = {r.tool_call_id for r in returns}
     calls = [c for c in calls if c.tool_call_id in done]
     if not calls:
         return []
+    returns = [r for r in returns if r.tool_call_id in {c.tool_call_id for c in calls}]
     saved: list[ModelMessage] = [ModelResponse(parts=calls), ModelRequest(parts=returns)]
     summary = "; ".join(f"{r.tool_name} -> {r.model_response_str()}" for r in returns)
     return [
         NewMessage(
             id=uuid.uuid4(),
             role="tool",
-            content=f"tool calls completed before this run was superseded: {summary}",
+            content=f"tool calls completed before this run {ending}: {summary}",
             run_id=run_id,
             payload=ModelMessagesTypeAdapter.dump_json(saved),
         )
     ]
+
+
+def _own_messages(agent_run: AgentRun[RunDeps, str] | None) -> list[ModelMessage]:
+    """What the run itself produced: without the history it was given and without our prompt."""
+    return agent_run.new_messages()[1:] if agent_run is not None else []
+
+
+# Recording a failure the store refused: retried until the store answers (or a shutdown
+# cancels us), at most every 5 s. The callers were answered already.
+_RECORD_RETRY = {
+    "retry": retry_if_exception_type(StoreUnavailable),
+    "wait": wait_exponential_jitter(initial=0.2, max=5.0),
+    "reraise": True,
+}
 
 
 class TurnRunner:
@@ -141,13 +159,15 @@ class TurnRunner:
 
     async def __call__(self, job: Job) -> Outcome:
         job.started = True
-        options: RunOptions = job.options
+        options = job.options
+        assert options is not None, "every job carries its callers' run options"
         agent_run: AgentRun[RunDeps, str] | None = None
+        turn: Turn | None = job.prepared
+        error: ThreadlineError
         try:
             if job.cancel_reason is not None:
                 raise asyncio.CancelledError
             loaded = await self._registry.get(options.agent)
-            turn = job.prepared
             if turn is None:
                 start = RunStart(
                     job.run_id,
@@ -159,7 +179,9 @@ class TurnRunner:
                 job.opening = True
                 turn = await self._store.start_run(job.session_id, start)
             if turn is None:
-                error = Fenced("these messages were answered by another run", job.run_id)
+                error = await self._gone_or(
+                    job, AnsweredElsewhere("these messages were answered by another run")
+                )
                 return Outcome(job.run_id, (), error=error)
             prompt = PROMPT_SEPARATOR.join(m.content for m in turn.prompt)
             deps = RunDeps(job.session_id, job.run_id, options.user_id, options.context)
@@ -167,7 +189,10 @@ class TurnRunner:
             async with (
                 asyncio.timeout(self._timeout),
                 agent.iter(
-                    prompt, message_history=to_model_messages(turn.history), deps=deps
+                    prompt,
+                    message_history=to_model_messages(turn.history),
+                    deps=deps,
+                    capabilities=[TOOL_ERRORS],
                 ) as agent_run,
             ):
                 async for _ in agent_run:
@@ -176,7 +201,6 @@ class TurnRunner:
             assert result is not None
             new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
             calls, _ = _tool_parts(new)
-            text = result.output
             usage = {
                 "input_tokens": result.usage.input_tokens,
                 "output_tokens": result.usage.output_tokens,
@@ -186,50 +210,146 @@ class TurnRunner:
             reply = NewMessage(
                 id=uuid.uuid4(),
                 role="assistant",
-                content=text,
+                content=result.output,
                 run_id=job.run_id,
                 # Plain text replies rebuild from ``content``; only tool traffic needs the payload.
                 payload=ModelMessagesTypeAdapter.dump_json(new) if calls else None,
             )
             job.committing = True
-            stored = await asyncio.shield(
-                self._store.commit_run(job.session_id, job.run_id, Reply(reply, usage))
-            )
+            stored = await self._commit(job, Reply(reply, usage))
             if stored is None:
-                error = Fenced("another runner took over this session", job.run_id)
+                error = await self._gone_or(job, FencedOut("a newer run took this session over"))
                 return Outcome(job.run_id, (), error=error)
             return Outcome(
-                job.run_id, turn.run.message_ids, TurnResult.build(text, stored.id, new, usage)
+                job.run_id,
+                turn.run.message_ids,
+                turn_result(result.output, stored.id, new, usage),
             )
         except asyncio.CancelledError:
             if not job.committing:
-                done = agent_run.all_messages()[1:] if agent_run is not None else []
-                status: Literal["failed", "superseded"] = (
-                    "superseded" if job.cancel_reason == "superseded" else "failed"
-                )
-                # Shielded: the run row and its side effects must be written even though
-                # this task is being cancelled.
-                await asyncio.shield(
-                    self._store.finish_run(
-                        job.session_id,
-                        job.run_id,
-                        status,
-                        error=None if status == "superseded" else "cancelled: server shutdown",
-                        superseded_by=job.superseded_by,
-                        side_effects=_side_effects(job.run_id, done),
-                    )
-                )
+                await self._record_cancel(job, _own_messages(agent_run))
             raise
         except TimeoutError:
-            return await self._fail(
-                job, ModelTimeout(f"model did not answer within {self._timeout:g}s", job.run_id)
+            error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
+            return await self._fail(job, turn, error, agent_run)
+        except ToolError as exc:
+            log.error(
+                "run %s of session %s: tool %r raised",
+                job.run_id,
+                job.session_id,
+                exc.tool,
+                exc_info=exc.__cause__ or exc,
             )
+            return await self._fail(job, turn, exc, agent_run, logged=True)
         except (ModelAPIError, UnexpectedModelBehavior, AgentRunError) as exc:
-            return await self._fail(job, ModelError(f"model failed: {exc}", job.run_id))
+            log.warning("run %s of session %s: model failed: %r", job.run_id, job.session_id, exc)
+            error = ModelError("the model provider failed to answer", job.run_id)
+            return await self._fail(job, turn, error, agent_run, logged=True)
+        except SessionNotFound as exc:
+            return Outcome(job.run_id, (), error=exc)
+        except StoreUnavailable as exc:
+            log.warning("run %s of session %s: %s", job.run_id, job.session_id, exc)
+            error = StoreUnavailable("the database is unavailable; try again shortly")
+            return await self._fail(job, turn, error, agent_run, logged=True)
+        except Exception:
+            log.exception("run %s of session %s failed", job.run_id, job.session_id)
+            error = RunFailed("the run failed unexpectedly", job.run_id)
+            return await self._fail(job, turn, error, agent_run, logged=True)
 
-    async def _fail(self, job: Job, error: RunFailed) -> Outcome:
-        log.warning("run %s failed: %s", job.run_id, error)
-        await asyncio.shield(
-            self._store.finish_run(job.session_id, job.run_id, "failed", error=str(error))
+    async def _commit(self, job: Job, reply: Reply) -> Message | None:
+        commit = asyncio.ensure_future(self._store.commit_run(job.session_id, job.run_id, reply))
+        cancelled = 0
+        while True:
+            try:
+                stored = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                if commit.done() and commit.cancelled():
+                    raise
+                # A shutdown reached us inside the commit. The write goes on regardless and
+                # its result is what the callers are owed: wait for it, then finish normally.
+                cancelled += 1
+                continue
+            break
+        task = asyncio.current_task()
+        for _ in range(cancelled):
+            if task is not None:
+                task.uncancel()
+        return stored
+
+    async def _gone_or(self, job: Job, handoff: ThreadlineError) -> ThreadlineError:
+        """Nothing to open or commit: the session was deleted, or another run answers."""
+        if await self._store.get_session(job.session_id) is None:
+            return SessionNotFound(
+                f"session {str(job.session_id)!r} was deleted while its messages were answered"
+            )
+        return handoff
+
+    async def _record_cancel(self, job: Job, done: list[ModelMessage]) -> None:
+        superseded = job.cancel_reason == "superseded"
+        ending = "was superseded" if superseded else "was cancelled"
+        try:
+            # Shielded: the run row and its side effects must be written even though this task
+            # is being cancelled.
+            await asyncio.shield(
+                self._store.finish_run(
+                    job.session_id,
+                    job.run_id,
+                    "superseded" if superseded else "cancelled",
+                    error=None
+                    if superseded
+                    else RunError("shutting_down", "the server shut down mid-run"),
+                    superseded_by=job.superseded_by,
+                    side_effects=_side_effects(job.run_id, done, ending),
+                )
+            )
+        except StoreUnavailable as exc:
+            # The run stays open in the store until the session's next run fences it out and
+            # closes it; its messages are unanswered, so that run answers them.
+            log.warning("run %s: could not record its end: %s", job.run_id, exc)
+
+    async def _fail(
+        self,
+        job: Job,
+        turn: Turn | None,
+        error: ThreadlineError,
+        agent_run: AgentRun[RunDeps, str] | None,
+        *,
+        logged: bool = False,
+    ) -> Outcome:
+        if not logged:
+            log.warning("run %s of session %s failed: %s", job.run_id, job.session_id, error)
+        side = _side_effects(job.run_id, _own_messages(agent_run), "failed")
+        record = RunError(error.code, str(error))
+        try:
+            run = await asyncio.shield(self._record_failure(job, turn, record, side))
+        except StoreUnavailable:
+            # Answer the callers now; record the failure once the store is back, so the
+            # messages end answered (by failure) rather than waiting for the session's next
+            # message. The queue starts nothing else of this session meanwhile.
+            assert job.settle is not None
+            job.settle(Outcome(job.run_id, (), error=error))
+            async for attempt in AsyncRetrying(**_RECORD_RETRY):  # type: ignore[arg-type]
+                with attempt:
+                    run = await self._record_failure(job, turn, record, side)
+        if run is None:
+            # Another run fenced this one out before it could fail: that run answers.
+            fenced = FencedOut("a newer run took this session over")
+            return Outcome(job.run_id, (), error=await self._gone_or(job, fenced))
+        return Outcome(job.run_id, run.message_ids, error=error)
+
+    async def _record_failure(
+        self, job: Job, turn: Turn | None, error: RunError, side: list[NewMessage]
+    ) -> Run | None:
+        if turn is None and await self._store.get_run(job.run_id) is None:
+            # The failure came before the run was open: open it, so the failure is recorded
+            # against the messages it was to answer.
+            options = job.options
+            assert options is not None
+            start = RunStart(job.run_id, options.agent, None, 0, job.upto_seq)
+            with contextlib.suppress(SessionNotFound):
+                turn = await self._store.start_run(job.session_id, start)
+            if turn is None:
+                return None
+        return await self._store.finish_run(
+            job.session_id, job.run_id, "failed", error=error, side_effects=side
         )
-        return Outcome(job.run_id, (), error=error)

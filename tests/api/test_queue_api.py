@@ -154,7 +154,7 @@ async def test_queue_cap_gets_429_with_retry_after(make_app: AppFactory) -> None
         assert [r.status_code for r in await asyncio.gather(*accepted)] == [200, 200]
 
 
-async def test_model_error_is_502_and_the_message_joins_the_next_run(
+async def test_model_error_is_502_and_answers_the_message_by_failure(
     make_app: AppFactory,
 ) -> None:
     model = GatedModel(fail_next=True)
@@ -165,13 +165,17 @@ async def test_model_error_is_502_and_the_message_joins_the_next_run(
         assert failed.status_code == 502, failed.text
         error = failed.json()["error"]
         assert error["code"] == "model_error"
+        assert "boom" not in error["message"]  # the provider's body stays in the log
         run = (await client.get(f"/api/v1/runs/{error['run_id']}")).json()
-        assert run["status"] == "failed"
-        assert run["error"]
-        assert await unanswered(app, sid) == 1
+        assert (run["status"], run["error_code"]) == ("failed", "model_error")
+        assert run["finished_at"] is not None
+        # Answered by failure: the next message is answered on its own, with it as context.
+        assert await unanswered(app, sid) == 0
         retry = (await post(client, sid, "still there?")).json()
-        assert retry["message"] == "echo: lost?\n---\nstill there?"
-        assert len(retry["message_ids"]) == 2
+        assert retry["message"] == "echo: still there?"
+        assert len(retry["message_ids"]) == 1
+        history = (await client.get(f"/api/v1/sessions/{sid}")).json()["messages"]
+        assert [m["content"] for m in history] == ["lost?", "still there?", "echo: still there?"]
 
 
 async def test_model_timeout_is_504(make_app: AppFactory) -> None:
@@ -183,8 +187,8 @@ async def test_model_timeout_is_504(make_app: AppFactory) -> None:
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "model_timeout"
         run = (await client.get(f"/api/v1/runs/{r.json()['error']['run_id']}")).json()
-        assert run["status"] == "failed"
-        assert await unanswered(app, sid) == 1
+        assert (run["status"], run["error_code"]) == ("failed", "model_timeout")
+        assert await unanswered(app, sid) == 0
 
 
 async def test_a_caller_who_disconnects_is_still_answered(make_app: AppFactory) -> None:

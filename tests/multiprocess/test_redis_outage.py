@@ -34,7 +34,7 @@ from tests.multiprocess.conftest import (
     user_messages,
     wait_until,
 )
-from threadline.queue import keys
+from threadline.coordination import keys
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
@@ -159,5 +159,6 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
 
 
 async def _leased(redis: Redis, session_id: uuid.UUID, owner: bytes | None) -> bool:
-    """Whether ``owner`` holds the session's lease (None: nobody does)."""
-    return bool(await redis.get(keys.lease(session_id)) == owner)
+    """Whether node ``owner`` holds the session's lease (None: nobody does)."""
+    token = await redis.get(keys.lease(session_id))  # b"node:generation"
+    return (token.split(b":")[0] if token is not None else None) == owner

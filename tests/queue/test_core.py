@@ -745,7 +745,7 @@ async def test_message_arriving_as_the_run_fails_does_not_mark_it_superseded(
 
 
 async def test_runner_exception_becomes_run_failed_for_every_covered_caller(
-    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
     queue = make_queue()
     first = submit(queue, store, A)
@@ -757,7 +757,10 @@ async def test_runner_exception_becomes_run_failed_for_every_covered_caller(
 
     assert isinstance(answer1.outcome.error, RunFailed)
     assert answer1.outcome.error.run_id == run1.job.run_id
-    assert "runner bug" in str(answer1.outcome.error)
+    # The caller learns nothing of the bug; the log has it with the run and session ids.
+    assert str(answer1.outcome.error) == "the run failed unexpectedly"
+    assert "runner bug" in caplog.text
+    assert str(run1.job.run_id) in caplog.text
     run2 = await runner.started(2)
     run2.reply()
     assert (await second).outcome.error is None

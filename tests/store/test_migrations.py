@@ -31,14 +31,17 @@ async def test_sqlite_migrations_are_idempotent(tmp_path: Any) -> None:
     first = await SQLiteStore.connect(url)
     second = await SQLiteStore.connect(url)
     try:
-        assert await first.migrate() == [1]
+        assert await first.migrate() == [1, 2]
         assert await first.migrate() == []
         assert await second.migrate() == []
 
         def applied(db: Any) -> list[tuple[int, str]]:
             return [tuple(r) for r in db.execute("SELECT version, name FROM schema_migrations")]
 
-        assert await second._run(applied, transaction=False) == [(1, "001_init.sql")]
+        assert await second._run(applied, transaction=False) == [
+            (1, "001_init.sql"),
+            (2, "002_failure_semantics.sql"),
+        ]
     finally:
         await first.aclose()
         await second.aclose()
@@ -60,7 +63,7 @@ async def fresh_pg_database(pg_url: str) -> Any:
 async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) -> None:
     results = await asyncio.gather(*(migrate_postgres(fresh_pg_database) for _ in range(5)))
 
-    assert sorted(results) == [[], [], [], [], [1, 2]]
+    assert sorted(results) == [[], [], [], [], [1, 2, 3]]
     assert await migrate_postgres(fresh_pg_database) == []
     conn = await asyncpg.connect(fresh_pg_database)
     try:
@@ -73,6 +76,10 @@ async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) 
         )
     finally:
         await conn.close()
-    assert [tuple(r) for r in rows] == [(1, "001_init.sql"), (2, "002_runs_message_ids.sql")]
+    assert [tuple(r) for r in rows] == [
+        (1, "001_init.sql"),
+        (2, "002_runs_message_ids.sql"),
+        (3, "003_failure_semantics.sql"),
+    ]
     assert {r["tablename"] for r in tables} == TABLES
     assert "runs_message_ids" in {r["indexname"] for r in indexes}

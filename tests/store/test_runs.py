@@ -11,7 +11,9 @@ from uuid import UUID, uuid4
 import pytest
 
 from tests.store.conftest import MakeSession, answer, starting, user
-from threadline.store import PostgresStore, RunStart, SQLiteStore, Store, Turn
+from threadline.store import PostgresStore, RunError, RunStart, SQLiteStore, Store, Turn
+
+SHUTDOWN = RunError("shutting_down", "the server shut down mid-run")
 
 Opener = Literal["start_run", "add_user_message"]
 
@@ -89,7 +91,7 @@ async def test_a_finished_run_still_named_by_the_fence_keeps_its_status(
     session = await make_session()
     first, failed = await store.add_user_message(session.id, user("one"), start=starting())
     assert failed is not None
-    await store.finish_run(session.id, failed.run.id, "failed", error="model exploded")
+    await store.finish_run(session.id, failed.run.id, "cancelled", error=SHUTDOWN)
     before = await store.get_run(failed.run.id)
     await set_fence(store, session.id, failed.run.id)
 
@@ -151,7 +153,7 @@ async def test_finish_racing_a_takeover_leaves_no_open_run_behind(
         assert old is not None
 
         _, taken = await asyncio.gather(
-            store.finish_run(session.id, old.run.id, "failed", error="gave up"),
+            store.finish_run(session.id, old.run.id, "cancelled", error=SHUTDOWN),
             store.start_run(session.id, starting(upto_seq=first.seq)),
         )
 
@@ -160,7 +162,7 @@ async def test_finish_racing_a_takeover_leaves_no_open_run_behind(
         assert closed is not None
         # Whichever write came first decided how the old run ended; it did end.
         assert (closed.status, closed.superseded_by, closed.error) in {
-            ("failed", None, "gave up"),
+            ("cancelled", None, SHUTDOWN.message),
             ("superseded", taken.run.id, None),
         }
         assert await store.commit_run(session.id, taken.run.id, answer()) is not None
@@ -173,8 +175,8 @@ async def test_answer_for_finds_the_reply_of_every_message_a_run_answered(
     first, _ = await store.add_user_message(session.id, user("one"))
     second, failed = await store.add_user_message(session.id, user("two"), start=starting())
     assert failed is not None
-    await store.finish_run(session.id, failed.run.id, "failed", error="model exploded")
-    assert await store.answer_for(first.id) is None  # only a failed run holds it so far
+    await store.finish_run(session.id, failed.run.id, "cancelled", error=SHUTDOWN)
+    assert await store.answer_for(first.id) is None  # only a cancelled run holds it so far
 
     retry = await store.start_run(session.id, starting(upto_seq=second.seq))
     assert retry is not None

@@ -10,7 +10,7 @@ import pytest
 
 from tests.store.conftest import MakeSession, answer, starting, user
 from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
-from threadline.store import NewMessage, PostgresStore, SQLiteStore, Store, open_store
+from threadline.store import NewMessage, PostgresStore, RunError, SQLiteStore, Store, open_store
 from threadline.store.migrations import migrate_postgres
 
 
@@ -267,18 +267,47 @@ async def test_side_effects_of_a_superseded_run_reach_the_next_history(
     assert turn.history == messages[1:]
 
 
-async def test_failed_run_leaves_its_messages_for_the_next_run(
+async def test_failed_run_answers_its_messages_by_failure(
     store: Store, make_session: MakeSession
 ) -> None:
     session = await make_session()
     first, failed = await store.add_user_message(session.id, user("one"), start=starting())
     assert failed is not None
 
-    await store.finish_run(session.id, failed.run.id, "failed", error="model exploded")
+    ended = await store.finish_run(
+        session.id, failed.run.id, "failed", error=RunError("tool_error", "tool 'x' failed")
+    )
 
     run = await store.get_run(failed.run.id)
     assert run is not None
-    assert (run.status, run.error) == ("failed", "model exploded")
+    assert ended == run
+    assert (run.status, run.error_code, run.error) == ("failed", "tool_error", "tool 'x' failed")
+    assert run.finished_at is not None
+    # Answered by failure: never prompted again, still in history, and found by answer_for.
+    assert await store.unanswered(session.id) == []
+    assert await store.answer_for(first.id) == (run, None)
+    second, next_turn = await store.add_user_message(session.id, user("two"), start=starting())
+    assert next_turn is not None
+    assert next_turn.prompt == [second]
+    assert next_turn.history == [first]
+    assert await store.commit_run(session.id, next_turn.run.id, answer()) is not None
+    assert await store.finish_run(session.id, failed.run.id, "failed") is None  # ended already
+
+
+async def test_cancelled_run_leaves_its_messages_for_the_next_run(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = await make_session()
+    first, cancelled = await store.add_user_message(session.id, user("one"), start=starting())
+    assert cancelled is not None
+
+    await store.finish_run(
+        session.id, cancelled.run.id, "cancelled", error=RunError("shutting_down", "shut down")
+    )
+
+    run = await store.get_run(cancelled.run.id)
+    assert run is not None
+    assert (run.status, run.error_code) == ("cancelled", "shutting_down")
     assert await store.unanswered(session.id) == [first]
     second, retry = await store.add_user_message(session.id, user("two"), start=starting())
     assert retry is not None

@@ -12,8 +12,8 @@ from fastapi.security import APIKeyHeader
 from threadline.agents import AgentRegistry
 from threadline.api.errors import Unauthorized
 from threadline.config import Settings
+from threadline.coordination import Coordinator
 from threadline.monitor import LoopLagMonitor
-from threadline.queue.coordinator import Coordinator
 from threadline.store import Store
 
 

@@ -19,9 +19,8 @@ from threadline.api.schemas import (
     SessionOut,
     SessionPage,
 )
+from threadline.coordination import TurnRequest
 from threadline.errors import RunNotFound, SessionNotFound
-from threadline.queue.coordinator import TurnRequest
-from threadline.runner import TurnResult
 from threadline.store import Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
@@ -73,7 +72,8 @@ async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunRe
     outcome = answer.outcome
     if outcome.error is not None:
         raise outcome.error
-    result: TurnResult = outcome.result
+    result = outcome.result
+    assert result is not None, "an outcome without an error carries a reply"
     return RunResponse(
         message=result.message,
         session_id=session.id,

@@ -96,7 +96,9 @@ class RunOut(BaseModel):
     message_ids: list[UUID]
     reply_message_id: UUID | None
     superseded_by: UUID | None
+    # Why a run that did not succeed ended: a stable code and a message safe to show a user.
     error: str | None
+    error_code: str | None
     model: str | None
     usage: dict[str, Any] | None
     created_at: dt.datetime

@@ -1,1 +1,1 @@
-"""Per-session turn queue: the pure core and the coordinators that feed it."""
+"""The per-session turn queue: its vocabulary (``job``) and its pure state machine (``core``)."""

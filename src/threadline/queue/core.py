@@ -32,6 +32,7 @@ flight: a run never starts covering a message whose ``accept`` has not returned)
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from threadline.config import Strategy
 from threadline.errors import QueueFull, RunFailed, SessionBusy, ShuttingDown
 from threadline.queue.job import (
     Accept,
@@ -49,9 +51,11 @@ from threadline.queue.job import (
     LoopTimers,
     Outcome,
     Runner,
-    Strategy,
+    RunOptions,
     Timers,
 )
+
+log = logging.getLogger(__name__)
 
 # Re-exported: callers import the queue's vocabulary from here.
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "Job",
     "LoopTimers",
     "Outcome",
+    "RunOptions",
     "Runner",
     "Strategy",
     "Timers",
@@ -76,7 +81,7 @@ class _Waiter:
     strategy: Strategy
     arrived_at: float
     future: asyncio.Future[Answer]
-    options: Any = None
+    options: RunOptions | None = None
     superseded: bool = False
 
 
@@ -147,7 +152,11 @@ class TurnQueue:
         return state.job.run_id if state and state.job else None
 
     async def submit(
-        self, session_id: UUID, strategy: Strategy, accept: Accept, options: Any = None
+        self,
+        session_id: UUID,
+        strategy: Strategy,
+        accept: Accept,
+        options: RunOptions | None = None,
     ) -> Answer:
         """Admit, store (through ``accept``) and answer one message.
 
@@ -166,7 +175,7 @@ class TurnQueue:
         message_id: UUID,
         seq: int,
         strategy: Strategy = "merge",
-        options: Any = None,
+        options: RunOptions | None = None,
     ) -> asyncio.Future[Answer]:
         """Take on a message that is already stored (by another process, or found unanswered).
 
@@ -248,7 +257,7 @@ class TurnQueue:
         strategy: Strategy,
         accept: Accept,
         fast_run_id: UUID | None,
-        options: Any,
+        options: RunOptions | None,
     ) -> Answer:
         try:
             accepted = await accept(fast_run_id)
@@ -355,7 +364,7 @@ class TurnQueue:
         self._running += 1
         upto = self._next_upto(state)
         options = next(w.options for w in reversed(state.waiters) if w.seq <= upto)
-        self._start(state, Job(state.id, self._next_run_id(state), upto, options=options))
+        self._start(state, Job(state.id, self._next_run_id(state), upto, None, options))
 
     def _on_timer(self, state: _Session) -> None:
         state.timer = None
@@ -375,6 +384,7 @@ class TurnQueue:
     def _start(self, state: _Session, job: Job) -> None:
         """Run ``job``; the caller has already taken a concurrency slot for it."""
         state.job = job
+        job.settle = lambda outcome: self._settle_early(state, job, outcome)
         if self._closing:
             job.cancel_reason = "shutdown"  # the runner bails out before calling the model
         task = self._spawn(self._runner(job))
@@ -399,6 +409,12 @@ class TurnQueue:
 
     # -- finishing runs -----------------------------------------------------------------
 
+    def _settle_early(self, state: _Session, job: Job, outcome: Outcome) -> None:
+        # The runner goes on (it cannot be superseded any more: it is past its model call);
+        # its callers need not wait for it. Nothing else of the session starts meanwhile.
+        job.committing = True
+        self._resolve(state, self._covered(state, job, outcome), outcome)
+
     def _on_run_done(self, state: _Session, job: Job, task: asyncio.Task[Outcome]) -> None:
         state.job = None
         state.task = None
@@ -412,18 +428,24 @@ class TurnQueue:
             elif not job.opening and job.prepared is None:
                 state.next_run_id = job.run_id
         elif (exc := task.exception()) is not None:
-            error = exc if isinstance(exc, RunFailed) else RunFailed(repr(exc), job.run_id)
+            # The runner reports every failure it knows as an outcome; this is a bug. The
+            # callers get a defined error whose message reveals nothing of it.
+            log.error("run %s of session %s raised", job.run_id, state.id, exc_info=exc)
+            error = RunFailed("the run failed unexpectedly", job.run_id)
             outcome = Outcome(job.run_id, (), error=error)
             self._resolve(state, [w for w in state.waiters if w.seq <= job.upto_seq], outcome)
         else:
             outcome = task.result()
-            answered = set(outcome.message_ids)
-            done = [w for w in state.waiters if w.message_id in answered]
-            if outcome.error is not None:
-                # A failed run answers nobody, but its callers are owed a defined error.
-                done = [w for w in state.waiters if w.seq <= job.upto_seq or w in done]
-            self._resolve(state, done, outcome)
+            self._resolve(state, self._covered(state, job, outcome), outcome)
         self._schedule(state)
+
+    @staticmethod
+    def _covered(state: _Session, job: Job, outcome: Outcome) -> list[_Waiter]:
+        answered = set(outcome.message_ids)
+        if outcome.error is not None:
+            # Callers of a run that failed are owed its error, whatever it closed.
+            return [w for w in state.waiters if w.seq <= job.upto_seq or w.message_id in answered]
+        return [w for w in state.waiters if w.message_id in answered]
 
     def _resolve(self, state: _Session, waiters: list[_Waiter], outcome: Outcome) -> None:
         for waiter in waiters:

@@ -8,15 +8,49 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from threadline.errors import RunFailed
+from threadline.errors import ThreadlineError
+from threadline.store.base import Turn
 
-Strategy = Literal["merge", "enqueue", "reject"]
 CancelReason = Literal["superseded", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What a caller asked of the run answering its message. Stored with the message, so any
+    process that takes the session over runs it the way its caller asked."""
+
+    agent: str
+    user_id: str | None = None
+    history_limit: int = 20
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "user_id": self.user_id,
+            "history_limit": self.history_limit,
+            "context": dict(self.context),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RunOptions:
+        return cls(raw["agent"], raw.get("user_id"), raw["history_limit"], raw.get("context", {}))
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """A committed reply, as every caller of the run receives it."""
+
+    message: str
+    reply_message_id: UUID
+    tool_calls: list[dict[str, Any]]
+    tool_outputs: list[dict[str, Any]]
+    usage: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +59,7 @@ class Accepted:
 
     message_id: UUID
     seq: int
-    prepared: Any = None
+    prepared: Turn | None = None
 
 
 @dataclass(slots=True)
@@ -35,9 +69,10 @@ class Job:
     session_id: UUID
     run_id: UUID
     upto_seq: int
-    prepared: Any = None
-    # The newest covered caller's request options (agent, context, ...), opaque to the queue.
-    options: Any = None
+    # The fast path's turn, opened by the insert; None: the runner opens the run itself.
+    prepared: Turn | None
+    # The newest covered caller's request options (agent, context, ...).
+    options: RunOptions | None
     # Set by the runner on its first step; a job cancelled before that never ran any code,
     # so the runner checks ``cancel_reason`` itself instead of relying on CancelledError.
     started: bool = False
@@ -50,16 +85,26 @@ class Job:
     opening: bool = False
     cancel_reason: CancelReason | None = None
     superseded_by: UUID | None = None
+    # Set by the queue: the runner hands its outcome over early through it when it must go
+    # on working after the callers are answered (recording a failure the store refused).
+    # The queue then resolves the callers at once and starts no other run of the session
+    # until the runner returns.
+    settle: Callable[[Outcome], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A finished run as the runner reports it. ``result`` is opaque to the queue."""
+    """A finished run as the runner reports it: a reply (``result``) or an ``error``.
+
+    ``message_ids`` are the messages the run closed: answered by its reply, or answered by
+    its failure (they are not prompted again). An error with no ``message_ids`` closed nothing
+    (a store error, a handoff): the messages stay unanswered.
+    """
 
     run_id: UUID
     message_ids: tuple[UUID, ...]
-    result: Any = None
-    error: RunFailed | None = None
+    result: TurnResult | None = None
+    error: ThreadlineError | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from threadline.store.base import (
+    EndStatus,
     Message,
     NewMessage,
     Reply,
     Run,
+    RunError,
     RunStart,
     RunStatus,
     Session,
@@ -44,11 +46,13 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 __all__ = [
+    "EndStatus",
     "Message",
     "NewMessage",
     "PostgresStore",
     "Reply",
     "Run",
+    "RunError",
     "RunStart",
     "RunStatus",
     "SQLiteStore",

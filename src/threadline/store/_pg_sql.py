@@ -9,14 +9,15 @@ locks in opposite orders.
 
 from __future__ import annotations
 
-MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at"
+MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options"
 SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
 RUN = (
     "id, session_id, agent, status, message_ids, upto_seq, reply_message_id, superseded_by,"
-    " error, model, usage, created_at, started_at, finished_at"
+    " error, model, usage, created_at, started_at, finished_at, error_code"
 )
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, session_id, seq, role, content, run_id, payload, channel_payload)"
+    "INSERT INTO messages"
+    " (id, session_id, seq, role, content, run_id, payload, channel_payload, options)"
 )
 # Every row of a run-opening statement carries the run's columns, prefixed with r_.
 _TAGGED = (
@@ -68,7 +69,7 @@ history AS (
     ) newest
 )"""
 
-# Hot path, round-trip 1. Extra parameters: $7.. $12 the message. The new row is invisible to
+# Hot path, round-trip 1. Extra parameters: $7.. $13 the message. The new row is invisible to
 # the statement's own snapshot, so `prompt` unions it in from the INSERT's RETURNING.
 ADD_MESSAGE_AND_START = f"""
 WITH snap AS (
@@ -86,7 +87,9 @@ s AS (
 ),
 m AS (
     {_INSERT_MESSAGE}
-    SELECT $7::uuid, $1::uuid, s.seq, $8::text, $9::text, $10::uuid, $11::bytea, $12::jsonb FROM s
+    SELECT $7::uuid, $1::uuid, s.seq, $8::text, $9::text, $10::uuid, $11::bytea, $12::jsonb,
+           $13::jsonb
+    FROM s
     RETURNING {MSG}
 ),
 prompt AS (
@@ -138,7 +141,8 @@ WITH s AS (
 ),
 m AS (
     {_INSERT_MESSAGE}
-    SELECT $3::uuid, $1::uuid, s.last_seq, $4::text, $5::text, $2::uuid, $6::bytea, $7::jsonb
+    SELECT $3::uuid, $1::uuid, s.last_seq, $4::text, $5::text, $2::uuid, $6::bytea, $7::jsonb,
+           NULL
     FROM s
     RETURNING {MSG}
 ),
@@ -152,28 +156,35 @@ SELECT {MSG} FROM m
 
 # Only an unfinished run can be finished; its side effects take the next seqs. The runs UPDATE
 # reads `s` so that it locks the session row before the run's (see "Lock order" above), and
-# rechecks the status so that a run closed as stale meanwhile keeps that status.
+# rechecks the status so that a run closed as stale meanwhile keeps that status. A failed run
+# that still holds the fence answers its messages by failure: answered_seq moves past them.
 FINISH_RUN = f"""
 WITH target AS (
-    SELECT id FROM runs
+    SELECT id, upto_seq FROM runs
     WHERE id = $2::uuid AND session_id = $1::uuid AND status IN ('queued', 'running')
 ),
 s AS (
     UPDATE sessions
     SET last_seq = last_seq + cardinality($6::uuid[]), updated_at = now(),
+        answered_seq = CASE WHEN $3::text = 'failed' AND current_run_id = $2::uuid
+                            THEN GREATEST(answered_seq, (SELECT upto_seq FROM target))
+                            ELSE answered_seq END,
         current_run_id = CASE WHEN current_run_id = $2::uuid THEN NULL ELSE current_run_id END
     WHERE id = $1::uuid AND EXISTS (SELECT 1 FROM target)
     RETURNING last_seq - cardinality($6::uuid[]) AS base
 ),
 m AS (
     {_INSERT_MESSAGE}
-    SELECT e.id, $1::uuid, s.base + e.ord, e.role, e.content, $2::uuid, e.payload, e.channel::jsonb
+    SELECT e.id, $1::uuid, s.base + e.ord, e.role, e.content, $2::uuid, e.payload, e.channel::jsonb,
+           NULL
     FROM s, unnest($6::uuid[], $7::text[], $8::text[], $9::bytea[], $10::text[])
          WITH ORDINALITY AS e (id, role, content, payload, channel, ord)
 )
-UPDATE runs SET status = $3::text, error = $4::text, superseded_by = $5::uuid, finished_at = now()
+UPDATE runs SET status = $3::text, error = $4::text, error_code = $11::text,
+                superseded_by = $5::uuid, finished_at = now()
 FROM s
 WHERE runs.id IN (SELECT id FROM target) AND runs.status IN ('queued', 'running')
+RETURNING {", ".join(f"runs.{c}" for c in RUN.split(", "))}
 """
 
 ADD_MESSAGE = f"""
@@ -182,18 +193,20 @@ WITH s AS (
     WHERE id = $1::uuid RETURNING last_seq
 )
 {_INSERT_MESSAGE}
-SELECT $2::uuid, $1::uuid, s.last_seq, $3::text, $4::text, $5::uuid, $6::bytea, $7::jsonb FROM s
+SELECT $2::uuid, $1::uuid, s.last_seq, $3::text, $4::text, $5::uuid, $6::bytea, $7::jsonb,
+       $8::jsonb
+FROM s
 RETURNING {MSG}
 """
 
-# The succeeded run answering a message, with its reply. Served by the GIN index on
-# runs.message_ids (migration 002); at most one run succeeds for a message, as the fence and
-# answered_seq make sure.
+# The run answering a message: succeeded with its reply, or failed (no reply). Served by the
+# GIN index on runs.message_ids (migration 002); at most one run answers a message, as the
+# fence and answered_seq make sure.
 ANSWER_FOR = f"""
 SELECT {", ".join(f"m.{c}" for c in MSG.split(", "))},
        {", ".join(f"r.{c} AS r_{c}" for c in RUN.split(", "))}
-FROM runs r JOIN messages m ON m.id = r.reply_message_id
-WHERE r.message_ids @> ARRAY[$1::uuid] AND r.status = 'succeeded'
+FROM runs r LEFT JOIN messages m ON m.id = r.reply_message_id
+WHERE r.message_ids @> ARRAY[$1::uuid] AND r.status IN ('succeeded', 'failed')
 LIMIT 1
 """
 

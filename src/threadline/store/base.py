@@ -26,8 +26,12 @@ from typing import Any, Literal, Protocol
 from uuid import UUID
 
 Role = Literal["user", "assistant", "tool"]
-RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded"]
-FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded"})
+RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded", "cancelled"]
+FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded", "cancelled"})
+# How a run that will not commit ends: ``failed`` answers its messages by failure,
+# ``superseded`` hands them to the run that merges them, ``cancelled`` (a shutdown) leaves them
+# for the session's next run.
+EndStatus = Literal["failed", "superseded", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,8 @@ class Message:
     payload: bytes | None
     channel_payload: dict[str, Any] | None
     created_at: dt.datetime
+    # User messages: the run options their caller asked for (``RunOptions`` as JSON).
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,16 @@ class Run:
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    # The stable code the callers of a failed run got (``tool_error``, ``model_timeout``...).
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunError:
+    """Why a run ended without a reply: a stable code and a message safe to show a user."""
+
+    code: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,7 @@ class NewMessage:
     run_id: UUID | None = None
     payload: bytes | None = None
     channel_payload: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,21 +216,23 @@ class Store(Protocol):
         self,
         session_id: UUID,
         run_id: UUID,
-        status: Literal["failed", "superseded"],
+        status: EndStatus,
         *,
-        error: str | None = None,
+        error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
-    ) -> None:
-        """Close a run that will not commit, leaving its messages unanswered.
+    ) -> Run | None:
+        """Close a run that will not commit; return it, or None if it had already ended.
 
-        ``side_effects`` are tool rows (calls already executed and their results) that must
-        survive the cancel so the next run's model knows what was done. They get seqs after
-        the existing rows. Releases the fence if this run still holds it.
+        ``failed`` answers the run's messages by failure (``answered_seq`` moves past them, so
+        they stay in history but are never prompted again); ``superseded`` and ``cancelled``
+        leave them unanswered for the next run. ``side_effects`` are tool rows (calls already
+        executed and their results) that must survive so the next run's model knows what was
+        done; they get seqs after the existing rows. Releases the fence if this run holds it.
         """
 
-    async def answer_for(self, message_id: UUID) -> tuple[Run, Message] | None:
-        """The succeeded run whose ``message_ids`` holds ``message_id``, and its reply.
+    async def answer_for(self, message_id: UUID) -> tuple[Run, Message | None] | None:
+        """The run that answered ``message_id``: succeeded, with its reply, or failed (None).
 
         None while the message is unanswered, and for an unknown id. Lets a process find an
         answer it was not told about (a lost notification) without knowing the run's id.

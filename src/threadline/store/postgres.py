@@ -31,7 +31,17 @@ import asyncpg
 
 from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
 from threadline.store import _pg_sql as sql
-from threadline.store.base import Message, NewMessage, Reply, Run, RunStart, Session, Turn
+from threadline.store.base import (
+    EndStatus,
+    Message,
+    NewMessage,
+    Reply,
+    Run,
+    RunError,
+    RunStart,
+    Session,
+    Turn,
+)
 from threadline.store.migrations import migrate_postgres
 
 QueryLogger = Callable[[Any], object]
@@ -186,7 +196,7 @@ class PostgresStore:
         if message.role != "user":
             raise ValueError(f"add_user_message expects role 'user', got {message.role!r}")
         m = message
-        fields = (m.id, m.role, m.content, m.run_id, m.payload, m.channel_payload)
+        fields = (m.id, m.role, m.content, m.run_id, m.payload, m.channel_payload, m.options)
         if start is None:
             rows = await self._fetch(sql.ADD_MESSAGE, session_id, *fields)
             if not rows:
@@ -221,12 +231,12 @@ class PostgresStore:
         self,
         session_id: UUID,
         run_id: UUID,
-        status: Literal["failed", "superseded"],
+        status: EndStatus,
         *,
-        error: str | None = None,
+        error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
-    ) -> None:
+    ) -> Run | None:
         rows = side_effects or []
         columns = (
             [r.id for r in rows],
@@ -236,13 +246,24 @@ class PostgresStore:
             # jsonb[] would need the codec per element; text[] cast in SQL is simpler.
             [None if r.channel_payload is None else json.dumps(r.channel_payload) for r in rows],
         )
-        await self._fetch(
-            sql.FINISH_RUN, session_id, run_id, status, error, superseded_by, *columns
+        rows_ = await self._fetch(
+            sql.FINISH_RUN,
+            session_id,
+            run_id,
+            status,
+            None if error is None else error.message,
+            superseded_by,
+            *columns,
+            None if error is None else error.code,
         )
+        return _run(rows_[0]) if rows_ else None
 
-    async def answer_for(self, message_id: UUID) -> tuple[Run, Message] | None:
+    async def answer_for(self, message_id: UUID) -> tuple[Run, Message | None] | None:
         rows = await self._fetch(sql.ANSWER_FOR, message_id)
-        return (_run(rows[0], prefix="r_"), _message(rows[0])) if rows else None
+        if not rows:
+            return None
+        row = rows[0]
+        return _run(row, prefix="r_"), (_message(row) if row["id"] is not None else None)
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
         return [_message(r) for r in await self._fetch(sql.UNANSWERED, session_id)]

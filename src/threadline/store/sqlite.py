@@ -19,16 +19,26 @@ from uuid import UUID, uuid4
 import aiosqlite
 
 from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
-from threadline.store.base import Message, NewMessage, Reply, Run, RunStart, Session, Turn
+from threadline.store.base import (
+    EndStatus,
+    Message,
+    NewMessage,
+    Reply,
+    Run,
+    RunError,
+    RunStart,
+    Session,
+    Turn,
+)
 from threadline.store.migrations import apply_sqlite, load_migrations
 
 T = TypeVar("T")
 R = TypeVar("R", Session, Message, Run)
 
-_MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at"
+_MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options"
 _SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
 _INSERT_MESSAGE = (
-    f"INSERT INTO messages ({_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG}"
+    f"INSERT INTO messages ({_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG}"
 )
 _BY_NAME = "COALESCE(user_id, '') = COALESCE(?, '') AND name = ?"
 # Primary result codes meaning "the database cannot serve now", not "this statement is wrong":
@@ -213,35 +223,50 @@ class SQLiteStore:
         self,
         session_id: UUID,
         run_id: UUID,
-        status: Literal["failed", "superseded"],
+        status: EndStatus,
         *,
-        error: str | None = None,
+        error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
-    ) -> None:
-        def finish(db: sqlite3.Connection) -> None:
+    ) -> Run | None:
+        def finish(db: sqlite3.Connection) -> Run | None:
             rid, sid = str(run_id), str(session_id)
             unfinished = db.execute(
-                "SELECT 1 FROM runs WHERE id = ? AND session_id = ?"
+                "SELECT upto_seq FROM runs WHERE id = ? AND session_id = ?"
                 " AND status IN ('queued', 'running')",
                 (rid, sid),
             ).fetchone()
             if unfinished is None:
-                return
+                return None
             _insert_messages(db, session_id, side_effects or [], run_id=run_id)
+            if status == "failed":
+                # Answered by failure: never prompted again (see Store.finish_run).
+                db.execute(
+                    "UPDATE sessions SET answered_seq = max(answered_seq, ?)"
+                    " WHERE id = ? AND current_run_id = ?",
+                    (unfinished[0], sid, rid),
+                )
             db.execute(
                 "UPDATE sessions SET current_run_id = NULL WHERE id = ? AND current_run_id = ?",
                 (sid, rid),
             )
             db.execute(
-                "UPDATE runs SET status = ?, error = ?, superseded_by = ?, finished_at = ?"
-                " WHERE id = ?",
-                (status, error, None if superseded_by is None else str(superseded_by), _now(), rid),
+                "UPDATE runs SET status = ?, error = ?, error_code = ?, superseded_by = ?,"
+                " finished_at = ? WHERE id = ?",
+                (
+                    status,
+                    None if error is None else error.message,
+                    None if error is None else error.code,
+                    None if superseded_by is None else str(superseded_by),
+                    _now(),
+                    rid,
+                ),
             )
+            return _get_run(db, run_id)
 
-        await self._run(finish)
+        return await self._run(finish)
 
-    async def answer_for(self, message_id: UUID) -> tuple[Run, Message] | None:
+    async def answer_for(self, message_id: UUID) -> tuple[Run, Message | None] | None:
         return await self._run(_answer_for, message_id, transaction=False)
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
@@ -342,8 +367,20 @@ def _insert_messages(
     stored = []
     for seq, m in enumerate(messages, start=first):
         channel = None if m.channel_payload is None else json.dumps(m.channel_payload)
+        options = None if m.options is None else json.dumps(m.options)
         rid = None if run_id is None else str(run_id)
-        values = (str(m.id), str(session_id), seq, m.role, m.content, rid, m.payload, channel, now)
+        values = (
+            str(m.id),
+            str(session_id),
+            seq,
+            m.role,
+            m.content,
+            rid,
+            m.payload,
+            channel,
+            now,
+            options,
+        )
         stored.append(_message(db.execute(_INSERT_MESSAGE, values).fetchone()))
     return stored
 
@@ -397,18 +434,20 @@ def _open_run(db: sqlite3.Connection, session_id: UUID, start: RunStart, upto: i
     return Turn(run=run, history=[_message(r) for r in reversed(history)], prompt=prompt)
 
 
-def _answer_for(db: sqlite3.Connection, message_id: UUID) -> tuple[Run, Message] | None:
+def _answer_for(db: sqlite3.Connection, message_id: UUID) -> tuple[Run, Message | None] | None:
     # A message's runs are among its session's: the runs_session_id index bounds the scan of
     # message_ids arrays without an index on their elements.
     row = db.execute(
         "SELECT runs.* FROM messages m JOIN runs ON runs.session_id = m.session_id"
-        " WHERE m.id = ? AND runs.status = 'succeeded' AND runs.upto_seq >= m.seq"
+        " WHERE m.id = ? AND runs.status IN ('succeeded', 'failed') AND runs.upto_seq >= m.seq"
         " AND EXISTS (SELECT 1 FROM json_each(runs.message_ids) WHERE value = m.id) LIMIT 1",
         (str(message_id),),
     ).fetchone()
     if row is None:
         return None
     run = _record(Run, row)
+    if run.reply_message_id is None:
+        return run, None  # answered by failure
     reply = db.execute(
         f"SELECT {_MSG} FROM messages WHERE id = ?", (str(run.reply_message_id),)
     ).fetchone()
@@ -435,7 +474,7 @@ def _uuids(value: str) -> tuple[UUID, ...]:
 # How each stored column becomes a record field; NULL is None whatever the column.
 _PARSE: dict[str, Callable[[Any], Any]] = {
     **dict.fromkeys(("id", "session_id", "run_id", "reply_message_id", "superseded_by"), UUID),
-    **dict.fromkeys(("metadata", "channel_payload", "usage"), json.loads),
+    **dict.fromkeys(("metadata", "channel_payload", "usage", "options"), json.loads),
     **dict.fromkeys(
         ("created_at", "updated_at", "started_at", "finished_at"), dt.datetime.fromisoformat
     ),

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
 
-from threadline.queue.core import Answer, Strategy
+from threadline.config import Strategy
+from threadline.queue.job import Answer, RunOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,10 @@ class TurnRequest:
     context: dict[str, Any] = field(default_factory=dict)
     history_limit: int = 20
     channel_payload: dict[str, Any] | None = None
+
+    @property
+    def options(self) -> RunOptions:
+        return RunOptions(self.agent, self.user_id, self.history_limit, self.context)
 
 
 class Coordinator(Protocol):

@@ -9,9 +9,11 @@ from uuid import UUID
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
-from threadline.queue.coordinator import TurnRequest
+from threadline.coordination.answers import stored_answer
+from threadline.coordination.base import TurnRequest
+from threadline.errors import AnswerPending, Handoff
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
-from threadline.runner import RunOptions, TurnRunner
+from threadline.runner import TurnRunner
 from threadline.store import NewMessage, RunStart, Store
 
 
@@ -38,6 +40,8 @@ def user_message(request: TurnRequest) -> NewMessage:
         role="user",
         content=request.content,
         channel_payload=request.channel_payload,
+        # Stored with the message: whichever process runs it runs it the way it was asked.
+        options=request.options.to_json(),
     )
 
 
@@ -64,6 +68,19 @@ def storing(
     return accept
 
 
+async def resolve_handoff(store: Store, answer: Answer) -> Answer:
+    """A run that handed off (another run answered) means: the answer is in the store."""
+    if not isinstance(answer.outcome.error, Handoff):
+        return answer
+    found = await stored_answer(store, answer.message_id)
+    if found is None:
+        raise AnswerPending(
+            f"message {str(answer.message_id)!r} is stored and not answered yet; "
+            "its answer will appear in the session's history"
+        )
+    return found
+
+
 class LocalCoordinator:
     def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
         self._store = store
@@ -72,10 +89,11 @@ class LocalCoordinator:
 
     async def submit(self, request: TurnRequest) -> Answer:
         loaded = await self._registry.get(request.agent)
-        options = RunOptions(request.agent, request.user_id, request.history_limit, request.context)
-
         accept = storing(self._store, request, loaded.model_name)
-        return await self.queue.submit(request.session_id, request.strategy, accept, options)
+        answer = await self.queue.submit(
+            request.session_id, request.strategy, accept, request.options
+        )
+        return await resolve_handoff(self._store, answer)
 
     async def ping(self) -> None:
         """Nothing outside this process to check."""

@@ -1,0 +1,38 @@
+"""Every Redis key and channel threadline uses, under one prefix. Names only: the Lua that
+works on them is in ``scripts.py``.
+
+No command ever scans keys: everything is addressed by session id or node id.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+PREFIX = "threadline:"
+
+# Broadcast: one message per answered (or failed) message id, for callers on any process.
+ANSWERS_CHANNEL = f"{PREFIX}answers"
+
+# Prefix of the per-process channels (``node_channel``); the NUDGE script appends the owner.
+NODE_CHANNEL_PREFIX = f"{PREFIX}node:"
+
+# Sorted set of leased sessions, scored by when their lease runs out (ms, Redis clock). A
+# session whose score has passed while still listed lost its owner without a release (the
+# process died): the watchdog of any process finds it here, without scanning keys.
+ACTIVE = f"{PREFIX}active"
+
+
+def lease(session_id: UUID) -> str:
+    """The token (``node:generation``) of the claim that owns a session's runner; expires
+    unless renewed."""
+    return f"{PREFIX}lease:{session_id}"
+
+
+def dirty(session_id: UUID) -> str:
+    """Set when a message reached a session whose lease is held: the owner must look again."""
+    return f"{PREFIX}dirty:{session_id}"
+
+
+def node_channel(node: str) -> str:
+    """Direct messages to one process: "session S has a new message"."""
+    return f"{NODE_CHANNEL_PREFIX}{node}"

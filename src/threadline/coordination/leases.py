@@ -1,0 +1,192 @@
+"""``Leases``: the one owner of the session leases this process holds.
+
+A lease says which process runs a session's turns. This object alone knows which leases are
+held here (session -> claim token) and changes that set only from the replies of the atomic
+scripts in ``scripts.py``:
+
+* ``claim`` takes a free lease, or finds it ours already (and marks the session dirty);
+* ``nudge`` hands a stored message to the owner, or takes the free lease;
+* ``release`` lets a lease go unless the session is dirty; a reply about an older claim
+  never drops a newer one (the token's generation);
+* ``renew`` extends every held lease on a connection of its own, so a request pool exhausted
+  under load cannot starve renewals and lose every lease at once; it reports leases lost and
+  held leases whose session has nothing left here (no zombie lease is renewed forever);
+* ``pinned`` keeps a lease from being counted idle while a takeover is loading its session.
+
+Every call is bounded by ``REDIS_TIMEOUT_S`` as a whole, retries included, and raises
+``CoordinatorUnavailable`` beyond it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from threadline.coordination import keys, scripts
+from threadline.errors import CoordinatorUnavailable
+
+Release = Literal["released", "dirty", "lost", "unheld"]
+
+
+class Leases:
+    def __init__(
+        self,
+        redis: Redis,
+        renewal: Redis,
+        node: str,
+        *,
+        ttl_ms: int,
+        dirty_ttl_ms: int,
+        timeout_s: float,
+    ) -> None:
+        self.node = node
+        self._redis = redis
+        self._renewal = renewal
+        self._ttl_ms = ttl_ms
+        self._dirty_ttl_ms = dirty_ttl_ms
+        self._timeout_s = timeout_s
+        self._held: dict[UUID, str] = {}
+        self._pins: Counter[UUID] = Counter()
+        self._generation = itertools.count(1)
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._nudge = redis.register_script(scripts.NUDGE)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._drop = redis.register_script(scripts.DROP)
+        self._orphans = redis.register_script(scripts.ORPHANS)
+        self._renew = renewal.register_script(scripts.RENEW)
+
+    def holds(self, session_id: UUID) -> bool:
+        return session_id in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def claim(self, session_id: UUID) -> bool:
+        """Take the session's lease if it is free; True if this process owns it now."""
+        token = self._token()
+        owner = await self._call(
+            self._claim,
+            self._keys(session_id),
+            [token, self._ttl_ms, self._dirty_ttl_ms, str(session_id), self.node],
+        )
+        return self._took(session_id, owner)
+
+    async def nudge(self, session_id: UUID, payload: str) -> bool:
+        """Tell the owner about a stored message; True if the lease was free and is ours now."""
+        token = self._token()
+        owner = await self._call(
+            self._nudge,
+            self._keys(session_id),
+            [
+                token,
+                self._ttl_ms,
+                self._dirty_ttl_ms,
+                keys.NODE_CHANNEL_PREFIX,
+                payload,
+                str(session_id),
+                self.node,
+            ],
+        )
+        return self._took(session_id, owner)
+
+    async def release(self, session_id: UUID) -> Release:
+        token = self._held.get(session_id)
+        if token is None:
+            return "unheld"
+        result = await self._call(self._release, self._keys(session_id), [token, str(session_id)])
+        if result != "dirty" and self._held.get(session_id) == token:
+            del self._held[session_id]
+        return result  # type: ignore[no-any-return]
+
+    async def renew(self, wanted: Callable[[UUID], bool]) -> tuple[list[UUID], list[UUID]]:
+        """Renew every held lease. Returns (lost, idle): leases that vanished while their
+        session is still wanted here, and held leases whose session is not wanted (to be
+        released by the caller)."""
+        held = list(self._held.items())
+        if not held:
+            return [], []
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._renewal.pipeline(transaction=False) as pipe:
+                    for session_id, token in held:
+                        await self._renew(
+                            keys=[keys.lease(session_id), keys.ACTIVE],
+                            args=[token, self._ttl_ms, str(session_id)],
+                            client=pipe,
+                        )
+                    renewed = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        lost: list[UUID] = []
+        idle: list[UUID] = []
+        for (session_id, token), ok in zip(held, renewed, strict=True):
+            is_wanted = wanted(session_id) or self._pins[session_id] > 0
+            if not ok:
+                if self._held.get(session_id) == token:
+                    del self._held[session_id]
+                if is_wanted:
+                    lost.append(session_id)
+            elif not is_wanted:
+                idle.append(session_id)
+        return lost, idle
+
+    async def orphans(self, limit: int) -> list[UUID]:
+        """Sessions whose lease ran out without a release: their owner died."""
+        found = await self._call(self._orphans, [keys.ACTIVE], [limit])
+        return [UUID(raw.decode() if isinstance(raw, bytes) else raw) for raw in found]
+
+    async def drop_all(self) -> None:
+        """At shutdown: let every held session go at once, dirty or not (see DROP)."""
+        held, self._held = self._held, {}
+        if not held:
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for session_id, token in held.items():
+                        await self._drop(
+                            keys=[keys.lease(session_id), keys.ACTIVE],
+                            args=[token, str(session_id)],
+                            client=pipe,
+                        )
+                    await pipe.execute()
+
+    @contextlib.asynccontextmanager
+    async def pinned(self, session_id: UUID) -> AsyncIterator[None]:
+        self._pins[session_id] += 1
+        try:
+            yield
+        finally:
+            self._pins[session_id] -= 1
+            if self._pins[session_id] <= 0:
+                del self._pins[session_id]
+
+    def _token(self) -> str:
+        return f"{self.node}:{next(self._generation)}"
+
+    def _took(self, session_id: UUID, owner: str) -> bool:
+        if owner.startswith(f"{self.node}:"):
+            # Ours: a new claim, or the claim we hold (whose token stays what Redis holds).
+            self._held[session_id] = owner
+            return True
+        return False
+
+    @staticmethod
+    def _keys(session_id: UUID) -> list[str]:
+        return [keys.lease(session_id), keys.dirty(session_id), keys.ACTIVE]
+
+    async def _call(self, script: Any, keys_: list[str], args: list[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result = await script(keys=keys_, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        return result.decode() if isinstance(result, bytes) else result

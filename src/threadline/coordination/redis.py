@@ -1,0 +1,372 @@
+"""Coordination across processes and hosts through Redis; PostgreSQL stays the source of truth.
+
+Each session has at most one *owner* process, recorded in a Redis lease (``Leases``) that the
+owner renews. The owner runs the session's turns in its local ``TurnQueue``; the other
+processes only store messages, nudge the owner and wait for the answer (``Mailbox``)::
+
+    caller ─▶ process B                     Redis                       process A (owner)
+              CLAIM lease ────────────────▶ held by A
+              INSERT message (PostgreSQL)
+              NUDGE: mark dirty, ─────────▶ PUBLISH node:A ───────────▶ adopt(message):
+                     publish to A                                       cancel run, merge
+              wait for answer ◀─────────── PUBLISH answers ◀─────────── run commits (fenced)
+
+This module is policy only:
+
+* A free lease is taken by whoever needs it: the process a message arrives at, or a process
+  whose callers wait on a session whose owner died (the watchdog), or any process that finds
+  an orphaned session (lease expired without a release). Taking a session over (``take_over``)
+  adopts every unanswered message in the store with the options stored with it, and lets the
+  lease go again in ``finally`` when nothing is left to run, whatever failed.
+* The owner releases the lease when its queue goes idle; a dirty session (a message arrived
+  meanwhile) is looked at again first.
+* Fencing is PostgreSQL's: opening a run makes it the session's current run and a commit only
+  lands for the current run, so an owner that lost its lease (a pause, a partition) cannot
+  store a reply once a new owner has opened a run. A run that handed off (``Handoff``) is
+  answered from the store.
+* Redis errors surface as ``CoordinatorUnavailable`` (503) within ``REDIS_TIMEOUT_S``. The
+  lease is claimed before anything is stored, so a request failing at that step stored
+  nothing; one failing at the nudge, after its insert, gets 503 although its message is
+  stored, and the session's next run (or the orphan watchdog, once the lease expires)
+  answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+from redis import __version__ as redis_version
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import RedisError
+
+from threadline.agents import AgentRegistry
+from threadline.config import Settings, Strategy
+from threadline.coordination.answers import stored_answer
+from threadline.coordination.base import TurnRequest
+from threadline.coordination.leases import Leases
+from threadline.coordination.local import build_queue, storing, user_message
+from threadline.coordination.mailbox import Mailbox
+from threadline.errors import (
+    CoordinatorUnavailable,
+    Handoff,
+    QueueFull,
+    SessionBusy,
+    ShuttingDown,
+    ThreadlineError,
+)
+from threadline.queue.job import Answer, RunOptions
+from threadline.store import Message, Store
+
+log = logging.getLogger(__name__)
+
+# Orphaned sessions one watchdog pass takes on at most; the next pass takes the rest.
+ORPHAN_BATCH = 20
+
+
+def _client(settings: Settings, max_connections: int) -> Redis:
+    assert settings.redis_url is not None
+    # A bounded pool: a burst of requests queues for a connection instead of opening one per
+    # request. Every call is also bounded as a whole by REDIS_TIMEOUT_S (Leases, Mailbox).
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+        # Given explicitly, redis-py skips reading its package metadata from disk, a blocking
+        # call on the event loop, on every new connection.
+        driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
+    )
+    return Redis.from_pool(pool)
+
+
+def _options(message: Message, fallback: RunOptions) -> RunOptions:
+    return RunOptions.from_json(message.options) if message.options else fallback
+
+
+class RedisCoordinator:
+    def __init__(
+        self,
+        redis: Redis,
+        renewal: Redis,
+        store: Store,
+        registry: AgentRegistry,
+        settings: Settings,
+    ) -> None:
+        self._redis = redis
+        self._renewal = renewal
+        self._store = store
+        self._registry = registry
+        self._settings = settings
+        self.node = uuid.uuid4().hex
+        ttl_ms = settings.lease_ttl_ms
+        self._ttl_s = ttl_ms / 1000
+        # A dirty mark must outlive any owner that could still look at it: one that is in
+        # the middle of its longest possible run when the mark is set.
+        run_ms = settings.model_timeout_s * 1000 + settings.merge_max_wait_ms
+        dirty_ttl_ms = int(max(ttl_ms * 10, 2 * run_ms + ttl_ms))
+        self._leases = Leases(
+            redis,
+            renewal,
+            self.node,
+            ttl_ms=ttl_ms,
+            dirty_ttl_ms=dirty_ttl_ms,
+            timeout_s=settings.redis_timeout_s,
+        )
+        self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
+        self.queue = build_queue(store, registry, settings, self._on_idle)
+        self._releasing: dict[UUID, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    @classmethod
+    async def connect(
+        cls, settings: Settings, store: Store, registry: AgentRegistry
+    ) -> RedisCoordinator:
+        redis = _client(settings, settings.redis_max_connections)
+        # Renewals on a connection of their own: never behind requests queued for the pool.
+        renewal = _client(settings, 2)
+        self = cls(redis, renewal, store, registry, settings)
+        try:
+            async with asyncio.timeout(settings.redis_timeout_s * 2):
+                await redis.ping()
+                await self._mailbox.open()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await redis.aclose()
+            await renewal.aclose()
+            raise CoordinatorUnavailable(f"cannot reach Redis: {exc}") from exc
+        self._spawn(self._mailbox.listen(self._on_nudge))
+        self._spawn(self._every(self._ttl_s / 3, self._renew))
+        self._spawn(self._every(max(0.2, self._ttl_s / 4), self._watch))
+        return self
+
+    # -- submitting --------------------------------------------------------------------
+
+    async def submit(self, request: TurnRequest) -> Answer:
+        if self._closing:
+            raise ShuttingDown("server is shutting down; not accepting messages")
+        loaded = await self._registry.get(request.agent)
+        if await self._leases.claim(request.session_id):
+            return await self._submit_local(request, loaded.model_name)
+        return await self._submit_remote(request)
+
+    async def _submit_local(self, request: TurnRequest, model_name: str) -> Answer:
+        sid = request.session_id
+        ids: list[UUID] = []
+
+        def on_stored(message_id: UUID) -> None:
+            ids.append(message_id)
+            # Should this process lose the session mid-run, the answer comes from the new
+            # owner, addressed by message id.
+            self._mailbox.expect(sid, message_id)
+
+        accept = storing(self._store, request, model_name, on_stored)
+        try:
+            answer = await self.queue.submit(sid, request.strategy, accept, request.options)
+            if isinstance(answer.outcome.error, Handoff):
+                return await self._mailbox.wait(sid, answer.message_id)
+            return answer
+        finally:
+            for message_id in ids:
+                self._mailbox.forget(message_id)
+
+    async def _submit_remote(self, request: TurnRequest) -> Answer:
+        sid = request.session_id
+        if request.strategy == "reject":
+            raise SessionBusy(sid, None)
+        backlog = await self._store.unanswered(sid)
+        if len(backlog) >= self._settings.session_queue_max:
+            raise QueueFull(sid, self._settings.session_queue_max)
+        # Insert and nudge as one unit that a caller who disconnects cannot cut in half: a
+        # message stored but never announced would wait for the session's next message.
+        message_id: UUID = await asyncio.shield(self._spawn(self._store_and_nudge(request)))
+        return await self._mailbox.wait(sid, message_id)
+
+    async def _store_and_nudge(self, request: TurnRequest) -> UUID:
+        sid = request.session_id
+        stored, _ = await self._store.add_user_message(sid, user_message(request))
+        payload = json.dumps(
+            {
+                "session_id": str(sid),
+                "message_id": str(stored.id),
+                "seq": stored.seq,
+                "strategy": request.strategy,
+                "options": request.options.to_json(),
+            }
+        )
+        if await self._leases.nudge(sid, payload):
+            # The owner released the session between our two calls: it is ours now.
+            await self.take_over(sid)
+        return stored.id
+
+    # -- owning sessions ---------------------------------------------------------------
+
+    async def take_over(self, sid: UUID) -> None:
+        """Run every unanswered message of a session whose lease we just took, and answer
+        callers here from the store; let the lease go if nothing is left to run."""
+        async with self._leases.pinned(sid):
+            try:
+                session = await self._store.get_session(sid)
+                if session is not None:
+                    fallback = RunOptions(
+                        session.agent, session.user_id, self._settings.history_limit
+                    )
+                    for message in await self._store.unanswered(sid):
+                        self._adopt(
+                            sid, message.id, message.seq, "merge", _options(message, fallback)
+                        )
+                await self._mailbox.settle(sid)
+            finally:
+                if not self.queue.has(sid):
+                    self._on_idle(sid)
+
+    def _adopt(
+        self, sid: UUID, message_id: UUID, seq: int, strategy: Strategy, options: RunOptions
+    ) -> None:
+        future = self.queue.adopt(sid, message_id, seq, strategy, options)
+        future.add_done_callback(lambda f: self._spawn(self._answer(message_id, f)))
+
+    async def _answer(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
+        """Publish the answer of a message this process ran for callers elsewhere."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, ShuttingDown):
+            return  # not the caller's failure: once our lease is dropped, another process runs it
+        answer: Answer | ThreadlineError
+        if error is not None:
+            answer = error if isinstance(error, ThreadlineError) else ShuttingDown(str(error))
+        else:
+            answer = future.result()
+            if isinstance(answer.outcome.error, Handoff):
+                found = await stored_answer(self._store, message_id)
+                if found is None:
+                    return  # whoever runs it now publishes its answer
+                answer = found
+        await self._mailbox.publish(message_id, answer)
+
+    def _on_nudge(self, body: dict[str, Any]) -> None:
+        sid = UUID(body["session_id"])
+        if not self._leases.holds(sid) or self._closing:
+            return  # the sender's watchdog takes the session over once our lease is gone
+        options = RunOptions.from_json(body["options"])
+        self._adopt(sid, UUID(body["message_id"]), body["seq"], body["strategy"], options)
+
+    def _on_idle(self, sid: UUID) -> None:
+        if sid in self._releasing or self._closing:
+            return
+        task = self._spawn(self._release(sid))
+        self._releasing[sid] = task
+        task.add_done_callback(lambda _: self._releasing.pop(sid, None))
+
+    async def _release(self, sid: UUID) -> None:
+        while not self.queue.has(sid):
+            if await self._leases.release(sid) != "dirty":
+                return
+            # Someone stored a message since we last looked; answer it before letting go.
+            await self.take_over(sid)
+
+    # -- background steps ---------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        lost, idle = await self._leases.renew(self.queue.has)
+        for sid in idle:
+            # Held with nothing to run here: let it go (a takeover that failed midway, say).
+            self._on_idle(sid)
+        for sid in lost:
+            # The lease vanished (Redis restarted, or we stalled past the TTL) while the
+            # session still runs here: take it back, unless another process holds it now, so
+            # that new messages keep coming to this runner.
+            if not await self._leases.claim(sid):
+                log.warning("session %s running here is now owned by another process", sid)
+
+    async def _watch(self) -> None:
+        """Take over sessions whose owner died: those callers here wait on, then any other
+        session whose lease ran out without a release, so its unanswered messages are
+        answered even when every caller of it was connected to the dead process."""
+        for sid in self._mailbox.sessions(older_than_s=self._ttl_s):
+            if self.queue.has(sid):
+                continue  # our own run answers them
+            try:
+                await self._mailbox.settle(sid)
+                if sid in self._mailbox.sessions() and await self._leases.claim(sid):
+                    log.info("took over session %s", sid)
+                    await self.take_over(sid)
+            except ThreadlineError as exc:
+                log.warning("watchdog could not check session %s: %s", sid, exc)
+        for sid in await self._leases.orphans(ORPHAN_BATCH):
+            try:
+                if await self._leases.claim(sid):
+                    log.info("took over orphaned session %s", sid)
+                    await self.take_over(sid)
+            except ThreadlineError as exc:
+                log.warning("watchdog could not take over session %s: %s", sid, exc)
+
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` forever; one failing step is logged, never the end of the loop."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except CoordinatorUnavailable as exc:
+                log.warning("background step %s: %s", step.__name__, exc)
+            except Exception:
+                log.exception("background step %s failed", step.__name__)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        # Errors a caller awaited are that caller's; anything else must not vanish silently.
+        if exc is not None and not isinstance(exc, ThreadlineError):
+            log.error("coordinator task failed", exc_info=exc)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                await self._redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "sessions_in_memory": self.queue.session_count,
+            "runs_in_flight": self.queue.running,
+            "leases_held": len(self._leases),
+            "callers_waiting_elsewhere": len(self._mailbox),
+            "node": self.node,
+        }
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        self._closing = True
+        await self.queue.aclose(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._mailbox.fail_all(ShuttingDown("server shut down before the answer came"))
+        # Let the sessions go now rather than after the lease expires, so another process
+        # can take them over at once.
+        await self._leases.drop_all()
+        await self._mailbox.aclose()
+        await self._redis.aclose()
+        await self._renewal.aclose()

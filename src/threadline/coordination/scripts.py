@@ -1,0 +1,119 @@
+"""The Lua scripts behind every atomic step on leases (``leases.py`` runs them).
+
+A lease's value is a claim token, ``node:generation``: the node says which process owns the
+session (and so where nudges go), the generation which of that process's claims it is, so a
+stale reply about an older claim (a release racing a new claim) cannot undo a newer one.
+"""
+
+from __future__ import annotations
+
+# The Redis clock in milliseconds.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms, session id, node.
+# Returns the owning token after the call. Taking a free lease makes the caller the owner. A
+# node that already owns the lease marks the session dirty, so a release racing this arrival
+# cannot drop the lease while the arrival proceeds as owner.
+CLAIM = (
+    _NOW
+    + """
+local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
+local token, ttl_ms, dirty_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local session, node = ARGV[4], ARGV[5]
+local owner = redis.call('GET', lease_key)
+if not owner then
+  redis.call('SET', lease_key, token, 'PX', ttl_ms)
+  redis.call('ZADD', active_key, now + ttl_ms, session)
+  return token
+end
+if string.sub(owner, 1, #node + 1) == node .. ':' then
+  redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
+end
+return owner
+"""
+)
+
+# KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms, channel prefix, payload,
+# session id, node.
+# After a message was stored: hand it to the owner (mark dirty, publish to its node's
+# channel), or take the free lease. Atomic with the owner's release, so no message is
+# stranded between the owner's last look and its release.
+NUDGE = (
+    _NOW
+    + """
+local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
+local token, ttl_ms, dirty_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local channel_prefix, payload, session, node = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local owner = redis.call('GET', lease_key)
+if not owner then
+  redis.call('SET', lease_key, token, 'PX', ttl_ms)
+  redis.call('ZADD', active_key, now + ttl_ms, session)
+  return token
+end
+redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
+local owner_node = string.match(owner, '^([^:]+):')
+if owner_node ~= node then
+  redis.call('PUBLISH', channel_prefix .. owner_node, payload)
+end
+return owner
+"""
+)
+
+# KEYS: lease, dirty, active. ARGV: token, session id. Release the lease only if it is still
+# this claim and nothing arrived since the owner last looked: "anything new?" and the release
+# are one step.
+RELEASE = """
+local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
+local token, session = ARGV[1], ARGV[2]
+if redis.call('GET', lease_key) ~= token then
+  return 'lost'
+end
+if redis.call('DEL', dirty_key) == 1 then
+  return 'dirty'
+end
+redis.call('DEL', lease_key)
+redis.call('ZREM', active_key, session)
+return 'released'
+"""
+
+# KEYS: lease, active. ARGV: token, ttl_ms, session id. 1 if the claim was renewed.
+RENEW = (
+    _NOW
+    + """
+local lease_key, active_key = KEYS[1], KEYS[2]
+local token, ttl_ms, session = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if redis.call('GET', lease_key) == token then
+  redis.call('ZADD', active_key, now + ttl_ms, session)
+  return redis.call('PEXPIRE', lease_key, ttl_ms)
+end
+return 0
+"""
+)
+
+# KEYS: lease, active. ARGV: token, session id. Let a session go at shutdown whatever its
+# dirty mark: the dirty mark stays, and whoever claims the session next answers what is
+# unanswered. It stays listed as active (expired now), so some process's watchdog does.
+DROP = (
+    _NOW
+    + """
+local lease_key, active_key = KEYS[1], KEYS[2]
+local token, session = ARGV[1], ARGV[2]
+if redis.call('GET', lease_key) == token then
+  redis.call('ZADD', active_key, now, session)
+  return redis.call('DEL', lease_key)
+end
+return 0
+"""
+)
+
+# KEYS: active. ARGV: how many. Sessions whose lease ran out without a release.
+ORPHANS = (
+    _NOW
+    + """
+local active_key, limit = KEYS[1], tonumber(ARGV[1])
+return redis.call('ZRANGEBYSCORE', active_key, '-inf', now, 'LIMIT', 0, limit)
+"""
+)
