@@ -18,6 +18,10 @@ def _serve(settings: Settings, reload: bool) -> None:
     import uvicorn
 
     settings.check_serving()
+    # Every agent's model is built here, before uvicorn starts, so a missing provider key is
+    # exit code 2 with one line naming it, for any number of workers. (Setups run in each
+    # worker's lifespan; a failing one makes uvicorn exit with its start-up failure code.)
+    asyncio.run(_check_agents(settings))
     # Worker processes build their own Settings from the environment in create_app, so the
     # command-line overrides travel there.
     os.environ["THREADLINE_HOST"] = settings.host
@@ -36,6 +40,17 @@ def _serve(settings: Settings, reload: bool) -> None:
         log_level="info",
         access_log=False,
     )
+
+
+async def _check_agents(settings: Settings) -> None:
+    from threadline.agents import AgentRegistry
+    from threadline.agents.registry import load_specs
+
+    registry = AgentRegistry(load_specs(settings.agents_module), default_model=settings.model)
+    try:
+        registry.check()
+    finally:
+        await registry.aclose()
 
 
 async def _migrate(settings: Settings) -> None:
