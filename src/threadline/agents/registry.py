@@ -108,7 +108,8 @@ class AgentRegistry:
     async def start(self) -> None:
         """Build every agent and run every setup; ``ConfigError`` names the agent that failed."""
         # Every model first: a configuration error should not wait for (or follow) setups.
-        built = {spec.name: self._build(spec) for spec in self._specs.values()}
+        # In a thread: pydantic-ai imports a provider's SDK on first use, reading files.
+        built = await asyncio.to_thread(self._build_all)
         for name, loaded in built.items():
             if name in self._loaded:
                 continue
@@ -123,8 +124,10 @@ class AgentRegistry:
 
     def check(self) -> None:
         """Build every agent's model without running setups: a configuration check."""
-        for spec in self._specs.values():
-            self._build(spec)
+        self._build_all()
+
+    def _build_all(self) -> dict[str, LoadedAgent]:
+        return {spec.name: self._build(spec) for spec in self._specs.values()}
 
     async def get(self, name: str) -> LoadedAgent:
         loaded = self._loaded.get(name)
