@@ -32,6 +32,14 @@ def test_run_answers_once_and_continues_a_named_session(tmp_path: Path) -> None:
     assert second.stdout.strip() == "echo: again"
 
 
+def test_run_refuses_a_session_of_another_agent(tmp_path: Path) -> None:
+    env = {"THREADLINE_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db"}
+    assert run_cli("run", "echo", "mine", "--session", "s1", env=env).returncode == 0
+    other = run_cli("run", "assistant", "hi", "--session", "s1", env=env)
+    assert other.returncode == 1
+    assert "session_agent_mismatch" in other.stderr
+
+
 def test_run_unknown_agent_fails_with_a_message(tmp_path: Path) -> None:
     env = {"THREADLINE_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db"}
     result = run_cli("run", "nobody", "hi", env=env)

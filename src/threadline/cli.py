@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from threadline.config import Settings, load_settings
-from threadline.errors import ConfigError, ThreadlineError
+from threadline.errors import ConfigError, SessionAgentMismatch, ThreadlineError
 
 
 def _serve(settings: Settings, reload: bool) -> None:
@@ -70,6 +70,8 @@ async def _run_once(settings: Settings, agent: str, message: str, session: str |
         services.registry.spec(agent)
         if session:
             record = await services.store.get_or_create_session(session, agent=agent)
+            if record.agent != agent:
+                raise SessionAgentMismatch(record.id, record.agent, agent)
         else:
             record = await services.store.create_session(agent)
         answer = await services.coordinator.submit(

@@ -79,7 +79,7 @@ async def test_list_sessions_without_user_lists_only_sessions_without_user(
     owned = await make_session()
     anonymous = await make_session(user_id=None)
     for no_user in (None, ""):  # one namespace, as in find_session
-        listed, total = await store.list_sessions(user_id=no_user, limit=1000)
+        listed, _ = await store.list_sessions(user_id=no_user, limit=1000)
         assert anonymous.id in {s.id for s in listed}
         assert owned.id not in {s.id for s in listed}
         assert all(not s.user_id for s in listed)
