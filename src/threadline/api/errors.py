@@ -65,6 +65,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(413, exc.code, str(exc))
     if isinstance(exc, Unauthorized):
         return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "X-API-Key"})
+    if isinstance(exc, Forbidden):
+        return error_response(403, exc.code, str(exc))
     status = next((s for kind, s in STATUS if isinstance(exc, kind)), 500)
     headers = None
     extra: dict[str, Any] = {}
