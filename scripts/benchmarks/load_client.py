@@ -8,10 +8,11 @@ event loop or a GIL with its load), but it works against any server with threadl
 It uses aiohttp: on this machine httpx spent 3-5 ms of CPU per request at 200 connections,
 aiohttp 0.3 ms, and the client shares the machine's two cores with the server it measures.
 
-Phases: warm-up (pools fill, statements get prepared; not measured), then a read of
-/debug/metrics that also resets the server's loop-lag window, the measured phase, and a final
-read. Every request must answer 2xx with a body that echoes its own prompt; anything else is an
-error, counted by kind. Latencies are raw per-request wall times, never a histogram's estimate.
+Phases: warm-up (pools fill, statements get prepared; not measured), then
+POST /debug/metrics/reset (a read that also resets the server's loop-lag window), the measured
+phase, and a final read of /debug/metrics. Every request must answer 2xx with a body that
+echoes its own prompt; anything else is an error, counted by kind. Latencies are raw
+per-request wall times, never a histogram's estimate.
 
 Modes: one new session per request (the default), or ``--burst K``: ``concurrency // K`` lanes
 each send K messages to one new session at once, as a user typing fast does.
@@ -181,7 +182,10 @@ async def _read_metrics(url: str, reset: bool) -> list[dict[str, Any]]:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
-                client.get(f"{url}/debug/metrics", params={"reset": str(reset).lower()}) as r,
+                client.request(
+                    "POST" if reset else "GET",
+                    f"{url}/debug/metrics/reset" if reset else f"{url}/debug/metrics",
+                ) as r,
             ):
                 if r.status == 200:
                     reads.append(await r.json())

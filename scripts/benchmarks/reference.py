@@ -215,15 +215,14 @@ def tune_gc() -> None:
 
 
 def install_ops_routes(app: FastAPI, monitor: LoopLagMonitor, stats: ModelCallStats) -> None:
-    """``/health`` and ``/debug/metrics`` with the fields threadline exposes."""
+    """``/health``, ``/debug/metrics`` and its reset, with the fields threadline exposes."""
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/debug/metrics")
-    async def metrics(reset: bool = False) -> dict[str, Any]:
-        body = {
+    def snapshot() -> dict[str, Any]:
+        return {
             "loop_lag": monitor.snapshot(),
             "model_calls": {
                 "started": stats.started,
@@ -231,6 +230,13 @@ def install_ops_routes(app: FastAPI, monitor: LoopLagMonitor, stats: ModelCallSt
                 "cancelled": stats.cancelled,
             },
         }
-        if reset:
-            monitor.reset()
+
+    @app.get("/debug/metrics")
+    async def metrics() -> dict[str, Any]:
+        return snapshot()
+
+    @app.post("/debug/metrics/reset")
+    async def reset_metrics() -> dict[str, Any]:
+        body = snapshot()
+        monitor.reset()
         return body

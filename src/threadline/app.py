@@ -1,6 +1,7 @@
 """``create_app(settings)``: the FastAPI app and the lifespan that owns every resource.
 
-Order of start-up: store (migrated) -> agent registry -> coordinator -> loop monitor. Shutdown
+Order of start-up: agent registry (every model built, every setup run, so a bad configuration
+fails start-up before any I/O) -> store (migrated) -> coordinator -> loop monitor. Shutdown
 runs in reverse through one ``AsyncExitStack``: the coordinator first stops intake and lets
 runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
 """
@@ -14,19 +15,21 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline import __version__
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
 from threadline.api import errors as api_errors
-from threadline.api.deps import Services, ServicesDep
+from threadline.api.access import LoopbackOnly
+from threadline.api.deps import Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge, error_response
 from threadline.api.routes import router
 from threadline.config import Settings, load_settings
 from threadline.coordination import Coordinator
 from threadline.coordination.local import LocalCoordinator
+from threadline.errors import ConfigError
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store, open_store
 
@@ -59,13 +62,14 @@ async def open_services(
     ``agents`` adds (or overrides by name) specs besides the built-in and the user's module.
     """
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store(settings))
         registry = AgentRegistry(
             [*load_specs(settings.agents_module), *agents],
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
         )
         stack.push_async_callback(registry.aclose)
+        await registry.start()
+        store = await stack.enter_async_context(open_store(settings))
         coordinator = await stack.enter_async_context(open_coordinator(settings, store, registry))
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
         yield Services(settings, store, registry, coordinator, monitor)
@@ -123,10 +127,16 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.api_key is None:
             log.warning(
-                "THREADLINE_API_KEY is unset: requests are not authenticated, "
-                "so the server only binds to loopback"
+                "THREADLINE_API_KEY is unset: requests are not authenticated, so clients "
+                "from other machines get 403 (loopback only, /health excepted)"
             )
-        async with open_services(settings, agents) as services:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                services = await stack.enter_async_context(open_services(settings, agents))
+            except ConfigError as exc:
+                # One readable line ahead of the server's traceback of the failed start-up.
+                log.error("start-up failed: %s", exc)
+                raise
             app.state.services = services
             if settings.gc_tuning:
                 tune_gc()
@@ -143,6 +153,9 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     api_errors.install(app)
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key is None:
+        # Added last, so it runs first: a refused peer costs no body reading.
+        app.add_middleware(LoopbackOnly)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -155,11 +168,12 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
         return {"status": "ready", "store": services.settings.backend}
 
     if settings.debug_metrics:
+        # Same rule as /api/v1: the API key when one is set (the loopback rule otherwise).
+        guarded = [Depends(require_api_key)]
 
-        @app.get("/debug/metrics", tags=["ops"])
-        async def metrics(services: ServicesDep, reset: bool = False) -> dict[str, Any]:
+        def snapshot(services: Services) -> dict[str, Any]:
             stats = services.registry.stats
-            body = {
+            return {
                 "pid": os.getpid(),  # tells the workers of one `serve --workers N` apart
                 "loop_lag": services.monitor.snapshot(),
                 "model_calls": {
@@ -170,8 +184,16 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
                 "agent_inits": services.registry.init_count,
                 "coordinator": services.coordinator.metrics(),
             }
-            if reset:
-                services.monitor.reset()
+
+        @app.get("/debug/metrics", tags=["ops"], dependencies=guarded)
+        async def metrics(services: ServicesDep) -> dict[str, Any]:
+            return snapshot(services)
+
+        @app.post("/debug/metrics/reset", tags=["ops"], dependencies=guarded)
+        async def reset_metrics(services: ServicesDep) -> dict[str, Any]:
+            """The metrics as they were, then a fresh loop-lag window (benchmarks' phases)."""
+            body = snapshot(services)
+            services.monitor.reset()
             return body
 
     return app

@@ -11,13 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from threadline.config import Settings, load_settings
-from threadline.errors import ConfigError, ThreadlineError
+from threadline.errors import ConfigError, SessionAgentMismatch, ThreadlineError
 
 
 def _serve(settings: Settings, reload: bool) -> None:
     import uvicorn
 
     settings.check_serving()
+    # Every agent's model is built here, before uvicorn starts, so a missing provider key is
+    # exit code 2 with one line naming it, for any number of workers. (Setups run in each
+    # worker's lifespan; a failing one makes uvicorn exit with its start-up failure code.)
+    asyncio.run(_check_agents(settings))
     # Worker processes build their own Settings from the environment in create_app, so the
     # command-line overrides travel there.
     os.environ["THREADLINE_HOST"] = settings.host
@@ -38,6 +42,17 @@ def _serve(settings: Settings, reload: bool) -> None:
     )
 
 
+async def _check_agents(settings: Settings) -> None:
+    from threadline.agents import AgentRegistry
+    from threadline.agents.registry import load_specs
+
+    registry = AgentRegistry(load_specs(settings.agents_module), default_model=settings.model)
+    try:
+        registry.check()
+    finally:
+        await registry.aclose()
+
+
 async def _migrate(settings: Settings) -> None:
     from threadline.store import open_store
 
@@ -54,6 +69,8 @@ async def _run_once(settings: Settings, agent: str, message: str, session: str |
         services.registry.spec(agent)
         if session:
             record = await services.store.get_or_create_session(session, agent=agent)
+            if record.agent != agent:
+                raise SessionAgentMismatch(record.id, record.agent, agent)
         else:
             record = await services.store.create_session(agent)
         answer = await services.coordinator.submit(

@@ -8,10 +8,12 @@ ThreadlineError
 │   ├── SessionNotFound
 │   └── RunNotFound
 ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
+├── SessionAgentMismatch   409: the session belongs to another agent
 ├── QueueFull              429: too many unanswered messages in one session
 ├── Unavailable            503: a dependency is down or we are shutting down
 │   ├── StoreUnavailable
 │   ├── CoordinatorUnavailable
+│   ├── AgentUnavailable   an agent's lazy setup failed; retried after a back-off
 │   ├── ShuttingDown
 │   └── AnswerPending      the message is stored, its answer could not be had here
 └── RunFailed              502: the run that was to answer the caller failed
@@ -69,6 +71,17 @@ class SessionBusy(ThreadlineError):
         self.run_id = run_id
 
 
+class SessionAgentMismatch(ThreadlineError):
+    code = "session_agent_mismatch"
+
+    def __init__(self, session_id: UUID, owner: str, agent: str) -> None:
+        super().__init__(
+            f"session {str(session_id)!r} belongs to agent {owner!r}, not {agent!r}; "
+            f"send to /agent/{owner}/run or use another session"
+        )
+        self.session_id = session_id
+
+
 class QueueFull(ThreadlineError):
     code = "queue_full"
 
@@ -90,6 +103,15 @@ class StoreUnavailable(Unavailable):
 
 class CoordinatorUnavailable(Unavailable):
     code = "coordinator_unavailable"
+
+
+class AgentUnavailable(Unavailable):
+    code = "agent_unavailable"
+
+    def __init__(self, agent: str, retry_after_s: int) -> None:
+        super().__init__(f"agent {agent!r} could not be initialised; retry later")
+        self.agent = agent
+        self.retry_after_s = retry_after_s
 
 
 class ShuttingDown(Unavailable):

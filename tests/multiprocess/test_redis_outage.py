@@ -91,8 +91,8 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
 
             # Every new message fails fast, at either process, and nothing of it is stored.
             for server in servers:
-                for sid in (finished, spanning, fresh):
-                    refused = await post(client, server, sid, f"lost?\n{gate.line()}", "gated")
+                for sid, agent in ((finished, "gated"), (spanning, "burst"), (fresh, "burst")):
+                    refused = await post(client, server, sid, f"lost?\n{gate.line()}", agent)
                     assert refused.status_code == 503, refused.text
                     assert refused.json()["error"]["code"] == "coordinator_unavailable"
             assert [await user_messages(db, sid) for sid in (finished, spanning, fresh)] == [

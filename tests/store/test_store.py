@@ -71,9 +71,18 @@ async def test_list_sessions_newest_first_with_total(
     assert [total for _, total in pages] == [5, 5, 5]
     assert [s.id for page, _ in pages for s in page] == newest_first
     assert await store.list_sessions(user_id=user_id, offset=10) == ([], 5)
-    everyone, total = await store.list_sessions(limit=1000)
-    assert total >= 5
-    assert {s.id for s in created} <= {s.id for s in everyone}
+
+
+async def test_list_sessions_without_user_lists_only_sessions_without_user(
+    store: Store, make_session: MakeSession
+) -> None:
+    owned = await make_session()
+    anonymous = await make_session(user_id=None)
+    for no_user in (None, ""):  # one namespace, as in find_session
+        listed, _ = await store.list_sessions(user_id=no_user, limit=1000)
+        assert anonymous.id in {s.id for s in listed}
+        assert owned.id not in {s.id for s in listed}
+        assert all(not s.user_id for s in listed)
 
 
 async def test_delete_session_cascades(store: Store, make_session: MakeSession) -> None:

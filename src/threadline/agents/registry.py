@@ -1,18 +1,27 @@
 """The agent registry: immutable specs in, ready-to-run pydantic-ai agents out.
 
 A pydantic-ai ``Agent`` holds no per-run state (messages and deps are passed to each run), so
-one is built per spec on first use and shared; what differs per request travels in a fresh
-``RunDeps``. Building costs ~0.5 ms of CPU here, a sixth of a whole run, which is why it is
-cached rather than rebuilt per request. First use is single-flight: 200 concurrent first
-requests run ``spec.setup`` and build the model once.
+one is built per spec and shared; what differs per request travels in a fresh ``RunDeps``.
+Building costs ~0.5 ms of CPU here, a sixth of a whole run, which is why it is cached rather
+than rebuilt per request.
+
+``start()`` builds every agent and runs every ``spec.setup`` before the server is ready, so a
+missing provider key or a failing setup stops start-up with a ``ConfigError`` naming the
+agent, instead of failing requests. ``get()`` still loads lazily for a registry that was not
+started: single-flight (200 concurrent first requests run ``setup`` once), and a failure there
+is an ``AgentUnavailable`` remembered for ``retry_after_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import math
 import os
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from openai import AsyncOpenAI
@@ -23,9 +32,14 @@ from threadline.agents.builtin import BUILTIN_AGENTS
 from threadline.agents.echo import MODEL_NAME as ECHO_MODEL
 from threadline.agents.echo import ModelCallStats, echo_model
 from threadline.agents.spec import AgentSpec, RunDeps
-from threadline.errors import AgentNotFound, ConfigError
+from threadline.errors import AgentNotFound, AgentUnavailable, ConfigError
+
+log = logging.getLogger(__name__)
 
 OPENAI_COMPAT = "openai-compat:"
+# pydantic-ai's wording for a provider without its key: "Set the `OPENAI_API_KEY` environment
+# variable or pass it via ...".
+_MISSING_KEY = re.compile(r"Set the `(\w+)` environment variable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,8 @@ class AgentRegistry:
         default_model: str,
         echo_delay_s: float = 0.0,
         stats: ModelCallStats | None = None,
+        retry_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._default_model = default_model
@@ -71,6 +87,12 @@ class AgentRegistry:
         # Provider clients this registry created; closed with the app so no connection
         # outlives it.
         self._clients: list[AsyncOpenAI] = []
+        # name -> when its lazy load last failed. Requests within ``retry_after_s`` of that get
+        # 503 at once instead of rerunning the setup: a broken dependency is not hammered by
+        # every request, and callers do not each wait for a setup that is bound to fail.
+        self._failures: dict[str, float] = {}
+        self._retry_after_s = retry_after_s
+        self._clock = clock
         self.init_count = 0
 
     @property
@@ -83,6 +105,30 @@ class AgentRegistry:
         except KeyError:
             raise AgentNotFound(f"agent {name!r} is not registered") from None
 
+    async def start(self) -> None:
+        """Build every agent and run every setup; ``ConfigError`` names the agent that failed."""
+        # Every model first: a configuration error should not wait for (or follow) setups.
+        # In a thread: pydantic-ai imports a provider's SDK on first use, reading files.
+        built = await asyncio.to_thread(self._build_all)
+        for name, loaded in built.items():
+            if name in self._loaded:
+                continue
+            self.init_count += 1
+            setup = loaded.spec.setup
+            if setup is not None:
+                try:
+                    await setup()
+                except Exception as exc:
+                    raise ConfigError(f"agent {name!r}: setup failed: {exc!r}") from exc
+            self._loaded[name] = loaded
+
+    def check(self) -> None:
+        """Build every agent's model without running setups: a configuration check."""
+        self._build_all()
+
+    def _build_all(self) -> dict[str, LoadedAgent]:
+        return {spec.name: self._build(spec) for spec in self._specs.values()}
+
     async def get(self, name: str) -> LoadedAgent:
         loaded = self._loaded.get(name)
         if loaded is not None:
@@ -92,26 +138,44 @@ class AgentRegistry:
         async with lock:
             loaded = self._loaded.get(name)
             if loaded is None:
+                failed_at = self._failures.get(name)
+                if failed_at is not None:
+                    wait = self._retry_after_s - (self._clock() - failed_at)
+                    if wait > 0:
+                        raise AgentUnavailable(name, math.ceil(wait))
                 self.init_count += 1
-                if spec.setup is not None:
-                    await spec.setup()
-                model, model_name = self._model(spec.model)
-                agent: Agent[RunDeps, str] = Agent(
-                    model,
-                    instructions=spec.instructions or None,
-                    deps_type=RunDeps,
-                    output_type=str,
-                    tools=spec.tools,
-                    model_settings=spec.model_settings,
-                    name=spec.name,
-                )
-                loaded = self._loaded[name] = LoadedAgent(spec, agent, model_name)
+                try:
+                    if spec.setup is not None:
+                        await spec.setup()
+                    loaded = self._loaded[name] = self._build(spec)
+                except Exception as exc:
+                    # The cause stays in the log: it may name hosts or credentials.
+                    log.exception("agent %r failed to load", name)
+                    self._failures[name] = self._clock()
+                    raise AgentUnavailable(name, math.ceil(self._retry_after_s)) from exc
+                self._failures.pop(name, None)
         return loaded
 
     async def aclose(self) -> None:
         for client in self._clients:
             await client.close()
         self._clients.clear()
+
+    def _build(self, spec: AgentSpec) -> LoadedAgent:
+        try:
+            model, model_name = self._model(spec.model)
+        except ConfigError as exc:
+            raise ConfigError(f"agent {spec.name!r}: {exc}") from exc
+        agent: Agent[RunDeps, str] = Agent(
+            model,
+            instructions=spec.instructions or None,
+            deps_type=RunDeps,
+            output_type=str,
+            tools=spec.tools,
+            model_settings=spec.model_settings,
+            name=spec.name,
+        )
+        return LoadedAgent(spec, agent, model_name)
 
     def _model(self, model: str | Model | None) -> tuple[Model, str]:
         if isinstance(model, Model):
@@ -141,4 +205,8 @@ class AgentRegistry:
         try:
             return infer_model(name)
         except Exception as exc:
+            # pydantic-ai names the variable it looked for; its message never holds a key.
+            missing = _MISSING_KEY.search(str(exc))
+            if missing:
+                raise ConfigError(f"model {name!r} needs {missing[1]}") from exc
             raise ConfigError(f"cannot use model {name!r}: {exc}") from exc

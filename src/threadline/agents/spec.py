@@ -49,6 +49,6 @@ class AgentSpec:
     # Plain functions or functions taking RunContext[RunDeps] first, as pydantic-ai accepts.
     tools: tuple[Callable[..., Any], ...] = ()
     model_settings: ModelSettings | None = None
-    # Expensive first-time initialisation (load an index, warm a client). Runs once per
-    # process, on first use, however many requests arrive at once.
+    # Expensive initialisation (load an index, warm a client). Runs once per process at
+    # start-up, before the server is ready; raising stops start-up.
     setup: Callable[[], Awaitable[None]] | None = None

@@ -11,12 +11,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from threadline.errors import (
+    AgentUnavailable,
     InvalidRequest,
     ModelError,
     ModelTimeout,
     NotFound,
     QueueFull,
     RunFailed,
+    SessionAgentMismatch,
     SessionBusy,
     ThreadlineError,
     Unavailable,
@@ -28,6 +30,7 @@ STATUS: list[tuple[type[ThreadlineError], int]] = [
     (InvalidRequest, 422),
     (NotFound, 404),
     (SessionBusy, 409),
+    (SessionAgentMismatch, 409),
     (QueueFull, 429),
     (Unavailable, 503),
     (ModelTimeout, 504),
@@ -44,6 +47,10 @@ class Unauthorized(ThreadlineError):
     code = "unauthorized"
 
 
+class Forbidden(ThreadlineError):
+    code = "forbidden"
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
@@ -58,10 +65,12 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(413, exc.code, str(exc))
     if isinstance(exc, Unauthorized):
         return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "X-API-Key"})
+    if isinstance(exc, Forbidden):
+        return error_response(403, exc.code, str(exc))
     status = next((s for kind, s in STATUS if isinstance(exc, kind)), 500)
     headers = None
     extra: dict[str, Any] = {}
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull | AgentUnavailable):
         headers = {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, SessionBusy | RunFailed) and exc.run_id is not None:
         extra["run_id"] = str(exc.run_id)

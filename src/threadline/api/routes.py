@@ -20,7 +20,7 @@ from threadline.api.schemas import (
     SessionPage,
 )
 from threadline.coordination import TurnRequest
-from threadline.errors import RunNotFound, SessionNotFound
+from threadline.errors import RunNotFound, SessionAgentMismatch, SessionNotFound
 from threadline.store import Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
@@ -39,7 +39,8 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
 @router.post("/agent/{name}/run", response_model=RunResponse)
 async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunResponse:
     settings, store = services.settings, services.store
-    services.registry.spec(name)  # 404 before anything is stored
+    # 404 (unknown) or 503 (setup failing) before anything is stored.
+    await services.registry.get(name)
     if len(body.message_content) > settings.max_message_chars:
         raise PayloadTooLarge(
             f"message_content has {len(body.message_content)} characters; "
@@ -55,6 +56,9 @@ async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunRe
         )
     else:
         session = await store.create_session(name, user_id=body.user_id)
+    if session.agent != name:
+        # Another agent's history is not this one's to extend (or to read back as context).
+        raise SessionAgentMismatch(session.id, session.agent, name)
     answer = await services.coordinator.submit(
         TurnRequest(
             session_id=session.id,
@@ -109,6 +113,7 @@ async def list_sessions(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> SessionPage:
+    """Sessions of ``user_id``; without it, only sessions that have no user."""
     sessions, total = await services.store.list_sessions(
         user_id=user_id, limit=page_size, offset=(page - 1) * page_size
     )

@@ -244,7 +244,8 @@ SELECT t.total, page.*
 FROM (SELECT count(*) AS total FROM sessions {{where}}) t LEFT JOIN page ON true
 ORDER BY page.created_at DESC, page.id DESC
 """
-LIST_SESSIONS = _LIST_SESSIONS_TEMPLATE.format(where="")
+# No user means the anonymous namespace, as in FIND_SESSION (and its index's expression).
+LIST_SESSIONS = _LIST_SESSIONS_TEMPLATE.format(where="WHERE COALESCE(user_id, '') = ''")
 LIST_USER_SESSIONS = _LIST_SESSIONS_TEMPLATE.format(where="WHERE user_id = $3")
 LIST_MESSAGES = f"""
 WITH page AS (

@@ -175,7 +175,11 @@ class Store(Protocol):
     async def list_sessions(
         self, *, user_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Session], int]:
-        """A page of sessions, newest first, and the total count."""
+        """A page of ``user_id``'s sessions, newest first, and the total count.
+
+        ``user_id`` None (or "") lists the sessions that have no user: one namespace, as in
+        ``find_session``, never every user's sessions.
+        """
 
     async def delete_session(self, session_id: UUID) -> bool:
         """Delete a session with its messages and runs; False if it did not exist."""

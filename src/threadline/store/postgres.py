@@ -170,7 +170,7 @@ class PostgresStore:
     async def list_sessions(
         self, *, user_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Session], int]:
-        if user_id is None:
+        if not user_id:
             rows = await self._fetch(sql.LIST_SESSIONS, limit, offset)
         else:
             rows = await self._fetch(sql.LIST_USER_SESSIONS, limit, offset, user_id)

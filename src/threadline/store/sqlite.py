@@ -137,7 +137,11 @@ class SQLiteStore:
     async def list_sessions(
         self, *, user_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Session], int]:
-        where, args = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        where, args = (
+            ("WHERE user_id = ?", (user_id,))
+            if user_id
+            else ("WHERE COALESCE(user_id, '') = ''", ())
+        )
 
         def page(db: sqlite3.Connection) -> tuple[list[Session], int]:
             total = db.execute(f"SELECT count(*) FROM sessions {where}", args).fetchone()[0]
