@@ -1,0 +1,165 @@
+"""The Redis coordinator's failure paths, with coordinators in this process on the real
+PostgreSQL and Redis: what happens to a lease, a waiting caller or an answer when a step fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.multiprocess.conftest import start_redis
+from threadline.agents import AgentRegistry
+from threadline.agents.builtin import BUILTIN_AGENTS
+from threadline.config import Settings
+from threadline.coordination import TurnRequest, keys
+from threadline.coordination.local import user_message
+from threadline.coordination.redis import RedisCoordinator
+from threadline.errors import CoordinatorUnavailable, StoreUnavailable
+from threadline.queue.job import RunOptions
+from threadline.store import PostgresStore, Store
+
+pytestmark = pytest.mark.allow_blocking  # starts a redis-server of its own in one test
+
+Connect = Callable[..., Awaitable[RedisCoordinator]]
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
+    opened = await PostgresStore.connect(pg_url, min_size=1, max_size=4)
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.fixture
+async def connect(pg_url: str, redis_url: str) -> AsyncIterator[Connect]:
+    opened: list[RedisCoordinator] = []
+
+    async def make(store: Store, **overrides: Any) -> RedisCoordinator:
+        overrides.setdefault("redis_url", redis_url)
+        settings = Settings(_env_file=None, database_url=pg_url, **overrides)  # type: ignore[call-arg]
+        registry = AgentRegistry(BUILTIN_AGENTS, default_model="threadline:echo")
+        coordinator = await RedisCoordinator.connect(settings, store, registry)
+        opened.append(coordinator)
+        return coordinator
+
+    yield make
+    for coordinator in opened:
+        await coordinator.aclose()
+
+
+def request(session_id: uuid.UUID, text: str) -> TurnRequest:
+    return TurnRequest(session_id, "echo", text, "merge")
+
+
+async def test_a_late_nudge_for_an_answered_message_publishes_its_real_answer(
+    store: PostgresStore, connect: Connect
+) -> None:
+    owner, other = await connect(store), await connect(store)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    # A message stored at `other`, whose nudge is still on its way to the owner...
+    early, _ = await store.add_user_message(session.id, user_message(request(session.id, "e")))
+    waiting = other._mailbox.expect(session.id, early.id)
+    # ...is answered meanwhile by the owner's own run, which covers every unanswered message.
+    answer = await owner.submit(request(session.id, "late"))
+    assert set(answer.outcome.message_ids) == {early.id, answer.message_id}
+
+    owner._on_nudge(
+        {
+            "session_id": str(session.id),
+            "message_id": str(early.id),
+            "seq": early.seq,
+            "strategy": "merge",
+            "options": RunOptions("echo").to_json(),
+        }
+    )
+
+    delivered = await waiting
+    assert delivered.outcome.error is None
+    assert delivered.outcome.run_id == answer.outcome.run_id
+    assert delivered.outcome.result == answer.outcome.result
+    other._mailbox.forget(early.id)
+
+
+class FlakyStore:
+    """The real store, whose ``unanswered`` fails once: a takeover failing after its claim."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self.failures = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def unanswered(self, session_id: uuid.UUID) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("PostgreSQL is unavailable: injected")
+        return await self._store.unanswered(session_id)
+
+
+async def test_a_takeover_that_fails_after_its_claim_lets_the_lease_go(
+    store: PostgresStore, connect: Connect, redis_url: str
+) -> None:
+    flaky = FlakyStore(store)
+    coordinator = await connect(flaky)  # type: ignore[arg-type]
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await coordinator._leases.claim(session.id)
+
+    with pytest.raises(StoreUnavailable):
+        await coordinator.take_over(session.id)
+
+    redis = coordinator._redis
+    while await redis.get(keys.lease(session.id)) is not None:
+        await asyncio.sleep(0.01)  # released by a task the takeover's `finally` started
+    assert not coordinator._leases.holds(session.id)
+
+
+async def test_the_dirty_mark_outlives_the_longest_run(
+    store: PostgresStore, connect: Connect
+) -> None:
+    coordinator = await connect(store, model_timeout_s=300, lease_ttl_ms=1000)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await coordinator._leases.claim(session.id)
+    assert await coordinator._leases.claim(session.id)  # held already: marks it dirty
+    ttl_ms = await coordinator._redis.pttl(keys.dirty(session.id))
+    assert ttl_ms > 300_000
+    assert await coordinator._leases.release(session.id) == "dirty"
+    assert await coordinator._leases.release(session.id) == "released"
+
+
+async def test_a_frozen_redis_fails_a_request_within_the_redis_timeout(
+    store: PostgresStore, connect: Connect, tmp_path: Path
+) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is not on PATH"
+    redis_server = await start_redis(binary, tmp_path)
+    try:
+        coordinator = await connect(store, redis_url=redis_server.url, redis_timeout_s=0.5)
+        session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+        os.kill(redis_server.child.process.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(CoordinatorUnavailable):
+                await coordinator.submit(request(session.id, "anyone?"))
+            elapsed = time.monotonic() - began
+        finally:
+            os.kill(redis_server.child.process.pid, signal.SIGCONT)
+        # One bound for the whole call, retries included (it was four timeouts before).
+        assert elapsed < 0.5 * 1.5, elapsed
+        assert await store.unanswered(session.id) == []
+    finally:
+        with contextlib.suppress(Exception):
+            await redis_server.child.stop()
