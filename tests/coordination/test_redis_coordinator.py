@@ -163,3 +163,35 @@ async def test_a_frozen_redis_fails_a_request_within_the_redis_timeout(
     finally:
         with contextlib.suppress(Exception):
             await redis_server.child.stop()
+
+
+async def test_a_stale_release_reply_never_drops_a_newer_claim(
+    store: PostgresStore, connect: Connect
+) -> None:
+    coordinator = await connect(store)
+    leases = coordinator._leases
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await leases.claim(session.id)
+    script = leases._release
+    replied, deliver = asyncio.Event(), asyncio.Event()
+
+    async def held_back_reply(**kwargs: Any) -> Any:
+        result = await script(**kwargs)  # the release happens in Redis...
+        replied.set()
+        await deliver.wait()  # ...but its reply reaches us only after a new claim
+        return result
+
+    leases._release = held_back_reply  # type: ignore[method-assign]
+    releasing = asyncio.create_task(leases.release(session.id))
+    await replied.wait()
+    assert await leases.claim(session.id)  # a new message: the lease is ours again
+    deliver.set()
+    assert await releasing == "released"
+
+    # The newer claim is still held, and renewed, and the lease in Redis is its token.
+    assert leases.holds(session.id)
+    token = await coordinator._redis.get(keys.lease(session.id))
+    assert token is not None
+    assert token.decode() == leases._held[session.id]
+    lost, _ = await leases.renew(lambda sid: sid == session.id)
+    assert lost == []
