@@ -195,3 +195,32 @@ async def test_a_stale_release_reply_never_drops_a_newer_claim(
     assert token.decode() == leases._held[session.id]
     lost, _ = await leases.renew(lambda sid: sid == session.id)
     assert lost == []
+
+
+async def test_a_takeover_runs_each_message_the_way_its_caller_asked(
+    store: PostgresStore, connect: Connect
+) -> None:
+    coordinator = await connect(store)
+    session = await store.create_session("assistant", user_id=f"u-{uuid.uuid4()}")
+    # Stored by a process that died before running it: another agent than the session's
+    # creator named, and a context only its caller knew.
+    asked = TurnRequest(
+        session.id,
+        "echo",
+        '/call conversation_context {"key": "order"}',
+        "merge",
+        user_id="caller-7",
+        context={"order": "A-42"},
+        history_limit=3,
+    )
+    message, _ = await store.add_user_message(session.id, user_message(asked))
+    assert await coordinator._leases.claim(session.id)
+
+    await coordinator.take_over(session.id)
+
+    while (found := await store.answer_for(message.id)) is None:
+        await asyncio.sleep(0.01)  # the adopted run commits in the background
+    run, reply = found
+    assert reply is not None
+    assert "[conversation_context -> A-42]" in reply.content
+    assert run.agent == "echo"
