@@ -89,10 +89,10 @@ class Leases:
                 token,
                 self._ttl_ms,
                 self._dirty_ttl_ms,
-                keys.NODE_CHANNEL_PREFIX,
-                payload,
                 str(session_id),
                 self.node,
+                keys.NODE_CHANNEL_PREFIX,
+                payload,
             ],
         )
         return self._took(session_id, owner)

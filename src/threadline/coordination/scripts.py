@@ -13,11 +13,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms, session id, node.
-# Returns the owning token after the call. Taking a free lease makes the caller the owner. A
-# node that already owns the lease marks the session dirty, so a release racing this arrival
-# cannot drop the lease while the arrival proceeds as owner.
-CLAIM = (
+# CLAIM and NUDGE start alike. KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms,
+# session id, node. A free lease is taken with this claim's token, and listed as active.
+_TAKE_IF_FREE = (
     _NOW
     + """
 local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
@@ -29,6 +27,15 @@ if not owner then
   redis.call('ZADD', active_key, now + ttl_ms, session)
   return token
 end
+"""
+)
+
+# Returns the owning token after the call. Taking a free lease makes the caller the owner. A
+# node that already owns the lease marks the session dirty, so a release racing this arrival
+# cannot drop the lease while the arrival proceeds as owner.
+CLAIM = (
+    _TAKE_IF_FREE
+    + """
 if string.sub(owner, 1, #node + 1) == node .. ':' then
   redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
 end
@@ -36,23 +43,14 @@ return owner
 """
 )
 
-# KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms, channel prefix, payload,
-# session id, node.
+# ARGV as CLAIM's, then channel prefix, payload.
 # After a message was stored: hand it to the owner (mark dirty, publish to its node's
 # channel), or take the free lease. Atomic with the owner's release, so no message is
 # stranded between the owner's last look and its release.
 NUDGE = (
-    _NOW
+    _TAKE_IF_FREE
     + """
-local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
-local token, ttl_ms, dirty_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local channel_prefix, payload, session, node = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local owner = redis.call('GET', lease_key)
-if not owner then
-  redis.call('SET', lease_key, token, 'PX', ttl_ms)
-  redis.call('ZADD', active_key, now + ttl_ms, session)
-  return token
-end
+local channel_prefix, payload = ARGV[6], ARGV[7]
 redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
 local owner_node = string.match(owner, '^([^:]+):')
 if owner_node ~= node then
