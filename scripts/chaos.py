@@ -29,14 +29,22 @@ from tests.chaos.soak import ChaosConfig, run_chaos  # noqa: E402
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=600.0,
-                        help="seconds of chaos; every phase runs at least once (default 600)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="seconds of chaos; every phase runs at least once (default 600)",
+    )
     parser.add_argument("--sessions", type=int, default=300, help="sessions (default 300)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated, in order (default {','.join(PHASES)})")
-    parser.add_argument("--workers", type=int, default=16,
-                        help="sessions in flight at once (default 16)")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated, in order (default {','.join(PHASES)})",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=16, help="sessions in flight at once (default 16)"
+    )
     parser.add_argument("--json", type=Path, help="write figures and violations here")
     parser.add_argument("--logs", type=Path, help="directory for server logs (default: temp)")
     args = parser.parse_args(argv)

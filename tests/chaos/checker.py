@@ -32,7 +32,8 @@ Invariants, each reported under its name:
     the session's fence (``current_run_id``); a process that lost its lease (killed, paused,
     partitioned) must not store a reply once another owner opened a run.
 ``left_running``
-    A run is still ``queued`` or ``running`` at quiescence.
+    A run is still ``queued`` or ``running`` at quiescence: once the system settled (before
+    the final round, whose runs would close it as ``superseded``), or at the very end.
 ``undocumented_error``
     An HTTP error whose status and code are not among the documented ones (any 500).
 ``transport_error``
@@ -78,12 +79,16 @@ INVARIANTS = (
 )
 
 # The error answers README.md documents for POST /agent/{name}/run. 502 "fenced" is not one:
-# a caller whose run was fenced out must receive the answer of the run that fenced it.
+# a caller whose run was fenced out must receive the answer of the run that fenced it. Nor is
+# 502 "run_failed": the queue wraps any unexpected exception of a run in it (a 500 by
+# another name), while a store or Redis fault is documented as 503.
 DOCUMENTED_ERRORS: dict[int, frozenset[str]] = {
     409: frozenset({"session_busy"}),
     429: frozenset({"queue_full"}),
-    502: frozenset({"model_error", "run_failed"}),
-    503: frozenset({"unavailable", "store_unavailable", "coordinator_unavailable", "shutting_down"}),
+    502: frozenset({"model_error"}),
+    503: frozenset(
+        {"unavailable", "store_unavailable", "coordinator_unavailable", "shutting_down"}
+    ),
     504: frozenset({"model_timeout"}),
 }
 
@@ -130,7 +135,9 @@ class Report:
 
 def answers(run: StoredRun) -> bool:
     """Whether the run answered its messages (see the module docstring)."""
-    return run.status == "succeeded" or (run.status == "failed" and run.reply_message_id is not None)
+    return run.status == "succeeded" or (
+        run.status == "failed" and run.reply_message_id is not None
+    )
 
 
 def check(history: History, snapshot: Snapshot, limits: Limits) -> Report:
@@ -156,6 +163,7 @@ class _Facts:
             if message.role == "user":
                 self.users[message.content].append(message)
         self.runs = snapshot.runs
+        self.settled_unfinished = snapshot.unfinished_at_settle
         self.answering: dict[UUID, list[StoredRun]] = defaultdict(list)
         for run in snapshot.runs:
             if answers(run):
@@ -199,8 +207,11 @@ def _check_messages(history: History, facts: _Facts, report: Report) -> None:
 def _check_replies(facts: _Facts, report: Report) -> None:
     replies: dict[UUID, list[tuple[StoredMessage, StoredRun]]] = defaultdict(list)
     reply_ids = set()
+    settled = {run.id for run in facts.settled_unfinished}
+    for run in facts.settled_unfinished:
+        report.add("left_running", f"run {run.id} {run.status} session={run.session_id} (settled)")
     for run in facts.runs:
-        if run.status in UNFINISHED:
+        if run.status in UNFINISHED and run.id not in settled:
             report.add("left_running", f"run {run.id} {run.status} session={run.session_id}")
         reply = facts.reply_of(run) if answers(run) else None
         if reply is not None:

@@ -11,9 +11,10 @@ left):
     Crash the private PostgreSQL cluster (``pg_ctl stop -m immediate``), leave it down a few
     seconds, start it again.
 ``partition``
-    Freeze one process's proxies (to Redis and PostgreSQL, or to Redis alone, alternately)
-    for a few lease TTLs, then thaw them. The process is neither told nor killed: it keeps
-    running what it believes it owns while the others take its sessions over.
+    Freeze one random process's proxy to Redis for a few lease TTLs, then thaw it; then the
+    same with another process's proxies to Redis and PostgreSQL both. The process is neither
+    told nor killed: it keeps running what it believes it owns while the others take its
+    sessions over (cut from Redis alone, it can still try to commit).
 
 After each fault the loop probes every process (a message to that process's probe session,
 repeated until one gets a 2xx, bounded), so that recovery is observed even when the load has
@@ -71,7 +72,6 @@ class ChaosLoop:
         self.probe_sessions = list(probe_sessions)
         self.history = history
         self.rng = rng
-        self._partitions = 0
 
     async def run(self, phases: Sequence[FaultKind], duration_s: float) -> None:
         """Every phase once, then again in turn while ``duration_s`` has not run out."""
@@ -124,12 +124,16 @@ class ChaosLoop:
             self._record("postgres", start, None, "pg_ctl stop -m immediate; start")
 
     async def partition(self) -> None:
+        first, second = self.rng.sample(range(len(self.fleet.servers)), 2)
+        await self._cut(first, postgres_too=False)
+        await self._probe()
+        await self._cut(second, postgres_too=True)
+
+    async def _cut(self, victim: int, postgres_too: bool) -> None:
         await asyncio.sleep(self.config.calm_s)
-        victim = self.rng.randrange(len(self.fleet.servers))
         # Proxies come in pairs per server: PostgreSQL at 2i, Redis at 2i + 1.
-        cut = [2 * victim, 2 * victim + 1] if self._partitions % 2 == 0 else [2 * victim + 1]
-        what = "redis+postgres" if len(cut) == 2 else "redis"
-        self._partitions += 1
+        cut = [2 * victim, 2 * victim + 1] if postgres_too else [2 * victim + 1]
+        what = "redis+postgres" if postgres_too else "redis"
         start = time.time()
         await self.proxies.freeze(*cut)
         try:

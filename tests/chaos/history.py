@@ -33,6 +33,8 @@ class Request:
     run_id: UUID | None = None
     message_ids: tuple[UUID, ...] = ()
     kind: RequestKind = "load"
+    # An error body's message (and ``run_id`` above, when the error names the run).
+    detail: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -44,9 +46,10 @@ class Request:
 
     def describe(self) -> str:
         outcome = f"{self.status} {self.code or ''}".strip() if self.status else self.error
+        detail = f" ({self.detail[:120]!r})" if self.detail else ""
         return (
             f"{self.kind} {self.content!r} session={self.session_id} server={self.server} "
-            f"-> {outcome} in {self.latency:.2f}s run={self.run_id}"
+            f"-> {outcome}{detail} in {self.latency:.2f}s run={self.run_id}"
         )
 
 
@@ -106,7 +109,13 @@ class History:
 
 @dataclass(slots=True)
 class Snapshot:
-    """The chaos sessions' rows once the run is quiescent."""
+    """The chaos sessions' rows once the run is quiescent.
+
+    ``unfinished_at_settle`` are the runs still ``queued`` or ``running`` once the system had
+    settled, before the final round: a later run of the session closes such a zombie (as
+    ``superseded``), so the final rows alone would hide it.
+    """
 
     messages: list[StoredMessage] = field(default_factory=list)
     runs: list[StoredRun] = field(default_factory=list)
+    unfinished_at_settle: list[StoredRun] = field(default_factory=list)

@@ -42,7 +42,8 @@ class Client:
         # No keep-alive: a connection pooled to a process that was since killed would fail a
         # later request that has nothing to do with the kill.
         self._http = httpx.AsyncClient(
-            timeout=timeout_s, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
         )
 
     async def aclose(self) -> None:
@@ -57,12 +58,23 @@ class Client:
         body = {"message_content": content, "session_id": str(session_id)}
         start = time.time()
         try:
-            response = await self._http.post(f"{self.urls[server]}/api/v1/agent/{AGENT}/run", json=body)
+            response = await self._http.post(
+                f"{self.urls[server]}/api/v1/agent/{AGENT}/run", json=body
+            )
         except httpx.TimeoutException:
-            request = Request(session_id, content, server, start, time.time(), None, error="timeout", kind=kind)
+            request = Request(
+                session_id, content, server, start, time.time(), None, error="timeout", kind=kind
+            )
         except httpx.TransportError as exc:
             request = Request(
-                session_id, content, server, start, time.time(), None, error=type(exc).__name__, kind=kind
+                session_id,
+                content,
+                server,
+                start,
+                time.time(),
+                None,
+                error=type(exc).__name__,
+                kind=kind,
             )
         else:
             request = _recorded(response, session_id, content, server, start, kind)
@@ -71,7 +83,11 @@ class Client:
 
 
 def _recorded(
-    response: httpx.Response, session_id: UUID, content: str, server: int, start: float,
+    response: httpx.Response,
+    session_id: UUID,
+    content: str,
+    server: int,
+    start: float,
     kind: RequestKind,
 ) -> Request:
     end = time.time()
@@ -81,17 +97,38 @@ def _recorded(
         body = {}
     if response.is_success:
         return Request(
-            session_id, content, server, start, end, response.status_code,
-            run_id=UUID(body["run_id"]), message_ids=tuple(UUID(i) for i in body["message_ids"]),
+            session_id,
+            content,
+            server,
+            start,
+            end,
+            response.status_code,
+            run_id=UUID(body["run_id"]),
+            message_ids=tuple(UUID(i) for i in body["message_ids"]),
             kind=kind,
         )
     error = body.get("error") if isinstance(body, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return Request(session_id, content, server, start, end, response.status_code, code=code, kind=kind)
+    error = error if isinstance(error, dict) else {}
+    run_id = error.get("run_id")
+    return Request(
+        session_id,
+        content,
+        server,
+        start,
+        end,
+        response.status_code,
+        code=error.get("code"),
+        run_id=UUID(run_id) if run_id else None,
+        kind=kind,
+        detail=error.get("message") or response.text[:200],
+    )
 
 
 async def run_load(
-    client: Client, sessions: Sequence[UUID], config: LoadConfig, rng: random.Random,
+    client: Client,
+    sessions: Sequence[UUID],
+    config: LoadConfig,
+    rng: random.Random,
     stop: asyncio.Event,
 ) -> int:
     """Send bursts until ``stop`` is set; return how many bursts were sent."""

@@ -57,7 +57,8 @@ class ProxyProcess:
             await self._command(f"thaw {index}")
 
     async def _command(self, line: str) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
         self.process.stdin.write(line.encode() + b"\n")
         await self.process.stdin.drain()
         answer = await asyncio.wait_for(self.process.stdout.readline(), 10)

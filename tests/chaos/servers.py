@@ -95,7 +95,9 @@ class Fleet:
         async with httpx.AsyncClient(timeout=2) as client:
             while time.monotonic() < deadline:
                 if not server.running:
-                    raise RuntimeError(f"server {server.index} exited during start-up: {server.log}")
+                    raise RuntimeError(
+                        f"server {server.index} exited during start-up: {server.log}"
+                    )
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get(f"{server.url}/health")).status_code == 200:
                         return

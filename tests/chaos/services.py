@@ -106,8 +106,9 @@ class PrivatePostgres:
     async def start(self) -> None:
         options = f"-p {self.port} -k {self.root} {PG_OPTIONS}"
         log = str(self.root / "postgres.log")
-        await self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "60", "-o", options,
-                        "start")
+        await self._run(
+            "pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "60", "-o", options, "start"
+        )
 
     async def stop(self) -> None:
         """Crash it: ``immediate`` kills every backend without a checkpoint."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import subprocess
@@ -29,7 +30,7 @@ from uuid import UUID
 
 import asyncpg
 
-from tests.chaos.checker import Limits, Report, check
+from tests.chaos.checker import UNFINISHED, Limits, Report, check
 from tests.chaos.faults import PHASES, ChaosLoop, FaultConfig
 from tests.chaos.history import FaultKind, History, Snapshot, StoredMessage, StoredRun
 from tests.chaos.load import Client, LoadConfig, run_load
@@ -103,13 +104,17 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
     try:
         await redis.start()
         sessions, probes = await _create_sessions(postgres.url, config)
-        targets = [("127.0.0.1", port) for _ in range(config.servers)
-                   for port in (postgres.port, redis.port)]
+        targets = [
+            ("127.0.0.1", port)
+            for _ in range(config.servers)
+            for port in (postgres.port, redis.port)
+        ]
         proxies = await ProxyProcess.start(targets, _child_env())
         fleet = await Fleet.start(_server_envs(config, proxies.ports), rundir)
         client = Client(fleet.urls, history, config.load.request_timeout_s)
-        chaos = ChaosLoop(config.faults, fleet, redis, postgres, proxies, client, probes, history,
-                          rng)
+        chaos = ChaosLoop(
+            config.faults, fleet, redis, postgres, proxies, client, probes, history, rng
+        )
         stop = asyncio.Event()
         load = asyncio.create_task(run_load(client, sessions, config.load, rng, stop))
         try:
@@ -119,8 +124,10 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
             bursts = await load
         async with _reader(postgres.url) as db:
             stranded = await _settle(db, config.settle_s)
+            settled = await _snapshot(db)
             await _final_round(db, client, rng)
             snapshot = await _snapshot(db)
+            snapshot.unfinished_at_settle = [r for r in settled.runs if r.status in UNFINISHED]
     finally:
         if client is not None:
             await client.aclose()
@@ -132,7 +139,21 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
         await postgres.destroy()
     report = check(history, snapshot, config.limits())
     figures = _figures(history, snapshot, report, bursts, stranded, time.time() - started)
+    _save(rundir, history, snapshot)
     return ChaosResult(config, history, snapshot, report, figures, rundir)
+
+
+def _save(rundir: Path, history: History, snapshot: Snapshot) -> None:
+    """Everything the checker saw, one JSON object a line, for looking violations up."""
+    with (rundir / "history.jsonl").open("w") as out:
+        for kind, items in (
+            ("fault", history.faults),
+            ("request", history.requests),
+            ("message", snapshot.messages),
+            ("run", snapshot.runs),
+        ):
+            for item in items:
+                out.write(json.dumps({kind: dataclasses.asdict(item)}, default=str) + "\n")
 
 
 def _child_env() -> dict[str, str]:
@@ -186,20 +207,20 @@ SELECT m.session_id, m.id FROM messages m JOIN sessions s ON s.id = m.session_id
 WHERE s.user_id = $1 AND m.role = 'user' AND NOT EXISTS (
     SELECT 1 FROM runs r WHERE r.message_ids @> ARRAY[m.id] AND {ANSWERING})
 """
-UNFINISHED = """
+UNFINISHED_RUNS = """
 SELECT count(*) FROM runs r JOIN sessions s ON s.id = r.session_id
 WHERE s.user_id = $1 AND r.status IN ('queued', 'running')
 """
 
 
-async def _settle(db: asyncpg.Pool, settle_s: float) -> int:
-    """Wait until nothing is unfinished or unanswered (bounded); how many stay unanswered."""
+async def _settle(db: asyncpg.Pool, settle_s: float) -> list[str]:
+    """Wait until nothing is unfinished or unanswered (bounded); what stays unanswered."""
     deadline = time.monotonic() + settle_s
     while True:
         unanswered = await db.fetch(UNANSWERED, USER_ID)
-        unfinished = await db.fetchval(UNFINISHED, USER_ID)
+        unfinished = await db.fetchval(UNFINISHED_RUNS, USER_ID)
         if (not unanswered and not unfinished) or time.monotonic() >= deadline:
-            return len(unanswered)
+            return [f"message {row['id']} of session {row['session_id']}" for row in unanswered]
         await asyncio.sleep(0.25)
 
 
@@ -235,7 +256,11 @@ async def _snapshot(db: asyncpg.Pool) -> Snapshot:
 
 
 def _figures(
-    history: History, snapshot: Snapshot, report: Report, bursts: int, stranded: int,
+    history: History,
+    snapshot: Snapshot,
+    report: Report,
+    bursts: int,
+    stranded: list[str],
     elapsed_s: float,
 ) -> dict[str, Any]:
     requests = history.requests
@@ -257,11 +282,19 @@ def _figures(
         "messages_stored": sum(m.role == "user" for m in snapshot.messages),
         "replies_stored": sum(m.role == "assistant" for m in snapshot.messages),
         "runs_by_status": dict(Counter(r.status for r in snapshot.runs)),
-        "stranded_after_settle": stranded,
+        "failed_runs_by_status": dict(Counter(status for status in _failed(history, snapshot))),
+        "stranded_after_settle": len(stranded),
+        "stranded_examples": stranded[:5],
         "takeover_max_s": round(max(report.takeover_s, default=0.0), 2),
         "recovery_max_s": round(max(report.recovery_s, default=0.0), 2),
         "outage_503_max_s": round(max(report.outage_503_s, default=0.0), 2),
     }
+
+
+def _failed(history: History, snapshot: Snapshot) -> list[str]:
+    """The stored status of each run an error response named (502/504 carry the run id)."""
+    named = {r.run_id for r in history.requests if not r.ok and r.run_id is not None}
+    return [run.status for run in snapshot.runs if run.id in named]
 
 
 def _commit() -> str:

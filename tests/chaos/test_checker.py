@@ -164,15 +164,25 @@ def test_out_of_order_replies_are_reported(world: World) -> None:
             StoredRun(run_id, session, "succeeded", (answered.id,), reply.id, T0 + 2, T0 + 2, None)
         )
         world.history.requests.append(
-            Request(session, answered.content, 0, T0 + 2, T0 + 2.1, 200, None, None, run_id,
-                    (answered.id,))
+            Request(
+                session,
+                answered.content,
+                0,
+                T0 + 2,
+                T0 + 2.1,
+                200,
+                None,
+                None,
+                run_id,
+                (answered.id,),
+            )
         )
     assert "answers seqs [1] after a reply up to seq 2" in only(world.check(), "out_of_order")[0]
 
 
 def test_a_reply_stored_before_its_messages_is_reported(world: World) -> None:
     session = uuid.uuid4()
-    run, _ = world.turn(session, ["late"], T0 + 2)
+    world.turn(session, ["late"], T0 + 2)
     late = next(m for m in world.snapshot.messages if m.content == "late")
     index = world.snapshot.messages.index(late)
     world.snapshot.messages[index] = dataclasses.replace(late, seq=5)
@@ -275,7 +285,7 @@ def test_a_slow_takeover_after_a_kill_is_reported(world: World) -> None:
 def test_a_killed_callers_message_replied_to_late_is_reported(world: World) -> None:
     session = uuid.uuid4()
     world.history.faults.append(Fault("kill", T0 + 20, T0 + 21, server=0))
-    run, requests = world.turn(session, ["orphan"], T0 + 19.9, server=0)
+    _, requests = world.turn(session, ["orphan"], T0 + 19.9, server=0)
     index = world.history.requests.index(requests[0])
     world.history.requests[index] = dataclasses.replace(
         requests[0], end=T0 + 20.01, status=None, error="RemoteProtocolError", run_id=None
@@ -308,3 +318,23 @@ def test_an_assistant_row_of_a_superseded_run_is_reported(world: World) -> None:
     assert only(world.check(), "stray_reply") == [
         f"assistant message {ghost.id} of run {ghost.run_id}"
     ]
+
+
+def test_a_run_running_once_settled_is_reported_though_the_final_round_closed_it(
+    world: World,
+) -> None:
+    session = world.snapshot.messages[0].session_id
+    a1 = next(m for m in world.snapshot.messages if m.content == "a1")
+    zombie = StoredRun(uuid.uuid4(), session, "running", (a1.id,), None, T0 + 4, T0 + 4, None)
+    world.snapshot.unfinished_at_settle.append(zombie)
+    world.snapshot.runs.append(dataclasses.replace(zombie, status="superseded"))
+    assert str(zombie.id) in only(world.check(), "left_running")[0]
+
+
+def test_a_502_run_failed_is_reported(world: World) -> None:
+    # The queue's catch-all for an unexpected exception in a run, repr and all.
+    session = world.snapshot.messages[0].session_id
+    world.history.requests.append(
+        Request(session, "crash", 0, T0 + 6, T0 + 6.1, 502, "run_failed", detail="KeyError()")
+    )
+    assert "502 run_failed ('KeyError()')" in only(world.check(), "undocumented_error")[0]
