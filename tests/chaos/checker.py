@@ -44,10 +44,13 @@ Invariants, each reported under its name:
     in flight at the killed process got its reply stored, later than
     ``LEASE_TTL_MS x 1.25 + one model call`` (+ ``slack_s``) after the kill.
 ``outage_error``
-    A request sent while Redis or PostgreSQL was down failed with something other than 503.
+    A request sent while Redis or PostgreSQL was down, or to a process cut off from Redis
+    alone, failed with something other than 503.
 ``slow_503``
-    A request sent while Redis or PostgreSQL was down got its 503 after more than
-    ``fast_503_s``.
+    Such a request got its 503 after more than ``fast_503_s``: the lease is claimed first,
+    in at most two attempts of ``REDIS_TIMEOUT_S`` (docs/architecture.md). A process cut off
+    from PostgreSQL too is not held to it: nothing bounds a query but asyncpg's 30 s
+    ``command_timeout``.
 ``not_recovered``
     After a fault ended, a process answered no request with a 2xx within ``recovery_s``.
 """
@@ -293,19 +296,25 @@ def _reply_delay(request: Request, facts: _Facts, since: float) -> float | None:
 
 
 def _check_outages(history: History, limits: Limits, report: Report) -> None:
-    for outage in (f for f in history.faults if f.kind in OUTAGES):
+    for fault in history.faults:
+        if fault.kind in OUTAGES:
+            where = f"during {fault.kind} outage"
+        elif fault.kind == "partition" and fault.services == ("redis",):
+            where = f"at server {fault.server} cut from redis"
+        else:
+            continue
         for request in history.requests:
-            if request.ok or not outage.start <= request.start <= outage.end:
+            if request.ok or not fault.start <= request.start <= fault.end:
+                continue
+            if fault.server is not None and request.server != fault.server:
                 continue
             if request.status != 503:
-                report.add("outage_error", f"during {outage.kind} outage: {request.describe()}")
+                report.add("outage_error", f"{where}: {request.describe()}")
                 continue
             report.outage_503_s.append(request.latency)
             if request.latency > limits.fast_503_s:
                 report.add(
-                    "slow_503",
-                    f"during {outage.kind} outage: {request.describe()} "
-                    f"(bound {limits.fast_503_s:.2f}s)",
+                    "slow_503", f"{where}: {request.describe()} (bound {limits.fast_503_s:.2f}s)"
                 )
 
 

@@ -101,7 +101,7 @@ class ChaosLoop:
             await asyncio.sleep(self.rng.uniform(*self.config.kill_down_s))
         finally:
             await self.fleet.restart(victim)
-            self._record("kill", start, victim, f"SIGKILL server {victim}")
+            self._record("kill", start, victim, f"SIGKILL server {victim}", ())
 
     async def redis_outage(self) -> None:
         await asyncio.sleep(self.config.calm_s)
@@ -111,7 +111,9 @@ class ChaosLoop:
             await asyncio.sleep(self.config.redis_down_s)
         finally:
             await self.redis.start()
-            self._record("redis", start, None, f"redis down {self.config.redis_down_s:g}s")
+            self._record(
+                "redis", start, None, f"redis down {self.config.redis_down_s:g}s", ("redis",)
+            )
 
     async def postgres_restart(self) -> None:
         await asyncio.sleep(self.config.calm_s)
@@ -121,7 +123,7 @@ class ChaosLoop:
             await asyncio.sleep(self.config.postgres_down_s)
         finally:
             await self.postgres.start()
-            self._record("postgres", start, None, "pg_ctl stop -m immediate; start")
+            self._record("postgres", start, None, "pg_ctl stop -m immediate; start", ("postgres",))
 
     async def partition(self) -> None:
         first, second = self.rng.sample(range(len(self.fleet.servers)), 2)
@@ -133,17 +135,25 @@ class ChaosLoop:
         await asyncio.sleep(self.config.calm_s)
         # Proxies come in pairs per server: PostgreSQL at 2i, Redis at 2i + 1.
         cut = [2 * victim, 2 * victim + 1] if postgres_too else [2 * victim + 1]
-        what = "redis+postgres" if postgres_too else "redis"
+        services = ("redis", "postgres") if postgres_too else ("redis",)
+        what = "+".join(services)
         start = time.time()
         await self.proxies.freeze(*cut)
         try:
             await asyncio.sleep(self.config.partition_s)
         finally:
             await self.proxies.thaw(*cut)
-            self._record("partition", start, victim, f"server {victim} cut from {what}")
+            self._record("partition", start, victim, f"server {victim} cut from {what}", services)
 
-    def _record(self, kind: FaultKind, start: float, server: int | None, detail: str) -> None:
-        self.history.faults.append(Fault(kind, start, time.time(), server, detail))
+    def _record(
+        self,
+        kind: FaultKind,
+        start: float,
+        server: int | None,
+        detail: str,
+        services: tuple[str, ...],
+    ) -> None:
+        self.history.faults.append(Fault(kind, start, time.time(), server, detail, services))
 
     async def _probe(self) -> None:
         """Until each process has answered one message with a 2xx (bounded)."""

@@ -57,8 +57,10 @@ class Request:
 class Fault:
     """One injected fault, from when it began to when the service was whole again.
 
-    ``server`` is the process killed or partitioned; None for the shared Redis and PostgreSQL.
-    For a kill, ``end`` is when the restarted process answered ``/health`` again.
+    ``server`` is the process killed or partitioned; None for an outage of Redis or
+    PostgreSQL, which every process sees. ``services`` are what became unreachable (for a
+    partition, what the process was cut from). For a kill, ``end`` is when the restarted
+    process answered ``/health`` again.
     """
 
     kind: FaultKind
@@ -66,6 +68,7 @@ class Fault:
     end: float
     server: int | None = None
     detail: str = ""
+    services: tuple[str, ...] = ()
 
     def covers(self, start: float, end: float) -> bool:
         """Whether a request in flight from ``start`` to ``end`` overlapped the fault."""

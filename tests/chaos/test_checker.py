@@ -338,3 +338,33 @@ def test_a_502_run_failed_is_reported(world: World) -> None:
         Request(session, "crash", 0, T0 + 6, T0 + 6.1, 502, "run_failed", detail="KeyError()")
     )
     assert "502 run_failed ('KeyError()')" in only(world.check(), "undocumented_error")[0]
+
+
+def test_a_slow_503_at_a_process_cut_from_redis_is_reported_and_elsewhere_not(
+    world: World,
+) -> None:
+    session = world.snapshot.messages[0].session_id
+    world.history.faults.append(Fault("partition", T0 + 10, T0 + 16, server=0, services=("redis",)))
+    code = "coordinator_unavailable"
+    cut = Request(session, "cut", 0, T0 + 11, T0 + 15, 503, code)
+    # Server 1 can reach Redis; its slow 503 is not this partition's business.
+    other = Request(session, "other", 1, T0 + 11, T0 + 15, 503, code)
+    world.history.requests += [cut, other]
+    world.turn(session, ["after"], T0 + 17, server=0)
+    world.turn(session, ["after too"], T0 + 17, server=1)
+    violations = only(world.check(), "slow_503")
+    assert len(violations) == 1
+    assert "'cut'" in violations[0]
+
+
+def test_a_process_cut_from_postgres_too_is_not_held_to_the_fast_503(world: World) -> None:
+    session = world.snapshot.messages[0].session_id
+    world.history.faults.append(
+        Fault("partition", T0 + 10, T0 + 16, server=0, services=("redis", "postgres"))
+    )
+    world.history.requests.append(
+        Request(session, "cut", 0, T0 + 11, T0 + 17, 503, "store_unavailable")
+    )
+    world.turn(session, ["after"], T0 + 17, server=0)
+    world.turn(session, ["after too"], T0 + 17, server=1)
+    assert world.check().ok
