@@ -268,13 +268,12 @@ def _check_takeovers(history: History, facts: _Facts, limits: Limits, report: Re
     for kill in (f for f in history.faults if f.kind == "kill"):
         in_flight = [r for r in history.requests if r.start < kill.start < r.end]
         for request in in_flight:
+            waited: float | None = None
             if request.server != kill.server and request.ok:
                 waited = request.end - kill.start
             elif request.server == kill.server and request.status is None:
                 waited = _reply_delay(request, facts, kill.start)
-                if waited is None:
-                    continue
-            else:
+            if waited is None:
                 continue
             report.takeover_s.append(waited)
             if waited > limits.takeover_s:
