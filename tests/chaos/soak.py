@@ -139,8 +139,11 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
         await postgres.destroy()
     report = check(history, snapshot, config.limits())
     figures = _figures(history, snapshot, report, bursts, stranded, time.time() - started)
+    result = ChaosResult(config, history, snapshot, report, figures, rundir)
     _save(rundir, history, snapshot)
-    return ChaosResult(config, history, snapshot, report, figures, rundir)
+    summary = json.dumps(result.summary(examples=20), indent=2, default=str)
+    (rundir / "summary.json").write_text(summary + "\n")
+    return result
 
 
 def _save(rundir: Path, history: History, snapshot: Snapshot) -> None:

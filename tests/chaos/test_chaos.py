@@ -9,6 +9,7 @@ runs the long version.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def binaries() -> None:
 
 @pytest.mark.timeout(300)
 async def test_a_short_chaos_run_keeps_every_invariant(binaries: None, tmp_path: Path) -> None:
-    result = await run_chaos(SHORT, tmp_path)
+    # The server logs, history.jsonl and summary.json land here; pytest keeps only its last
+    # few temporary directories, so THREADLINE_CHAOS_LOGS can name one that stays.
+    rundir = Path(os.environ.get("THREADLINE_CHAOS_LOGS") or tmp_path)
+    rundir.mkdir(parents=True, exist_ok=True)
+    result = await run_chaos(SHORT, rundir)
 
     summary = json.dumps(result.summary(), indent=1, default=str)
     faults = result.figures["faults"]
