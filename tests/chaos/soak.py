@@ -140,20 +140,21 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
     report = check(history, snapshot, config.limits())
     figures = _figures(history, snapshot, report, bursts, stranded, time.time() - started)
     result = ChaosResult(config, history, snapshot, report, figures, rundir)
-    _save(rundir, history, snapshot)
-    summary = json.dumps(result.summary(examples=20), indent=2, default=str)
-    (rundir / "summary.json").write_text(summary + "\n")
+    _save(result)
     return result
 
 
-def _save(rundir: Path, history: History, snapshot: Snapshot) -> None:
-    """Everything the checker saw, one JSON object a line, for looking violations up."""
-    with (rundir / "history.jsonl").open("w") as out:
+def _save(result: ChaosResult) -> None:
+    """The summary, and everything the checker saw (one JSON object a line) for looking
+    violations up."""
+    summary = json.dumps(result.summary(examples=20), indent=2, default=str)
+    (result.rundir / "summary.json").write_text(summary + "\n")
+    with (result.rundir / "history.jsonl").open("w") as out:
         for kind, items in (
-            ("fault", history.faults),
-            ("request", history.requests),
-            ("message", snapshot.messages),
-            ("run", snapshot.runs),
+            ("fault", result.history.faults),
+            ("request", result.history.requests),
+            ("message", result.snapshot.messages),
+            ("run", result.snapshot.runs),
         ):
             for item in items:
                 out.write(json.dumps({kind: dataclasses.asdict(item)}, default=str) + "\n")

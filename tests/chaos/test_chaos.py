@@ -34,6 +34,20 @@ SHORT = ChaosConfig(
 
 
 @pytest.fixture
+def rundir(tmp_path: Path) -> Path:
+    """Where the server logs, history.jsonl and summary.json go.
+
+    pytest keeps only its last few temporary directories (shared with other sessions), so
+    THREADLINE_CHAOS_LOGS can name one that stays.
+    """
+    kept = os.environ.get("THREADLINE_CHAOS_LOGS")
+    if not kept:
+        return tmp_path
+    Path(kept).mkdir(parents=True, exist_ok=True)
+    return Path(kept)
+
+
+@pytest.fixture
 def binaries() -> None:
     try:
         postgres_bindir()
@@ -47,11 +61,7 @@ def binaries() -> None:
 
 
 @pytest.mark.timeout(300)
-async def test_a_short_chaos_run_keeps_every_invariant(binaries: None, tmp_path: Path) -> None:
-    # The server logs, history.jsonl and summary.json land here; pytest keeps only its last
-    # few temporary directories, so THREADLINE_CHAOS_LOGS can name one that stays.
-    rundir = Path(os.environ.get("THREADLINE_CHAOS_LOGS") or tmp_path)
-    rundir.mkdir(parents=True, exist_ok=True)
+async def test_a_short_chaos_run_keeps_every_invariant(binaries: None, rundir: Path) -> None:
     result = await run_chaos(SHORT, rundir)
 
     summary = json.dumps(result.summary(), indent=1, default=str)
