@@ -306,5 +306,7 @@ def _commit() -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return done.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "src")
-    return git("rev-parse", "--short", "HEAD") + (" (src modified)" if dirty else "")
+    # The server code measured is src/ as of its last commit, unless the tree changed it.
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "src") else ""
+    src = git("log", "-1", "--format=%h", "--", "src")
+    return f"{git('rev-parse', '--short', 'HEAD')} (src {src}{dirty})"
