@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: install
 
 bench: install
 	$(BIN)/python scripts/benchmarks/agent_run_bench.py $(BENCH_ARGS)
+
+# The fault-injection soak (docs/reliability.md); e.g. CHAOS_ARGS="--duration 600 --sessions 1000".
+chaos: install
+	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
