@@ -4,8 +4,9 @@
 client sent (with its outcome) and every fault injected; ``snapshot`` holds the chaos
 sessions' messages and runs once the system is quiescent (every fault repaired, the client
 done, a final message sent to each session that still had unanswered messages). A run
-*answers* its ``message_ids`` when it ``succeeded``, or when it ``failed`` and still stored a
-reply (``reply_message_id``), which later versions may do.
+*answers* its ``message_ids`` when it ``succeeded`` (with its reply) or ``failed`` (by failure:
+the messages stay in history and are never prompted again; docs/architecture.md, "Failure
+semantics"). A message whose request got a 2xx must have been answered by a reply.
 
 Invariants, each reported under its name:
 
@@ -138,9 +139,7 @@ class Report:
 
 def answers(run: StoredRun) -> bool:
     """Whether the run answered its messages (see the module docstring)."""
-    return run.status == "succeeded" or (
-        run.status == "failed" and run.reply_message_id is not None
-    )
+    return run.status in ("succeeded", "failed")
 
 
 def check(history: History, snapshot: Snapshot, limits: Limits) -> Report:
@@ -198,7 +197,9 @@ def _check_messages(history: History, facts: _Facts, report: Report) -> None:
         message = stored[0]
         runs = facts.answering.get(message.id, [])
         if len(runs) == 1 and (
-            request.run_id != runs[0].id or message.id not in request.message_ids
+            request.run_id != runs[0].id
+            or message.id not in request.message_ids
+            or runs[0].status != "succeeded"
         ):
             report.add(
                 "wrong_answer",

@@ -135,13 +135,24 @@ def test_a_message_in_two_replies_is_reported_even_if_one_run_failed_with_a_repl
     assert "'a1'" in world.check().violations["answered_twice"][0]
 
 
-def test_a_failed_run_without_a_reply_answers_nothing(world: World) -> None:
+def test_a_failed_run_answers_its_messages_by_failure(world: World) -> None:
     session = world.snapshot.messages[0].session_id
     a1 = next(m for m in world.snapshot.messages if m.content == "a1")
     world.snapshot.runs.append(
         StoredRun(uuid.uuid4(), session, "failed", (a1.id,), None, T0 + 4, T0 + 4, T0 + 5)
     )
-    assert world.check().ok
+    # a1 was answered by a reply already: a failed run covering it answers it a second time.
+    assert "'a1'" in world.check().violations["answered_twice"][0]
+
+
+def test_a_2xx_whose_message_only_a_failed_run_answered_is_reported(world: World) -> None:
+    session = world.snapshot.messages[0].session_id
+    a1 = next(m for m in world.snapshot.messages if m.content == "a1")
+    world.snapshot.runs = [r for r in world.snapshot.runs if a1.id not in r.message_ids]
+    world.snapshot.runs.append(
+        StoredRun(uuid.uuid4(), session, "failed", (a1.id,), None, T0 + 4, T0 + 4, T0 + 5)
+    )
+    assert world.check().violations["wrong_answer"]
 
 
 def test_a_response_naming_another_run_is_reported(world: World) -> None:
