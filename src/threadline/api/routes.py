@@ -19,12 +19,17 @@ from threadline.api.schemas import (
     SessionOut,
     SessionPage,
 )
+from threadline.api.validation import StorableText, max_page
 from threadline.errors import RunNotFound, SessionNotFound
 from threadline.queue.coordinator import TurnRequest
 from threadline.runner import TurnResult
 from threadline.store import Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
+
+# Largest page sizes; ``page`` is bounded so that the offset fits 64 bits (api/validation.py).
+SESSIONS_PER_PAGE = 500
+MESSAGES_PER_PAGE = 1000
 
 
 async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
@@ -105,9 +110,9 @@ async def list_agents(services: ServicesDep) -> list[AgentInfo]:
 @router.get("/sessions", response_model=SessionPage)
 async def list_sessions(
     services: ServicesDep,
-    user_id: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(SESSIONS_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=SESSIONS_PER_PAGE)] = 50,
 ) -> SessionPage:
     sessions, total = await services.store.list_sessions(
         user_id=user_id, limit=page_size, offset=(page - 1) * page_size
@@ -122,11 +127,11 @@ async def list_sessions(
 
 @router.get("/sessions/{id_or_name}", response_model=SessionDetail)
 async def get_session(
-    id_or_name: str,
+    id_or_name: StorableText,
     services: ServicesDep,
-    user_id: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(MESSAGES_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=MESSAGES_PER_PAGE)] = 100,
 ) -> SessionDetail:
     session = await _find_session(services.store, id_or_name, user_id)
     messages, total = await services.store.list_messages(
@@ -144,7 +149,7 @@ async def get_session(
 
 @router.delete("/sessions/{id_or_name}", status_code=204)
 async def delete_session(
-    id_or_name: str, services: ServicesDep, user_id: str | None = None
+    id_or_name: StorableText, services: ServicesDep, user_id: StorableText | None = None
 ) -> Response:
     session = await _find_session(services.store, id_or_name, user_id)
     await services.store.delete_session(session.id)

@@ -8,19 +8,20 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from threadline.api.validation import StorableObject, StorableText
 from threadline.config import Strategy
 
 
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    message_content: str = Field(min_length=1)
+    message_content: StorableText = Field(min_length=1)
     session_id: UUID | None = None
-    session_name: str | None = Field(default=None, min_length=1, max_length=200)
-    user_id: str | None = Field(default=None, max_length=200)
-    context: dict[str, Any] = Field(default_factory=dict)
+    session_name: StorableText | None = Field(default=None, min_length=1, max_length=200)
+    user_id: StorableText | None = Field(default=None, max_length=200)
+    context: StorableObject = Field(default_factory=dict)
     message_limit: int | None = Field(default=None, ge=0, le=1000)
-    channel_payload: dict[str, Any] | None = None
+    channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
 
     @field_validator("user_id", mode="before")
