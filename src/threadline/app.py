@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadline import __version__
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
+from threadline.api import contract
 from threadline.api import errors as api_errors
 from threadline.api.deps import Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, error_response
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
 
     app = FastAPI(title="threadline", version=__version__, lifespan=lifespan)
     api_errors.install(app)
+    contract.install(app, settings)
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
@@ -148,7 +150,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"])
+    @app.get("/ready", tags=["ops"], responses=contract.errors(503))
     async def ready(services: ServicesDep) -> dict[str, str]:
         await services.store.ping()
         await services.coordinator.ping()
@@ -156,7 +158,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
 
     if settings.debug_metrics:
 
-        @app.get("/debug/metrics", tags=["ops"])
+        @app.get("/debug/metrics", tags=["ops"], responses=contract.errors(422))
         async def metrics(services: ServicesDep, reset: bool = False) -> dict[str, Any]:
             stats = services.registry.stats
             body = {

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
+from threadline.api.contract import errors
 from threadline.api.deps import ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.schemas import (
@@ -42,8 +43,14 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
     return session
 
 
-@router.post("/agent/{name}/run", response_model=RunResponse)
-async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunResponse:
+@router.post(
+    "/agent/{name}/run",
+    response_model=RunResponse,
+    responses=errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+)
+async def run_agent(
+    name: Annotated[str, Path(examples=["echo"])], body: RunRequest, services: ServicesDep
+) -> RunResponse:
     settings, store = services.settings, services.store
     services.registry.spec(name)  # 404 before anything is stored
     if len(body.message_content) > settings.max_message_chars:
@@ -107,7 +114,7 @@ async def list_agents(services: ServicesDep) -> list[AgentInfo]:
     ]
 
 
-@router.get("/sessions", response_model=SessionPage)
+@router.get("/sessions", response_model=SessionPage, responses=errors(422, 503))
 async def list_sessions(
     services: ServicesDep,
     user_id: StorableText | None = None,
@@ -125,7 +132,7 @@ async def list_sessions(
     )
 
 
-@router.get("/sessions/{id_or_name}", response_model=SessionDetail)
+@router.get("/sessions/{id_or_name}", response_model=SessionDetail, responses=errors(404, 422, 503))
 async def get_session(
     id_or_name: StorableText,
     services: ServicesDep,
@@ -147,7 +154,7 @@ async def get_session(
     )
 
 
-@router.delete("/sessions/{id_or_name}", status_code=204)
+@router.delete("/sessions/{id_or_name}", status_code=204, responses=errors(404, 422, 503))
 async def delete_session(
     id_or_name: StorableText, services: ServicesDep, user_id: StorableText | None = None
 ) -> Response:
@@ -156,7 +163,7 @@ async def delete_session(
     return Response(status_code=204)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
+@router.get("/runs/{run_id}", response_model=RunOut, responses=errors(404, 422, 503))
 async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
     run = await services.store.get_run(run_id)
     if run is None:

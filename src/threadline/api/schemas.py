@@ -103,3 +103,19 @@ class RunOut(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+
+
+class ErrorDetail(BaseModel):
+    """``code`` is stable and meant for programs; ``message`` is for people. Some errors add
+    fields: ``run_id`` (409, 502, 504), ``details`` (422: every problem found)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response, whatever its status."""
+
+    error: ErrorDetail
