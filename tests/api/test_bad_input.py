@@ -146,3 +146,19 @@ async def test_unknown_session_with_nul_free_name_is_still_404(make_app: AppFact
     async with make_app() as (client, _):
         r = await client.get(f"/api/v1/sessions/{uuid.uuid4()}-x")
         assert r.status_code == 404, r.text
+
+
+@pytest.mark.parametrize(("depth", "status"), [(64, 200), (65, 422), (5000, 400)])
+async def test_deep_json_is_refused_with_a_4xx(
+    make_app: AppFactory, depth: int, status: int
+) -> None:
+    # 65 levels: refused by the payload rules; 5000: beyond what Python's parser recurses
+    # into, which FastAPI reports as an unparseable body.
+    nested = '{"k": ' * depth + "1" + "}" * depth
+    async with make_app() as (client, _):
+        r = await post_raw(client, f'{{"message_content": "hi", "channel_payload": {nested}}}')
+        assert r.status_code == status, r.text
+        if status == 422:
+            assert "deeper than 64 levels" in r.json()["error"]["message"]
+        if status == 400:
+            assert r.json()["error"]["code"] == "bad_request"

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from tests.apps import AppFactory
 from tests.multiprocess.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,3 +112,28 @@ def test_every_operation_keeps_the_contract(server_url: str) -> None:
         except Exception as exc:  # report every operation's failure, not just the first
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+async def test_the_document_declares_errors_and_the_key_only_when_set(
+    make_app: AppFactory,
+) -> None:
+    async with make_app() as (client, _):
+        open_doc = (await client.get("/openapi.json")).json()
+    async with make_app(api_key="s3cret") as (client, _):
+        keyed_doc = (await client.get("/openapi.json")).json()
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    run = open_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
+    assert set(run["responses"]) == {
+        "200", "400", "404", "409", "413", "422", "429", "502", "503", "504"
+    }  # fmt: skip
+    for status, response in run["responses"].items():
+        if status != "200":
+            assert response["content"]["application/json"]["schema"] == error_ref
+    assert "HTTPValidationError" not in open_doc["components"]["schemas"]
+    assert "security" not in run
+    assert "securitySchemes" not in open_doc["components"]
+    keyed_run = keyed_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
+    assert keyed_run["security"] == [{"APIKeyHeader": []}]
+    assert keyed_run["responses"]["401"]["content"]["application/json"]["schema"] == error_ref
+    # /health is never behind the key.
+    assert "401" not in keyed_doc["paths"]["/health"]["get"]["responses"]
