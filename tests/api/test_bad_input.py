@@ -162,3 +162,48 @@ async def test_deep_json_is_refused_with_a_4xx(
             assert "deeper than 64 levels" in r.json()["error"]["message"]
         if status == 400:
             assert r.json()["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"message_content": "hi", "message_limit": False},
+        {"message_content": "hi", "message_limit": 1.5},
+        {"message_content": "hi", "message_limit": "5"},
+        {"message_content": "hi", "user_id": True},
+        {"message_content": "hi", "user_id": "u" * 201},
+        {"message_content": " \t\n"},
+    ],
+)
+async def test_values_the_schema_forbids_are_not_coerced(
+    make_app: AppFactory, body: dict[str, Any]
+) -> None:
+    # The document says integer (or string); pydantic's lax mode would have turned false
+    # into 0 and true into "True", accepting what the contract promises to reject.
+    async with make_app() as (client, _):
+        r = await client.post(RUN, json=body)
+        assert r.status_code == 422, r.text
+
+
+async def test_an_integral_float_is_a_json_integer(make_app: AppFactory) -> None:
+    # JSON Schema's integer includes 3.0; the document must not promise what we refuse.
+    async with make_app() as (client, _):
+        r = await client.post(RUN, json={"message_content": "hi", "message_limit": 3.0})
+        assert r.status_code == 200, r.text
+
+
+async def test_integer_user_ids_are_still_accepted_as_text(make_app: AppFactory) -> None:
+    async with make_app() as (client, _):
+        r = await client.post(RUN, json={"message_content": "hi", "user_id": 42})
+        assert r.status_code == 200, r.text
+        detail = (await client.get(f"/api/v1/sessions/{r.json()['session_id']}")).json()
+        assert detail["user_id"] == "42"
+
+
+async def test_405_lists_every_method_the_path_supports(make_app: AppFactory) -> None:
+    async with make_app() as (client, _):
+        r = await client.request("OPTIONS", "/api/v1/sessions/anything")
+        assert r.status_code == 405, r.text
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        allowed = {m.strip() for m in r.headers["allow"].split(",")}
+        assert {"GET", "DELETE"} <= allowed

@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from threadline.api.schemas import ErrorBody
-from threadline.api.validation import JSON_COMPONENT, STORABLE_JSON_SCHEMA
 from threadline.config import Settings
 
 _ERRORS: dict[int, str] = {
@@ -69,7 +68,6 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
     components = document.setdefault("components", {})
-    components.setdefault("schemas", {})[JSON_COMPONENT] = STORABLE_JSON_SCHEMA
     unauthorized = {
         "description": _ERRORS[401],
         "headers": _HEADERS[401],

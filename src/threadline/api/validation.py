@@ -6,7 +6,7 @@ PostgreSQL refuses a NUL character in ``text`` and in ``jsonb`` (keys and values
 some of these; both stores get the same rules so that a client sees one behaviour.
 
 The rules are stated in the OpenAPI schema too (a ``pattern`` on strings, ``propertyNames`` on
-objects, a recursive ``StorableJson`` component), so generated clients and fuzzers know them.
+objects, a recursive ``StorableJson`` definition), so generated clients and fuzzers know them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, GetJsonSchemaHandler, WithJsonSchema
+from pydantic import AfterValidator, Field, GetJsonSchemaHandler, TypeAdapter
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+from typing_extensions import TypeAliasType
 
 # ECMA-262 syntax, as JSON Schema wants: any string without U+0000.
 NUL_FREE = r"^[^\x00]*$"
+# NUL-free with at least one non-whitespace character (``message_content``). Python's ``\s``
+# is ``str.isspace``, the same set ``str.strip`` removes.
+NOT_BLANK = r"^[^\x00]*[^\s\x00][^\x00]*$"
 # Deeper nesting than this is refused: Python's JSON encoder recurses once per level and the
 # stores re-encode payloads, so an unbounded depth ends in RecursionError. Real payloads (chat
 # channel envelopes, tool context) are a few levels deep.
@@ -27,7 +31,6 @@ MAX_JSON_DEPTH = 64
 # Largest page whose offset, (page - 1) * page_size, still fits PostgreSQL's and SQLite's
 # signed 64-bit integers for the given largest page_size.
 INT64_MAX = 2**63 - 1
-JSON_COMPONENT = "StorableJson"
 
 
 def max_page(max_page_size: int) -> int:
@@ -81,32 +84,44 @@ class _NulFreeSchema:
 
 StorableText = Annotated[str, AfterValidator(storable_text), _NulFreeSchema()]
 
-_JSON_VALUE_REF = {"$ref": f"#/components/schemas/{JSON_COMPONENT}"}
-_STORABLE_OBJECT: dict[str, Any] = {
-    "type": "object",
-    "propertyNames": {"pattern": NUL_FREE},
-    "additionalProperties": _JSON_VALUE_REF,
-}
 
-# The ``$ref`` above points at this component; ``api/contract.py`` adds it to the document.
-STORABLE_JSON_SCHEMA: dict[str, Any] = {
-    "description": (
-        "Any JSON value PostgreSQL's jsonb can store: no U+0000 in strings or keys, finite "
-        f"numbers only, at most {MAX_JSON_DEPTH} levels deep."
-    ),
-    "anyOf": [
-        {"type": "string", "pattern": NUL_FREE},
-        {"type": "number"},
-        {"type": "boolean"},
-        {"type": "null"},
-        {"type": "array", "items": _JSON_VALUE_REF},
-        _STORABLE_OBJECT,
+def json_integer(value: Any) -> Any:
+    """JSON Schema's ``integer``: 5 and 5.0, but not ``false`` or ``"5"``, which pydantic's
+    lax mode would also turn into ints, accepting what the document calls invalid."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+_NulFree = Annotated[str, _NulFreeSchema()]
+# A named definition, so that pydantic states the key rule as ``propertyNames`` (a plain
+# ``pattern`` on keys would become ``patternProperties``, which still allows other keys).
+NulFreeKey = TypeAliasType("NulFreeKey", _NulFree)
+
+# For the OpenAPI document only: validating every nested value through this union would cost
+# more and coerce values; ``storable_json`` checks the parsed ``dict`` instead.
+StorableJson = TypeAliasType(
+    "StorableJson",
+    Annotated[
+        "_NulFree | float | bool | list[StorableJson] | dict[NulFreeKey, StorableJson] | None",
+        Field(
+            description=(
+                "Any JSON value PostgreSQL's jsonb can store: no U+0000 in strings or keys, "
+                f"finite numbers only, at most {MAX_JSON_DEPTH} levels deep."
+            )
+        ),
     ],
-}
+)
 
-StorableObject = Annotated[
-    dict[str, Any], AfterValidator(storable_json), WithJsonSchema(_STORABLE_OBJECT)
-]
+
+class _StorableObjectSchema:
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(TypeAdapter(dict[NulFreeKey, StorableJson]).core_schema)
+
+
+StorableObject = Annotated[dict[str, Any], AfterValidator(storable_json), _StorableObjectSchema()]
 
 
 def _check_text(text: str, what: str, path: tuple[str, ...]) -> None:
