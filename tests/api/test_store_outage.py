@@ -36,3 +36,4 @@ async def test_sqlite_connection_closed_under_the_store_is_503(make_app: AppFact
         r = await client.get("/api/v1/sessions")
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "store_unavailable"
+        assert "Connection closed" not in r.json()["error"]["message"]

@@ -133,5 +133,7 @@ async def test_a_pool_closed_under_the_store_is_503(make_app: AppFactory, pg_url
         r = await client.get("/api/v1/sessions")
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "store_unavailable"
+        # The driver's words stay in the log.
+        assert "pool" not in r.json()["error"]["message"]
         ready = await client.get("/ready")
         assert ready.status_code == 503, ready.text

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from threadline.errors import (
+    CoordinatorUnavailable,
     InvalidRequest,
     ModelError,
     ModelTimeout,
@@ -19,6 +20,7 @@ from threadline.errors import (
     QueueFull,
     RunFailed,
     SessionBusy,
+    StoreUnavailable,
     ThreadlineError,
     Unavailable,
 )
@@ -68,7 +70,18 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         extra["run_id"] = str(exc.run_id)
     if status == 500:
         log.error("unmapped domain error: %r", exc)
-    return error_response(status, exc.code, str(exc), headers, **extra)
+    message = str(exc)
+    if isinstance(exc, StoreUnavailable | CoordinatorUnavailable):
+        # The driver's words (hosts, states, SQL errors) go to the log, not to the client.
+        log.warning("%s on %s %s: %s", exc.code, request.method, request.url.path, exc)
+        message = _UNAVAILABLE_MESSAGE[exc.code]
+    return error_response(status, exc.code, message, headers, **extra)
+
+
+_UNAVAILABLE_MESSAGE = {
+    StoreUnavailable.code: "the database is unavailable; retry later",
+    CoordinatorUnavailable.code: "the coordination service is unavailable; retry later",
+}
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
