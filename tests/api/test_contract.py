@@ -27,9 +27,7 @@ STARTUP_S = 30.0
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def server_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[str]:  # pragma: no cover - exercised by the contract test
+def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A ``threadline serve`` process with the built-in echo agent, on the given store."""
     if request.param == "postgres":
         database = str(request.getfixturevalue("pg_url"))
