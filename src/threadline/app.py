@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadline import __version__
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
+from threadline.api import contract
 from threadline.api import errors as api_errors
 from threadline.api.access import LoopbackOnly
 from threadline.api.deps import Services, ServicesDep, require_api_key
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
 
     app = FastAPI(title="threadline", version=__version__, lifespan=lifespan)
     api_errors.install(app)
+    contract.install(app, settings)
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key is None:
@@ -161,7 +163,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"])
+    @app.get("/ready", tags=["ops"], responses=contract.errors(503))
     async def ready(services: ServicesDep) -> dict[str, str]:
         await services.store.ping()
         await services.coordinator.ping()

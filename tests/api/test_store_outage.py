@@ -6,7 +6,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.apps import AppFactory
+from tests.apps import AppFactory, services
 from tests.tcp_proxy import tcp_proxy
 
 
@@ -26,3 +26,14 @@ async def test_store_unreachable_is_503(make_app: AppFactory, pg_url: str) -> No
             assert down.status_code == 503, down.text
             assert down.json()["error"]["code"] == "store_unavailable"
             assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_connection_closed_under_the_store_is_503(make_app: AppFactory) -> None:
+    # aiosqlite raises a bare ValueError("Connection closed") once its worker has stopped.
+    async with make_app() as (client, app):
+        await services(app).store._conn.close()  # type: ignore[attr-defined]
+        r = await client.get("/api/v1/sessions")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "store_unavailable"
+        assert "Connection closed" not in r.json()["error"]["message"]

@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from threadline.errors import (
     AgentUnavailable,
+    CoordinatorUnavailable,
     InvalidRequest,
     ModelError,
     ModelTimeout,
@@ -20,6 +22,7 @@ from threadline.errors import (
     RunFailed,
     SessionAgentMismatch,
     SessionBusy,
+    StoreUnavailable,
     ThreadlineError,
     Unavailable,
 )
@@ -76,7 +79,18 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         extra["run_id"] = str(exc.run_id)
     if status == 500:
         log.error("unmapped domain error: %r", exc)
-    return error_response(status, exc.code, str(exc), headers, **extra)
+    message = str(exc)
+    if isinstance(exc, StoreUnavailable | CoordinatorUnavailable):
+        # The driver's words (hosts, states, SQL errors) go to the log, not to the client.
+        log.warning("%s on %s %s: %s", exc.code, request.method, request.url.path, exc)
+        message = _UNAVAILABLE_MESSAGE[exc.code]
+    return error_response(status, exc.code, message, headers, **extra)
+
+
+_UNAVAILABLE_MESSAGE = {
+    StoreUnavailable.code: "the database is unavailable; retry later",
+    CoordinatorUnavailable.code: "the coordination service is unavailable; retry later",
+}
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -92,8 +106,29 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette lists the methods of the first route whose path matched; a path served by
+        # several routes (GET and DELETE /sessions/{id}) allows the methods of all of them.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(exc.status_code, code, str(exc.detail), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Ask the routes, each method in turn: included routers nest routes, and ``matches`` is
+    # the one public question every kind of route answers.
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
+from threadline.api.contract import errors
 from threadline.api.deps import ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.schemas import (
@@ -19,11 +20,16 @@ from threadline.api.schemas import (
     SessionOut,
     SessionPage,
 )
+from threadline.api.validation import StorableText, max_page
 from threadline.coordination import TurnRequest
 from threadline.errors import RunNotFound, SessionAgentMismatch, SessionNotFound
 from threadline.store import Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
+
+# Largest page sizes; ``page`` is bounded so that the offset fits 64 bits (api/validation.py).
+SESSIONS_PER_PAGE = 500
+MESSAGES_PER_PAGE = 1000
 
 
 async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
@@ -36,8 +42,14 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
     return session
 
 
-@router.post("/agent/{name}/run", response_model=RunResponse)
-async def run_agent(name: str, body: RunRequest, services: ServicesDep) -> RunResponse:
+@router.post(
+    "/agent/{name}/run",
+    response_model=RunResponse,
+    responses=errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+)
+async def run_agent(
+    name: Annotated[str, Path(examples=["echo"])], body: RunRequest, services: ServicesDep
+) -> RunResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
@@ -106,12 +118,12 @@ async def list_agents(services: ServicesDep) -> list[AgentInfo]:
     ]
 
 
-@router.get("/sessions", response_model=SessionPage)
+@router.get("/sessions", response_model=SessionPage, responses=errors(422, 503))
 async def list_sessions(
     services: ServicesDep,
-    user_id: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(SESSIONS_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=SESSIONS_PER_PAGE)] = 50,
 ) -> SessionPage:
     """Sessions of ``user_id``; without it, only sessions that have no user."""
     sessions, total = await services.store.list_sessions(
@@ -125,13 +137,13 @@ async def list_sessions(
     )
 
 
-@router.get("/sessions/{id_or_name}", response_model=SessionDetail)
+@router.get("/sessions/{id_or_name}", response_model=SessionDetail, responses=errors(404, 422, 503))
 async def get_session(
-    id_or_name: str,
+    id_or_name: StorableText,
     services: ServicesDep,
-    user_id: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(MESSAGES_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=MESSAGES_PER_PAGE)] = 100,
 ) -> SessionDetail:
     session = await _find_session(services.store, id_or_name, user_id)
     messages, total = await services.store.list_messages(
@@ -147,16 +159,16 @@ async def get_session(
     )
 
 
-@router.delete("/sessions/{id_or_name}", status_code=204)
+@router.delete("/sessions/{id_or_name}", status_code=204, responses=errors(404, 422, 503))
 async def delete_session(
-    id_or_name: str, services: ServicesDep, user_id: str | None = None
+    id_or_name: StorableText, services: ServicesDep, user_id: StorableText | None = None
 ) -> Response:
     session = await _find_session(services.store, id_or_name, user_id)
     await services.store.delete_session(session.id)
     return Response(status_code=204)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
+@router.get("/runs/{run_id}", response_model=RunOut, responses=errors(404, 422, 503))
 async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
     run = await services.store.get_run(run_id)
     if run is None:

@@ -3,31 +3,60 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
+from threadline.api.validation import (
+    NOT_BLANK,
+    NUL_FREE,
+    StorableObject,
+    StorableText,
+    json_integer,
+)
 from threadline.config import Strategy
+
+# Integers are accepted and stored as text (automagik-agents clients send them); the override
+# says so, as the annotation alone would document a string only.
+USER_ID_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "maxLength": 200, "pattern": NUL_FREE},
+        {"type": "integer"},
+        {"type": "null"},
+    ],
+    "title": "User Id",
+}
 
 
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    message_content: str = Field(min_length=1)
+    message_content: StorableText = Field(min_length=1, json_schema_extra={"pattern": NOT_BLANK})
     session_id: UUID | None = None
-    session_name: str | None = Field(default=None, min_length=1, max_length=200)
-    user_id: str | None = Field(default=None, max_length=200)
-    context: dict[str, Any] = Field(default_factory=dict)
-    message_limit: int | None = Field(default=None, ge=0, le=1000)
-    channel_payload: dict[str, Any] | None = None
+    session_name: StorableText | None = Field(default=None, min_length=1, max_length=200)
+    user_id: Annotated[StorableText | None, WithJsonSchema(USER_ID_SCHEMA)] = Field(
+        default=None, max_length=200
+    )
+    context: StorableObject = Field(default_factory=dict)
+    # Constraints before the validator, or pydantic documents them as "ge"/"le".
+    message_limit: Annotated[int, Field(ge=0, le=1000), BeforeValidator(json_integer)] | None = None
+    channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
 
     @field_validator("user_id", mode="before")
     @classmethod
     def _user_id_as_text(cls, value: Any) -> Any:
-        # automagik-agents clients send integer user ids; store them as text.
-        return str(value) if isinstance(value, int) else value
+        # automagik-agents clients send integer user ids; store them as text. A bool is an
+        # int to Python but not to JSON: left alone, the string check rejects it.
+        return str(value) if type(value) is int else value
 
     @field_validator("message_content")
     @classmethod
@@ -104,3 +133,19 @@ class RunOut(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+
+
+class ErrorDetail(BaseModel):
+    """``code`` is stable and meant for programs; ``message`` is for people. Some errors add
+    fields: ``run_id`` (409, 502, 504), ``details`` (422: every problem found)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response, whatever its status."""
+
+    error: ErrorDetail

@@ -56,6 +56,24 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InvalidCatalogNameError,
+    # What a restart looks like from inside the driver: "connection is closed", "pool is
+    # closing", or a connection left half-way through the protocol ("cannot switch to state
+    # 12; protocol is in the failed state").
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+# InterfaceErrors that mean *we* passed something wrong (an argument asyncpg cannot encode, a
+# bad DSN): a fault to fix, not an outage to wait out, so they stay 500s.
+_MISUSE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ClientConfigurationError,
+)
+# Errors after which a pooled connection may still look open but can never work again.
+_BROKEN: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
 )
 
 
@@ -103,6 +121,8 @@ class PostgresStore:
                 reset=_keep_session,
             )
         except _UNAVAILABLE as exc:
+            if isinstance(exc, _MISUSE):
+                raise
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL at {_redact(url)!r}: {exc}"
             ) from exc
@@ -280,6 +300,13 @@ class PostgresStore:
                 await conn.execute(sql.LOCK_SESSION, lock)
                 return list(await conn.fetch(query, *args))
         except _UNAVAILABLE as exc:
+            if isinstance(exc, _MISUSE):
+                raise
+            if isinstance(exc, _BROKEN):
+                # The server went away (restart, failover): every pooled connection is
+                # suspect. Expired ones are replaced as they come back to the pool, so the
+                # first request after recovery does not meet a dead connection.
+                await self._pool.expire_connections()
             raise StoreUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
 
 

@@ -44,6 +44,8 @@ _BY_NAME = "COALESCE(user_id, '') = COALESCE(?, '') AND name = ?"
 # Primary result codes meaning "the database cannot serve now", not "this statement is wrong":
 # BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL.
 _UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15})
+# aiosqlite's messages (it raises bare ValueErrors) once its connection is gone.
+_AIOSQLITE_CLOSED = frozenset({"Connection closed", "no active connection"})
 
 
 class SQLiteStore:
@@ -292,6 +294,12 @@ class SQLiteStore:
             )
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _UNAVAILABLE_CODES:
+                raise StoreUnavailable(f"SQLite is unavailable: {exc}") from exc
+            raise
+        except ValueError as exc:
+            # aiosqlite's worker stopped under us (the connection was closed): its
+            # equivalent of asyncpg's "connection is closed". Other ValueErrors are faults.
+            if str(exc) in _AIOSQLITE_CLOSED:
                 raise StoreUnavailable(f"SQLite is unavailable: {exc}") from exc
             raise
         return result
