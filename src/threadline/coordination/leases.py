@@ -36,6 +36,17 @@ from threadline.errors import CoordinatorUnavailable
 Release = Literal["released", "dirty", "lost", "unheld"]
 
 
+@contextlib.asynccontextmanager
+async def bounded(timeout_s: float) -> AsyncIterator[None]:
+    """One Redis step, bounded as a whole (connection wait, retries and all) by
+    ``REDIS_TIMEOUT_S``; any failure is ``CoordinatorUnavailable`` (503)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+
+
 class Leases:
     def __init__(
         self,
@@ -113,18 +124,14 @@ class Leases:
         held = list(self._held.items())
         if not held:
             return [], []
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                async with self._renewal.pipeline(transaction=False) as pipe:
-                    for session_id, token in held:
-                        await self._renew(
-                            keys=[keys.lease(session_id), keys.ACTIVE],
-                            args=[token, self._ttl_ms, str(session_id)],
-                            client=pipe,
-                        )
-                    renewed = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        async with bounded(self._timeout_s), self._renewal.pipeline(transaction=False) as pipe:
+            for session_id, token in held:
+                await self._renew(
+                    keys=[keys.lease(session_id), keys.ACTIVE],
+                    args=[token, self._ttl_ms, str(session_id)],
+                    client=pipe,
+                )
+            renewed = await pipe.execute()
         lost: list[UUID] = []
         idle: list[UUID] = []
         for (session_id, token), ok in zip(held, renewed, strict=True):
@@ -148,16 +155,16 @@ class Leases:
         held, self._held = self._held, {}
         if not held:
             return
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(self._timeout_s):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for session_id, token in held.items():
-                        await self._drop(
-                            keys=[keys.lease(session_id), keys.ACTIVE],
-                            args=[token, str(session_id)],
-                            client=pipe,
-                        )
-                    await pipe.execute()
+        # Best effort: leases that stay expire within the TTL anyway.
+        with contextlib.suppress(CoordinatorUnavailable):
+            async with bounded(self._timeout_s), self._redis.pipeline(transaction=False) as pipe:
+                for session_id, token in held.items():
+                    await self._drop(
+                        keys=[keys.lease(session_id), keys.ACTIVE],
+                        args=[token, str(session_id)],
+                        client=pipe,
+                    )
+                await pipe.execute()
 
     @contextlib.asynccontextmanager
     async def pinned(self, session_id: UUID) -> AsyncIterator[None]:
@@ -184,9 +191,6 @@ class Leases:
         return [keys.lease(session_id), keys.dirty(session_id), keys.ACTIVE]
 
     async def _call(self, script: Any, keys_: list[str], args: list[Any]) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                result = await script(keys=keys_, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        async with bounded(self._timeout_s):
+            result = await script(keys=keys_, args=args)
         return result.decode() if isinstance(result, bytes) else result

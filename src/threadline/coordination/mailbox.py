@@ -31,7 +31,8 @@ from redis.exceptions import RedisError
 
 from threadline.coordination import keys
 from threadline.coordination.answers import decode_answer, encode_answer, stored_answer
-from threadline.errors import SessionNotFound, ThreadlineError
+from threadline.coordination.leases import bounded
+from threadline.errors import CoordinatorUnavailable, SessionNotFound, ThreadlineError
 from threadline.queue.job import Answer
 from threadline.store import Store
 
@@ -138,9 +139,9 @@ class Mailbox:
         else:
             payload = encode_answer(None, answer, message_id)
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with bounded(self._timeout_s):
                 await self._redis.publish(keys.ANSWERS_CHANNEL, payload)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CoordinatorUnavailable as exc:
             # Callers elsewhere fall back to their watchdog, which reads the store.
             log.warning("could not publish the answer for %s: %s", message_id, exc)
 

@@ -46,13 +46,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
-from redis.exceptions import RedisError
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings, Strategy
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import TurnRequest
-from threadline.coordination.leases import Leases
+from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import build_queue, storing, user_message
 from threadline.coordination.mailbox import Mailbox
 from threadline.errors import (
@@ -139,13 +138,13 @@ class RedisCoordinator:
         renewal = _client(settings, 2)
         self = cls(redis, renewal, store, registry, settings)
         try:
-            async with asyncio.timeout(settings.redis_timeout_s * 2):
+            async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
                 await self._mailbox.open()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CoordinatorUnavailable:
             await redis.aclose()
             await renewal.aclose()
-            raise CoordinatorUnavailable(f"cannot reach Redis: {exc}") from exc
+            raise
         self._spawn(self._mailbox.listen(self._on_nudge))
         self._spawn(self._every(self._ttl_s / 3, self._renew))
         self._spawn(self._every(max(0.2, self._ttl_s / 4), self._watch))
@@ -342,11 +341,8 @@ class RedisCoordinator:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def ping(self) -> None:
-        try:
-            async with asyncio.timeout(self._settings.redis_timeout_s):
-                await self._redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+        async with bounded(self._settings.redis_timeout_s):
+            await self._redis.ping()
 
     def metrics(self) -> dict[str, Any]:
         return {
