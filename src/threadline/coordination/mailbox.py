@@ -105,9 +105,9 @@ class Mailbox:
             if not e.future.done() and e.since <= cutoff
         }
 
-    async def settle(self, session_id: UUID) -> None:
+    async def settle(self, session_id: UUID) -> bool:
         """Resolve the callers of a session whose answer is in the store (or whose session
-        is gone) without having reached us."""
+        is gone) without having reached us. True if some are still waiting."""
         waiting = [
             message_id
             for message_id, e in self._expected.items()
@@ -124,6 +124,11 @@ class Mailbox:
             gone = SessionNotFound(f"session {str(session_id)!r} was deleted")
             for message_id in waiting:
                 self._resolve(message_id, gone)
+        # Re-read: an answer may have been delivered while we asked the store.
+        return any(
+            (e := self._expected.get(message_id)) is not None and not e.future.done()
+            for message_id in waiting
+        )
 
     def fail_all(self, error: ThreadlineError) -> None:
         for message_id in list(self._expected):

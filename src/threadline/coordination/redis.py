@@ -298,8 +298,8 @@ class RedisCoordinator:
             if self.queue.has(sid):
                 continue  # our own run answers them
             try:
-                await self._mailbox.settle(sid)
-                if sid in self._mailbox.sessions() and await self._leases.claim(sid):
+                still_waiting = await self._mailbox.settle(sid)
+                if still_waiting and await self._leases.claim(sid):
                     log.info("took over session %s", sid)
                     await self.take_over(sid)
             except ThreadlineError as exc:
