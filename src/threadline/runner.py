@@ -231,6 +231,7 @@ class TurnRunner:
             raise
         except TimeoutError:
             error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
+            log.warning("run %s of session %s: %s", job.run_id, job.session_id, error)
             return await self._fail(job, turn, error, agent_run)
         except ToolError as exc:
             log.error(
@@ -240,21 +241,21 @@ class TurnRunner:
                 exc.tool,
                 exc_info=exc.__cause__ or exc,
             )
-            return await self._fail(job, turn, exc, agent_run, logged=True)
+            return await self._fail(job, turn, exc, agent_run)
         except (ModelAPIError, UnexpectedModelBehavior, AgentRunError) as exc:
             log.warning("run %s of session %s: model failed: %r", job.run_id, job.session_id, exc)
             error = ModelError("the model provider failed to answer", job.run_id)
-            return await self._fail(job, turn, error, agent_run, logged=True)
+            return await self._fail(job, turn, error, agent_run)
         except SessionNotFound as exc:
             return Outcome(job.run_id, (), error=exc)
         except StoreUnavailable as exc:
             log.warning("run %s of session %s: %s", job.run_id, job.session_id, exc)
-            error = StoreUnavailable("the database is unavailable; try again shortly")
-            return await self._fail(job, turn, error, agent_run, logged=True)
+            error = StoreUnavailable("the database is unavailable; retry later")
+            return await self._fail(job, turn, error, agent_run)
         except Exception:
             log.exception("run %s of session %s failed", job.run_id, job.session_id)
             error = RunFailed("the run failed unexpectedly", job.run_id)
-            return await self._fail(job, turn, error, agent_run, logged=True)
+            return await self._fail(job, turn, error, agent_run)
 
     async def _commit(self, job: Job, reply: Reply) -> Message | None:
         commit = asyncio.ensure_future(self._store.commit_run(job.session_id, job.run_id, reply))
@@ -313,11 +314,8 @@ class TurnRunner:
         turn: Turn | None,
         error: ThreadlineError,
         agent_run: AgentRun[RunDeps, str] | None,
-        *,
-        logged: bool = False,
     ) -> Outcome:
-        if not logged:
-            log.warning("run %s of session %s failed: %s", job.run_id, job.session_id, error)
+        """End the run as ``failed``; each caller of ``_fail`` has logged why."""
         side = _side_effects(job.run_id, _own_messages(agent_run), "failed")
         record = RunError(error.code, str(error))
         try:

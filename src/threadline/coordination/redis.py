@@ -58,6 +58,7 @@ from threadline.errors import (
     CoordinatorUnavailable,
     Handoff,
     QueueFull,
+    RunFailed,
     SessionBusy,
     ShuttingDown,
     ThreadlineError,
@@ -245,7 +246,13 @@ class RedisCoordinator:
             return  # not the caller's failure: once our lease is dropped, another process runs it
         answer: Answer | ThreadlineError
         if error is not None:
-            answer = error if isinstance(error, ThreadlineError) else ShuttingDown(str(error))
+            # Not expected (the queue fails callers only with ThreadlineErrors); if it happens,
+            # the remote caller still gets a defined error and nothing of the exception.
+            answer = (
+                error
+                if isinstance(error, ThreadlineError)
+                else RunFailed("the run failed unexpectedly")
+            )
         else:
             answer = future.result()
             if isinstance(answer.outcome.error, Handoff):
