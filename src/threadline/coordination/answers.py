@@ -60,9 +60,11 @@ def error_from(code: str | None, message: str, run_id: UUID | None) -> Threadlin
     return _RUN_ERRORS.get(code or "", RunFailed)(message, run_id)
 
 
-def encode_answer(answer: Answer | None, error: BaseException | None, message_id: UUID) -> str:
+def encode_answer(message_id: UUID, answer: Answer | ThreadlineError) -> str:
+    """One message's answer (a run's outcome, or an error with no run) as JSON."""
     body: dict[str, Any] = {"message_id": str(message_id)}
-    if answer is not None:
+    error: ThreadlineError | None
+    if isinstance(answer, Answer):
         outcome = answer.outcome
         body.update(
             run_id=str(outcome.run_id),
@@ -74,11 +76,10 @@ def encode_answer(answer: Answer | None, error: BaseException | None, message_id
             result["reply_message_id"] = str(outcome.result.reply_message_id)
             body["result"] = result
         error = outcome.error
+    else:
+        error = answer
     if error is not None:
-        if isinstance(error, ThreadlineError):
-            body["error"] = {"code": error.code, "message": str(error)}
-        else:  # never expected: the runner reports failures as outcomes
-            body["error"] = {"code": RunFailed.code, "message": "the run failed unexpectedly"}
+        body["error"] = {"code": error.code, "message": str(error)}
     return json.dumps(body)
 
 

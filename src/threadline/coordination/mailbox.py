@@ -139,10 +139,7 @@ class Mailbox:
     async def publish(self, message_id: UUID, answer: Answer | ThreadlineError) -> None:
         """Hand an answer to its callers here at once, and to every other process."""
         self._resolve(message_id, answer)
-        if isinstance(answer, Answer):
-            payload = encode_answer(answer, None, message_id)
-        else:
-            payload = encode_answer(None, answer, message_id)
+        payload = encode_answer(message_id, answer)
         try:
             async with bounded(self._timeout_s):
                 await self._redis.publish(keys.ANSWERS_CHANNEL, payload)
