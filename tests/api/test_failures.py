@@ -174,7 +174,7 @@ async def test_a_store_outage_inside_a_run_is_503_and_the_failure_is_recorded_on
             try:
                 # Once the database is back, the failure is recorded without a new message:
                 # no run is left running and the message is answered by failure.
-                await wait_until(lambda: _no_run_running(direct, sid))
+                await wait_until(lambda: _failure_recorded(direct, sid))
                 assert await direct.unanswered(sid) == []
             finally:
                 await direct.aclose()
@@ -183,7 +183,7 @@ async def test_a_store_outage_inside_a_run_is_503_and_the_failure_is_recorded_on
             assert after.json()["message"] == "echo: and now?"
 
 
-async def _no_run_running(store: PostgresStore, sid: uuid.UUID) -> bool:
+async def _failure_recorded(store: PostgresStore, sid: uuid.UUID) -> bool:
     rows = await store.pool.fetch("SELECT status FROM runs WHERE session_id = $1", sid)
     return bool(rows) and all(r["status"] == "failed" for r in rows)
 
