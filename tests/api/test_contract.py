@@ -105,7 +105,7 @@ async def test_the_document_declares_errors_and_the_key_only_when_set(
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     run = open_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
     assert set(run["responses"]) == {
-        "200", "400", "404", "409", "413", "422", "429", "502", "503", "504"
+        "200", "400", "403", "404", "409", "413", "422", "429", "502", "503", "504"
     }  # fmt: skip
     for status, response in run["responses"].items():
         if status != "200":
@@ -116,5 +116,8 @@ async def test_the_document_declares_errors_and_the_key_only_when_set(
     keyed_run = keyed_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
     assert keyed_run["security"] == [{"APIKeyHeader": []}]
     assert keyed_run["responses"]["401"]["content"]["application/json"]["schema"] == error_ref
-    # /health is never behind the key.
+    # Without a key, other machines get 403 (api/access.py); with one, the key decides.
+    assert "403" not in keyed_run["responses"]
+    # /health is never behind the key, nor refused to other machines.
     assert "401" not in keyed_doc["paths"]["/health"]["get"]["responses"]
+    assert "403" not in open_doc["paths"]["/health"]["get"]["responses"]

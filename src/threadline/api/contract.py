@@ -3,8 +3,9 @@ return, the one error body they all share, and the API key only when one is conf
 
 Routes declare their statuses with ``responses=errors(404, 503)``; the descriptions and the
 body schema live here once. ``install`` then fits the generated document to the settings:
-the ``X-API-Key`` requirement and its 401 appear only when ``THREADLINE_API_KEY`` is set,
-since without a key the server accepts every request.
+the ``X-API-Key`` requirement and its 401 appear only when ``THREADLINE_API_KEY`` is set;
+without a key, every route but ``/health`` may answer 403 instead (clients on other machines,
+``api/access.py``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,33 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from threadline.api.access import OPEN_PATHS
 from threadline.api.schemas import ErrorBody
 from threadline.config import Settings
 
 _ERRORS: dict[int, str] = {
     400: "The body is not parseable JSON (for example nested too deeply to parse).",
     401: "Missing or wrong X-API-Key header.",
+    403: "No API key is configured and the client is not on the server's machine.",
     404: "No such agent, session or run, or no such path.",
-    409: "Strategy `reject` and the session already has a turn in flight.",
+    409: (
+        "Strategy `reject` and the session already has a turn in flight "
+        "(`session_busy`), or the session belongs to another agent "
+        "(`session_agent_mismatch`)."
+    ),
     413: "The body or `message_content` is over the configured limit.",
     422: "The request does not match the schema, or holds what no store can keep.",
     429: "The session already has SESSION_QUEUE_MAX unanswered messages.",
-    502: "The model failed while answering.",
-    503: "The store or Redis is unreachable, or the server is shutting down.",
+    502: (
+        "The run failed: the model provider (`model_error`), one of the agent's tools "
+        "(`tool_error`) or threadline itself (`run_failed`). Its messages are answered by "
+        "failure; GET /api/v1/runs/{run_id} says why."
+    ),
+    503: (
+        "The store or Redis is unreachable, the server is shutting down, the agent's setup "
+        "is failing (`agent_unavailable`, with Retry-After), or the answer is not available "
+        "here yet (`answer_pending`)."
+    ),
     504: "The model did not answer within MODEL_TIMEOUT_S.",
 }
 
@@ -68,13 +83,13 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
     components = document.setdefault("components", {})
-    unauthorized = {
-        "description": _ERRORS[401],
-        "headers": _HEADERS[401],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-    }
-    for path in document.get("paths", {}).values():
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    unauthorized = {"description": _ERRORS[401], "headers": _HEADERS[401], "content": body}
+    forbidden = {"description": _ERRORS[403], "content": body}
+    for route, path in document.get("paths", {}).items():
         for operation in path.values():
+            if not keyed and route not in OPEN_PATHS:
+                operation["responses"]["403"] = forbidden
             if "security" not in operation:
                 continue
             if keyed:
