@@ -142,13 +142,14 @@ def _own_messages(agent_run: AgentRun[RunDeps, str] | None) -> list[ModelMessage
     return agent_run.new_messages()[1:] if agent_run is not None else []
 
 
-# Recording a failure the store refused: retried until the store answers (or a shutdown
-# cancels us), at most every 5 s. The callers were answered already.
-_RECORD_RETRY = {
-    "retry": retry_if_exception_type(StoreUnavailable),
-    "wait": wait_exponential_jitter(initial=0.2, max=5.0),
-    "reraise": True,
-}
+def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
+    """Retry a step the store (or one of ``also``) refused until it succeeds or the task is
+    cancelled (a shutdown), at most every 5 s: for work whose callers were answered already."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((StoreUnavailable, *also)),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        reraise=True,
+    )
 
 
 class TurnRunner:
@@ -326,7 +327,7 @@ class TurnRunner:
             # message. The queue starts nothing else of this session meanwhile.
             assert job.settle is not None
             job.settle(Outcome(job.run_id, (), error=error))
-            async for attempt in AsyncRetrying(**_RECORD_RETRY):  # type: ignore[arg-type]
+            async for attempt in until_the_store_answers():
                 with attempt:
                     run = await self._record_failure(job, turn, record, side)
         if run is None:

@@ -11,57 +11,20 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.coordination.conftest import Connect, request
 from tests.multiprocess.conftest import start_redis
-from threadline.agents import AgentRegistry
-from threadline.agents.builtin import BUILTIN_AGENTS
-from threadline.config import Settings
 from threadline.coordination import TurnRequest, keys
 from threadline.coordination.local import user_message
-from threadline.coordination.redis import RedisCoordinator
 from threadline.errors import CoordinatorUnavailable, StoreUnavailable
 from threadline.queue.job import RunOptions
-from threadline.store import PostgresStore, Store
+from threadline.store import PostgresStore
 
 pytestmark = pytest.mark.allow_blocking  # starts a redis-server of its own in one test
-
-Connect = Callable[..., Awaitable[RedisCoordinator]]
-
-
-@pytest.fixture
-async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
-    opened = await PostgresStore.connect(pg_url, min_size=1, max_size=4)
-    await opened.migrate()
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-@pytest.fixture
-async def connect(pg_url: str, redis_url: str) -> AsyncIterator[Connect]:
-    opened: list[RedisCoordinator] = []
-
-    async def make(store: Store, **overrides: Any) -> RedisCoordinator:
-        overrides.setdefault("redis_url", redis_url)
-        settings = Settings(_env_file=None, database_url=pg_url, **overrides)  # type: ignore[call-arg]
-        registry = AgentRegistry(BUILTIN_AGENTS, default_model="threadline:echo")
-        coordinator = await RedisCoordinator.connect(settings, store, registry)
-        opened.append(coordinator)
-        return coordinator
-
-    yield make
-    for coordinator in opened:
-        await coordinator.aclose()
-
-
-def request(session_id: uuid.UUID, text: str) -> TurnRequest:
-    return TurnRequest(session_id, "echo", text, "merge")
 
 
 async def test_a_late_nudge_for_an_answered_message_publishes_its_real_answer(
@@ -224,3 +187,65 @@ async def test_a_takeover_runs_each_message_the_way_its_caller_asked(
     assert reply is not None
     assert "[conversation_context -> A-42]" in reply.content
     assert run.agent == "echo"
+
+
+class GatedInsertStore(FlakyStore):
+    """The real store, whose inserts pause once stored until the test lets them go on."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.failures = 0
+        self.stored = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def add_user_message(self, *args: Any, **kwargs: Any) -> Any:
+        stored = await self._store.add_user_message(*args, **kwargs)
+        self.stored.set()
+        await self.go_on.wait()
+        return stored
+
+
+async def test_a_caller_leaving_between_its_insert_and_its_nudge_leaves_no_message_behind(
+    store: PostgresStore, connect: Connect
+) -> None:
+    owner = await connect(store)
+    gated = GatedInsertStore(store)
+    other = await connect(gated)  # type: ignore[arg-type]
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await owner._leases.claim(session.id)  # the message goes through `other`'s nudge
+
+    caller = asyncio.create_task(other.submit(request(session.id, "stored, then gone")))
+    await gated.stored.wait()
+    caller.cancel()  # the client disconnects right after the insert
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    gated.go_on.set()
+
+    # The nudge still went out: the message is answered without any later message.
+    (message,) = [m for m in (await store.list_messages(session.id))[0] if m.role == "user"]
+    while await store.answer_for(message.id) is None:
+        await asyncio.sleep(0.01)  # answered by a run in the background
+
+
+async def test_renewals_do_not_wait_behind_an_exhausted_request_pool(
+    store: PostgresStore, connect: Connect
+) -> None:
+    coordinator = await connect(store, redis_max_connections=2, redis_timeout_s=30)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await coordinator._leases.claim(session.id)
+    # Every connection of the request pool is busy with a command that does not return.
+    blockers = [
+        asyncio.create_task(coordinator._redis.blpop([f"threadline:test:{uuid.uuid4()}"], 25))
+        for _ in range(2)
+    ]
+    pool: Any = coordinator._redis.connection_pool
+    while len(pool._in_use_connections) < 2:
+        await asyncio.sleep(0.01)
+
+    lost, idle = await coordinator._leases.renew(lambda sid: sid == session.id)
+
+    assert (lost, idle) == ([], [])
+    assert not any(task.done() for task in blockers)  # renewed while the pool was exhausted
+    for task in blockers:
+        task.cancel()
+    await asyncio.gather(*blockers, return_exceptions=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,10 +13,13 @@ from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import TurnRequest
-from threadline.errors import AnswerPending, Handoff
+from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavailable
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
-from threadline.runner import TurnRunner
+from threadline.queue.job import RunOptions
+from threadline.runner import TurnRunner, until_the_store_answers
 from threadline.store import NewMessage, RunStart, Store
+
+log = logging.getLogger(__name__)
 
 
 def build_queue(
@@ -68,6 +73,30 @@ def storing(
     return accept
 
 
+async def adopt_unanswered(
+    store: Store, queue: TurnQueue, session_id: UUID, history_limit: int
+) -> list[tuple[UUID, asyncio.Future[Answer]]]:
+    """Put every unanswered message of a session into the queue, each run with the options
+    stored with it; messages the queue holds already are not added twice."""
+    session = await store.get_session(session_id)
+    if session is None:
+        return []
+    fallback = RunOptions(session.agent, session.user_id, history_limit)
+    return [
+        (
+            message.id,
+            queue.adopt(
+                session_id,
+                message.id,
+                message.seq,
+                "merge",
+                RunOptions.from_json(message.options) if message.options else fallback,
+            ),
+        )
+        for message in await store.unanswered(session_id)
+    ]
+
+
 async def resolve_handoff(store: Store, answer: Answer) -> Answer:
     """A run that handed off (another run answered) means: the answer is in the store."""
     if not isinstance(answer.outcome.error, Handoff):
@@ -85,15 +114,46 @@ class LocalCoordinator:
     def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
         self._store = store
         self._registry = registry
+        self._history_limit = settings.history_limit
         self.queue = build_queue(store, registry, settings)
+        self._recovering: dict[UUID, asyncio.Task[None]] = {}
 
     async def submit(self, request: TurnRequest) -> Answer:
         loaded = await self._registry.get(request.agent)
         accept = storing(self._store, request, loaded.model_name)
-        answer = await self.queue.submit(
-            request.session_id, request.strategy, accept, request.options
-        )
+        try:
+            answer = await self.queue.submit(
+                request.session_id, request.strategy, accept, request.options
+            )
+        except StoreUnavailable:
+            # The insert may have committed with its reply lost on the way back: a message
+            # stored, whose caller heard 503, that no run would answer until the session's
+            # next message. Look again once the store is back.
+            self._recover(request.session_id)
+            raise
         return await resolve_handoff(self._store, answer)
+
+    def _recover(self, session_id: UUID) -> None:
+        if session_id in self._recovering:
+            return
+        task = asyncio.ensure_future(self._recovery(session_id))
+        self._recovering[session_id] = task
+        task.add_done_callback(lambda _: self._recovering.pop(session_id, None))
+
+    async def _recovery(self, session_id: UUID) -> None:
+        try:
+            async for attempt in until_the_store_answers():
+                with attempt:
+                    adopted = await adopt_unanswered(
+                        self._store, self.queue, session_id, self._history_limit
+                    )
+        except ShuttingDown:
+            return  # the next process answers what is left
+        for _, future in adopted:
+            # Nobody awaits these answers; the run stores them in the session's history.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if adopted:
+            log.info("session %s: answering %d stored messages", session_id, len(adopted))
 
     async def ping(self) -> None:
         """Nothing outside this process to check."""
@@ -105,4 +165,7 @@ class LocalCoordinator:
         }
 
     async def aclose(self, grace: float = 0.0) -> None:
+        for task in list(self._recovering.values()):
+            task.cancel()
+        await asyncio.gather(*self._recovering.values(), return_exceptions=True)
         await self.queue.aclose(grace)

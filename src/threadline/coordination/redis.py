@@ -48,11 +48,16 @@ from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 
 from threadline.agents import AgentRegistry
-from threadline.config import Settings, Strategy
+from threadline.config import Settings
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import TurnRequest
 from threadline.coordination.leases import Leases, bounded
-from threadline.coordination.local import build_queue, storing, user_message
+from threadline.coordination.local import (
+    adopt_unanswered,
+    build_queue,
+    storing,
+    user_message,
+)
 from threadline.coordination.mailbox import Mailbox
 from threadline.errors import (
     CoordinatorUnavailable,
@@ -61,10 +66,12 @@ from threadline.errors import (
     RunFailed,
     SessionBusy,
     ShuttingDown,
+    StoreUnavailable,
     ThreadlineError,
 )
 from threadline.queue.job import Answer, RunOptions
-from threadline.store import Message, Store
+from threadline.runner import until_the_store_answers
+from threadline.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +96,6 @@ def _client(settings: Settings, max_connections: int) -> Redis:
         driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
     )
     return Redis.from_pool(pool)
-
-
-def _options(message: Message, fallback: RunOptions) -> RunOptions:
-    return RunOptions.from_json(message.options) if message.options else fallback
 
 
 class RedisCoordinator:
@@ -127,6 +130,7 @@ class RedisCoordinator:
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
         self.queue = build_queue(store, registry, settings, self._on_idle)
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
+        self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -158,7 +162,12 @@ class RedisCoordinator:
             raise ShuttingDown("server is shutting down; not accepting messages")
         loaded = await self._registry.get(request.agent)
         if await self._leases.claim(request.session_id):
-            return await self._submit_local(request, loaded.model_name)
+            try:
+                return await self._submit_local(request, loaded.model_name)
+            except StoreUnavailable:
+                # The insert may have committed with its reply lost: see ``_recover``.
+                self._recover(request.session_id)
+                raise
         return await self._submit_remote(request)
 
     async def _submit_local(self, request: TurnRequest, model_name: str) -> Answer:
@@ -195,7 +204,11 @@ class RedisCoordinator:
 
     async def _store_and_nudge(self, request: TurnRequest) -> UUID:
         sid = request.session_id
-        stored, _ = await self._store.add_user_message(sid, user_message(request))
+        try:
+            stored, _ = await self._store.add_user_message(sid, user_message(request))
+        except StoreUnavailable:
+            self._recover(sid)  # the insert may have committed with its reply lost
+            raise
         payload = json.dumps(
             {
                 "session_id": str(sid),
@@ -205,10 +218,34 @@ class RedisCoordinator:
                 "options": request.options.to_json(),
             }
         )
-        if await self._leases.nudge(sid, payload):
+        try:
+            took = await self._leases.nudge(sid, payload)
+        except CoordinatorUnavailable:
+            self._recover(sid)  # stored, but its owner was not told
+            raise
+        if took:
             # The owner released the session between our two calls: it is ours now.
             await self.take_over(sid)
         return stored.id
+
+    def _recover(self, sid: UUID) -> None:
+        """A message of ``sid`` may be stored that no run will answer: its caller heard 503
+        after the insert (its reply lost, or the nudge failed). Once the store and Redis
+        answer again, make whoever owns the session look at the store: a nudge without a
+        message marks the session dirty and asks its owner to take over; a free lease is
+        ours to take."""
+        if sid in self._recovering or self._closing:
+            return
+        task = self._spawn(self._recovery(sid))
+        self._recovering[sid] = task
+        task.add_done_callback(lambda _: self._recovering.pop(sid, None))
+
+    async def _recovery(self, sid: UUID) -> None:
+        recheck = json.dumps({"session_id": str(sid)})
+        async for attempt in until_the_store_answers(CoordinatorUnavailable):
+            with attempt:
+                if await self._leases.nudge(sid, recheck) or self._leases.holds(sid):
+                    await self.take_over(sid)
 
     # -- owning sessions ---------------------------------------------------------------
 
@@ -217,24 +254,17 @@ class RedisCoordinator:
         callers here from the store; let the lease go if nothing is left to run."""
         async with self._leases.pinned(sid):
             try:
-                session = await self._store.get_session(sid)
-                if session is not None:
-                    fallback = RunOptions(
-                        session.agent, session.user_id, self._settings.history_limit
-                    )
-                    for message in await self._store.unanswered(sid):
-                        self._adopt(
-                            sid, message.id, message.seq, "merge", _options(message, fallback)
-                        )
+                adopted = await adopt_unanswered(
+                    self._store, self.queue, sid, self._settings.history_limit
+                )
+                for message_id, future in adopted:
+                    self._publish_when_done(message_id, future)
                 await self._mailbox.settle(sid)
             finally:
                 if not self.queue.has(sid):
                     self._on_idle(sid)
 
-    def _adopt(
-        self, sid: UUID, message_id: UUID, seq: int, strategy: Strategy, options: RunOptions
-    ) -> None:
-        future = self.queue.adopt(sid, message_id, seq, strategy, options)
+    def _publish_when_done(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
         future.add_done_callback(lambda f: self._spawn(self._answer(message_id, f)))
 
     async def _answer(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
@@ -266,8 +296,14 @@ class RedisCoordinator:
         sid = UUID(body["session_id"])
         if not self._leases.holds(sid) or self._closing:
             return  # the sender's watchdog takes the session over once our lease is gone
+        if "message_id" not in body:
+            # "Look at the store": a message may have been stored without its caller knowing.
+            self._spawn(self.take_over(sid))
+            return
+        message_id = UUID(body["message_id"])
         options = RunOptions.from_json(body["options"])
-        self._adopt(sid, UUID(body["message_id"]), body["seq"], body["strategy"], options)
+        future = self.queue.adopt(sid, message_id, body["seq"], body["strategy"], options)
+        self._publish_when_done(message_id, future)
 
     def _on_idle(self, sid: UUID) -> None:
         if sid in self._releasing or self._closing:
