@@ -27,8 +27,7 @@ This module is policy only:
 * Redis errors surface as ``CoordinatorUnavailable`` (503) within ``REDIS_TIMEOUT_S``. The
   lease is claimed before anything is stored, so a request failing at that step stored
   nothing; one failing at the nudge, after its insert, gets 503 although its message is
-  stored, and the session's next run (or the orphan watchdog, once the lease expires)
-  answers it.
+  stored, and ``_recover`` has it answered once Redis is back.
 """
 
 from __future__ import annotations
