@@ -205,7 +205,9 @@ async def _reader(url: str) -> Any:
         await pool.close()
 
 
-ANSWERING = "(r.status = 'succeeded' OR (r.status = 'failed' AND r.reply_message_id IS NOT NULL))"
+# The SQL twin of ``checker.answers``: a run answers its messages when it succeeded, or failed
+# (answered by failure; docs/architecture.md).
+ANSWERING = "r.status IN ('succeeded', 'failed')"
 UNANSWERED = f"""
 SELECT m.session_id, m.id FROM messages m JOIN sessions s ON s.id = m.session_id
 WHERE s.user_id = $1 AND m.role = 'user' AND NOT EXISTS (
