@@ -103,3 +103,24 @@ async def test_when_the_owner_could_not_be_told(store: PostgresStore, connect: C
     with pytest.raises(CoordinatorUnavailable):
         await other.submit(request(session.id, "did this land?"))
     assert await answered(store, session.id) == "echo: did this land?"
+
+
+class DiesAfterInsert(LostReply):
+    """The insert commits, then the process "dies": nothing after it runs, no nudge, no
+    recovery (this process's own code never learns what happened)."""
+
+    async def add_user_message(self, *args: Any, **kwargs: Any) -> Any:
+        await self._store.add_user_message(*args, **kwargs)
+        raise asyncio.CancelledError  # as good as gone: its task ends here
+
+
+async def test_when_the_process_that_stored_it_died_before_telling_the_owner(
+    store: PostgresStore, connect: Connect
+) -> None:
+    owner = await connect(store, lease_ttl_ms=1000)
+    dying = await connect(DiesAfterInsert(store), lease_ttl_ms=1000)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await owner._leases.claim(session.id)  # idle: the owner lets it go at its renewal
+    with pytest.raises(asyncio.CancelledError):
+        await dying.submit(request(session.id, "did this land?"))
+    assert await answered(store, session.id) == "echo: did this land?"

@@ -21,6 +21,11 @@ NODE_CHANNEL_PREFIX = f"{PREFIX}node:"
 # process died): the watchdog of any process finds it here, without scanning keys.
 ACTIVE = f"{PREFIX}active"
 
+# Sorted set of inserts in flight into sessions another process owns (``session|token``),
+# scored by when their NUDGE is overdue: an entry past due means the inserting process died
+# between storing a message and telling the owner about it (see scripts.CLAIM).
+INFLIGHT = f"{PREFIX}inflight"
+
 
 def lease(session_id: UUID) -> str:
     """The token (``node:generation``) of the claim that owns a session's runner; expires

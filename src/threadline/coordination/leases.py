@@ -5,6 +5,9 @@ held here (session -> claim token) and changes that set only from the replies of
 scripts in ``scripts.py``:
 
 * ``claim`` takes a free lease, or finds it ours already (and marks the session dirty);
+  ``claim_to_store``, before an insert into a session another process owns, also lists the
+  insert as in flight until its ``nudge``, so ``stranded`` finds it if this process dies in
+  between;
 * ``nudge`` hands a stored message to the owner, or takes the free lease;
 * ``release`` lets a lease go unless the session is dirty; a reply about an older claim
   never drops a newer one (the token's generation);
@@ -72,6 +75,7 @@ class Leases:
         self._release = redis.register_script(scripts.RELEASE)
         self._drop = redis.register_script(scripts.DROP)
         self._orphans = redis.register_script(scripts.ORPHANS)
+        self._stranded = redis.register_script(scripts.STRANDED)
         self._renew = renewal.register_script(scripts.RENEW)
 
     def holds(self, session_id: UUID) -> bool:
@@ -82,17 +86,28 @@ class Leases:
 
     async def claim(self, session_id: UUID) -> bool:
         """Take the session's lease if it is free; True if this process owns it now."""
+        return await self._claim_with(session_id, self._token(), inflight_ms=0)
+
+    async def claim_to_store(self, session_id: UUID) -> str | None:
+        """``claim`` before storing a message: None if this process owns the session now;
+        else the token that lists the insert in flight, which its ``nudge`` must carry."""
         token = self._token()
+        if await self._claim_with(session_id, token, inflight_ms=self._ttl_ms):
+            return None
+        return token
+
+    async def _claim_with(self, session_id: UUID, token: str, *, inflight_ms: int) -> bool:
         owner = await self._call(
             self._claim,
             self._keys(session_id),
-            [token, self._ttl_ms, self._dirty_ttl_ms, str(session_id), self.node],
+            [token, self._ttl_ms, self._dirty_ttl_ms, str(session_id), self.node, inflight_ms],
         )
         return self._took(session_id, owner)
 
-    async def nudge(self, session_id: UUID, payload: str) -> bool:
-        """Tell the owner about a stored message; True if the lease was free and is ours now."""
-        token = self._token()
+    async def nudge(self, session_id: UUID, payload: str, token: str | None = None) -> bool:
+        """Tell the owner about a stored message (unlisting the insert ``token`` stands for);
+        True if the lease was free and is ours now."""
+        token = token or self._token()
         owner = await self._call(
             self._nudge,
             self._keys(session_id),
@@ -145,6 +160,13 @@ class Leases:
                 idle.append(session_id)
         return lost, idle
 
+    async def stranded(self, limit: int) -> list[UUID]:
+        """Sessions into which a process that died may have stored a message it never
+        announced (see scripts.STRANDED); each is returned to one caller only."""
+        found = await self._call(self._stranded, [keys.INFLIGHT], [limit])
+        members = [raw.decode() if isinstance(raw, bytes) else raw for raw in found]
+        return list({UUID(member.partition("|")[0]): None for member in members})
+
     async def orphans(self, limit: int) -> list[UUID]:
         """Sessions whose lease ran out without a release: their owner died."""
         found = await self._call(self._orphans, [keys.ACTIVE], [limit])
@@ -188,7 +210,7 @@ class Leases:
 
     @staticmethod
     def _keys(session_id: UUID) -> list[str]:
-        return [keys.lease(session_id), keys.dirty(session_id), keys.ACTIVE]
+        return [keys.lease(session_id), keys.dirty(session_id), keys.ACTIVE, keys.INFLIGHT]
 
     async def _call(self, script: Any, keys_: list[str], args: list[Any]) -> Any:
         async with bounded(self._timeout_s):

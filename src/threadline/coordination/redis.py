@@ -160,14 +160,15 @@ class RedisCoordinator:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
         loaded = await self._registry.get(request.agent)
-        if await self._leases.claim(request.session_id):
+        token = await self._leases.claim_to_store(request.session_id)
+        if token is None:
             try:
                 return await self._submit_local(request, loaded.model_name)
             except StoreUnavailable:
                 # The insert may have committed with its reply lost: see ``_recover``.
                 self._recover(request.session_id)
                 raise
-        return await self._submit_remote(request)
+        return await self._submit_remote(request, token)
 
     async def _submit_local(self, request: TurnRequest, model_name: str) -> Answer:
         sid = request.session_id
@@ -189,7 +190,7 @@ class RedisCoordinator:
             for message_id in ids:
                 self._mailbox.forget(message_id)
 
-    async def _submit_remote(self, request: TurnRequest) -> Answer:
+    async def _submit_remote(self, request: TurnRequest, token: str) -> Answer:
         sid = request.session_id
         if request.strategy == "reject":
             raise SessionBusy(sid, None)
@@ -198,10 +199,10 @@ class RedisCoordinator:
             raise QueueFull(sid, self._settings.session_queue_max)
         # Insert and nudge as one unit that a caller who disconnects cannot cut in half: a
         # message stored but never announced would wait for the session's next message.
-        message_id: UUID = await asyncio.shield(self._spawn(self._store_and_nudge(request)))
+        message_id: UUID = await asyncio.shield(self._spawn(self._store_and_nudge(request, token)))
         return await self._mailbox.wait(sid, message_id)
 
-    async def _store_and_nudge(self, request: TurnRequest) -> UUID:
+    async def _store_and_nudge(self, request: TurnRequest, token: str) -> UUID:
         sid = request.session_id
         try:
             stored, _ = await self._store.add_user_message(sid, user_message(request))
@@ -218,7 +219,7 @@ class RedisCoordinator:
             }
         )
         try:
-            took = await self._leases.nudge(sid, payload)
+            took = await self._leases.nudge(sid, payload, token)
         except CoordinatorUnavailable:
             self._recover(sid)  # stored, but its owner was not told
             raise
@@ -229,7 +230,8 @@ class RedisCoordinator:
 
     def _recover(self, sid: UUID) -> None:
         """A message of ``sid`` may be stored that no run will answer: its caller heard 503
-        after the insert (its reply lost, or the nudge failed). Once the store and Redis
+        after the insert (its reply lost, or the nudge failed), or the process that stored it
+        died before its nudge (the watchdog's ``stranded``). Once the store and Redis
         answer again, make whoever owns the session look at the store: a nudge without a
         message marks the session dirty and asks its owner to take over; a free lease is
         ours to take."""
@@ -346,6 +348,10 @@ class RedisCoordinator:
                     await self.take_over(sid)
             except ThreadlineError as exc:
                 log.warning("watchdog could not check session %s: %s", sid, exc)
+        for sid in await self._leases.stranded(ORPHAN_BATCH):
+            # A process died between storing a message here and telling the owner.
+            log.info("session %s may hold a message nobody announced; looking", sid)
+            self._recover(sid)
         for sid in await self._leases.orphans(ORPHAN_BATCH):
             try:
                 if await self._leases.claim(sid):

@@ -13,14 +13,19 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# CLAIM and NUDGE start alike. KEYS: lease, dirty, active. ARGV: token, ttl_ms, dirty_ttl_ms,
-# session id, node. A free lease is taken with this claim's token, and listed as active.
-_TAKE_IF_FREE = (
+# CLAIM and NUDGE start alike. KEYS: lease, dirty, active, inflight. ARGV: token, ttl_ms,
+# dirty_ttl_ms, session id, node.
+_HEAD = (
     _NOW
     + """
-local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
+local lease_key, dirty_key, active_key, inflight_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, ttl_ms, dirty_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local session, node = ARGV[4], ARGV[5]
+"""
+)
+
+# A free lease is taken with this claim's token, and listed as active.
+_TAKE_IF_FREE = """
 local owner = redis.call('GET', lease_key)
 if not owner then
   redis.call('SET', lease_key, token, 'PX', ttl_ms)
@@ -28,27 +33,38 @@ if not owner then
   return token
 end
 """
-)
 
+# ARGV[6]: inflight_ms, 0 unless the caller is about to store a message.
 # Returns the owning token after the call. Taking a free lease makes the caller the owner. A
 # node that already owns the lease marks the session dirty, so a release racing this arrival
-# cannot drop the lease while the arrival proceeds as owner.
+# cannot drop the lease while the arrival proceeds as owner. A caller about to store a message
+# into a session another node owns lists ``session|token`` in the inflight set, due in
+# inflight_ms: should it die between its insert and its NUDGE (which unlists it), a watchdog
+# finds the entry due and has the session's store looked at again.
 CLAIM = (
-    _TAKE_IF_FREE
+    _HEAD
+    + _TAKE_IF_FREE
     + """
 if string.sub(owner, 1, #node + 1) == node .. ':' then
   redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
+elseif tonumber(ARGV[6]) > 0 then
+  redis.call('ZADD', inflight_key, now + tonumber(ARGV[6]), session .. '|' .. token)
 end
 return owner
 """
 )
 
-# ARGV as CLAIM's, then channel prefix, payload.
-# After a message was stored: hand it to the owner (mark dirty, publish to its node's
-# channel), or take the free lease. Atomic with the owner's release, so no message is
-# stranded between the owner's last look and its release.
+# ARGV as CLAIM's up to node, then channel prefix, payload; ``token`` is the one the CLAIM that
+# listed this insert used.
+# After a message was stored: unlist the insert, then hand the message to the owner (mark
+# dirty, publish to its node's channel), or take the free lease. Atomic with the owner's
+# release, so no message is stranded between the owner's last look and its release.
 NUDGE = (
-    _TAKE_IF_FREE
+    _HEAD
+    + """
+redis.call('ZREM', inflight_key, session .. '|' .. token)
+"""
+    + _TAKE_IF_FREE
     + """
 local channel_prefix, payload = ARGV[6], ARGV[7]
 redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
@@ -104,6 +120,21 @@ if redis.call('GET', lease_key) == token then
   return redis.call('DEL', lease_key)
 end
 return 0
+"""
+)
+
+# KEYS: inflight. ARGV: how many. Inserts listed by CLAIM whose NUDGE never came (the process
+# died in between): ``session|token`` entries past due, unlisted as they are returned so that
+# one watchdog handles each.
+STRANDED = (
+    _NOW
+    + """
+local inflight_key, limit = KEYS[1], tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', inflight_key, '-inf', now, 'LIMIT', 0, limit)
+if #due > 0 then
+  redis.call('ZREM', inflight_key, unpack(due))
+end
+return due
 """
 )
 
