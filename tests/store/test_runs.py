@@ -11,7 +11,15 @@ from uuid import UUID, uuid4
 import pytest
 
 from tests.store.conftest import MakeSession, answer, starting, user
-from threadline.store import PostgresStore, RunError, RunStart, SQLiteStore, Store, Turn
+from threadline.store import (
+    RUN_CANCELLED,
+    PostgresStore,
+    RunError,
+    RunStart,
+    SQLiteStore,
+    Store,
+    Turn,
+)
 
 SHUTDOWN = RunError("shutting_down", "the server shut down mid-run")
 
@@ -223,3 +231,30 @@ async def test_answer_for_ignores_other_sessions(store: Store, make_session: Mak
     found = await store.answer_for(question.id)
     assert found is not None
     assert found[1] == reply
+
+
+@pytest.mark.parametrize(
+    ("error", "closes"),
+    [(RunError(RUN_CANCELLED, "cancelled by a client"), True), (SHUTDOWN, False)],
+)
+async def test_a_cancel_by_a_client_answers_its_messages_and_a_shutdown_does_not(
+    store: Store, make_session: MakeSession, error: RunError, closes: bool
+) -> None:
+    session = await make_session()
+    message, turn = await store.add_user_message(session.id, user("stop me"), start=starting())
+    assert turn is not None
+
+    run = await store.finish_run(session.id, turn.run.id, "cancelled", error=error)
+
+    assert run is not None
+    assert (run.status, run.error_code) == ("cancelled", error.code)
+    pending = [m.id for m in await store.unanswered(session.id)]
+    found = await store.answer_for(message.id)
+    if closes:
+        assert pending == []
+        assert found is not None
+        assert found[0].id == turn.run.id
+        assert found[1] is None
+    else:
+        assert pending == [message.id]
+        assert found is None

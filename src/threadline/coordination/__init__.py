@@ -5,6 +5,6 @@ between processes and hosts through Redis leases (``leases``) and delivers answe
 (``mailbox``). Both sit above the runner: imports point from here down, never back.
 """
 
-from threadline.coordination.base import Coordinator, TurnRequest
+from threadline.coordination.base import Coordinator, OnStored, TurnRequest
 
-__all__ = ["Coordinator", "TurnRequest"]
+__all__ = ["Coordinator", "OnStored", "TurnRequest"]

@@ -7,6 +7,7 @@ every caller with the ``Answer`` of the run that answered its message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
@@ -31,8 +32,13 @@ class TurnRequest:
         return RunOptions(self.agent, self.user_id, self.history_limit, self.context)
 
 
+# Told the stored message's id as soon as the insert committed, before any run answers it
+# (a background request's 202, a stream's ``message.accepted``).
+OnStored = Callable[[UUID], None]
+
+
 class Coordinator(Protocol):
-    async def submit(self, request: TurnRequest) -> Answer:
+    async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         """Store the message and wait for the run that answers it.
 
         Raises ``SessionBusy``, ``QueueFull`` or ``Unavailable`` before storing anything.

@@ -12,7 +12,7 @@ from uuid import UUID
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.coordination.answers import stored_answer
-from threadline.coordination.base import TurnRequest
+from threadline.coordination.base import OnStored, TurnRequest
 from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavailable
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
@@ -54,7 +54,7 @@ def storing(
     store: Store,
     request: TurnRequest,
     model_name: str,
-    on_stored: Callable[[UUID], None] | None = None,
+    on_stored: OnStored | None = None,
 ) -> Accept:
     """The queue's ``accept`` for one request: insert the message, opening the run on the
     fast path, and tell ``on_stored`` the new message's id."""
@@ -118,9 +118,9 @@ class LocalCoordinator:
         self.queue = build_queue(store, registry, settings)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
 
-    async def submit(self, request: TurnRequest) -> Answer:
+    async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         loaded = await self._registry.get(request.agent)
-        accept = storing(self._store, request, loaded.model_name)
+        accept = storing(self._store, request, loaded.model_name, on_stored)
         try:
             answer = await self.queue.submit(
                 request.session_id, request.strategy, accept, request.options

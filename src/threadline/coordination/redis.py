@@ -49,7 +49,7 @@ from redis.driver_info import DriverInfo
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.coordination.answers import stored_answer
-from threadline.coordination.base import TurnRequest
+from threadline.coordination.base import OnStored, TurnRequest
 from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import (
     adopt_unanswered,
@@ -156,31 +156,35 @@ class RedisCoordinator:
 
     # -- submitting --------------------------------------------------------------------
 
-    async def submit(self, request: TurnRequest) -> Answer:
+    async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
         loaded = await self._registry.get(request.agent)
         token = await self._leases.claim_to_store(request.session_id)
         if token is None:
             try:
-                return await self._submit_local(request, loaded.model_name)
+                return await self._submit_local(request, loaded.model_name, on_stored)
             except StoreUnavailable:
                 # The insert may have committed with its reply lost: see ``_recover``.
                 self._recover(request.session_id)
                 raise
-        return await self._submit_remote(request, token)
+        return await self._submit_remote(request, token, on_stored)
 
-    async def _submit_local(self, request: TurnRequest, model_name: str) -> Answer:
+    async def _submit_local(
+        self, request: TurnRequest, model_name: str, on_stored: OnStored | None
+    ) -> Answer:
         sid = request.session_id
         ids: list[UUID] = []
 
-        def on_stored(message_id: UUID) -> None:
+        def stored(message_id: UUID) -> None:
             ids.append(message_id)
             # Should this process lose the session mid-run, the answer comes from the new
             # owner, addressed by message id.
             self._mailbox.expect(sid, message_id)
+            if on_stored is not None:
+                on_stored(message_id)
 
-        accept = storing(self._store, request, model_name, on_stored)
+        accept = storing(self._store, request, model_name, stored)
         try:
             answer = await self.queue.submit(sid, request.strategy, accept, request.options)
             if isinstance(answer.outcome.error, Handoff):
@@ -190,7 +194,9 @@ class RedisCoordinator:
             for message_id in ids:
                 self._mailbox.forget(message_id)
 
-    async def _submit_remote(self, request: TurnRequest, token: str) -> Answer:
+    async def _submit_remote(
+        self, request: TurnRequest, token: str, on_stored: OnStored | None
+    ) -> Answer:
         sid = request.session_id
         if request.strategy == "reject":
             raise SessionBusy(sid, None)
@@ -200,6 +206,8 @@ class RedisCoordinator:
         # Insert and nudge as one unit that a caller who disconnects cannot cut in half: a
         # message stored but never announced would wait for the session's next message.
         message_id: UUID = await asyncio.shield(self._spawn(self._store_and_nudge(request, token)))
+        if on_stored is not None:
+            on_stored(message_id)
         return await self._mailbox.wait(sid, message_id)
 
     async def _store_and_nudge(self, request: TurnRequest, token: str) -> UUID:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from threadline.store.base import (
+    RUN_CANCELLED,
     EndStatus,
     Message,
     NewMessage,
@@ -46,6 +47,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 __all__ = [
+    "RUN_CANCELLED",
     "EndStatus",
     "Message",
     "NewMessage",

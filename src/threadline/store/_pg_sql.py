@@ -157,7 +157,8 @@ SELECT {MSG} FROM m
 # Only an unfinished run can be finished; its side effects take the next seqs. The runs UPDATE
 # reads `s` so that it locks the session row before the run's (see "Lock order" above), and
 # rechecks the status so that a run closed as stale meanwhile keeps that status. A failed run
-# that still holds the fence answers its messages by failure: answered_seq moves past them.
+# that still holds the fence answers its messages by failure: answered_seq moves past them
+# ($12, ``closes_messages``: also a run a client cancelled).
 FINISH_RUN = f"""
 WITH target AS (
     SELECT id, upto_seq FROM runs
@@ -166,7 +167,7 @@ WITH target AS (
 s AS (
     UPDATE sessions
     SET last_seq = last_seq + cardinality($6::uuid[]), updated_at = now(),
-        answered_seq = CASE WHEN $3::text = 'failed' AND current_run_id = $2::uuid
+        answered_seq = CASE WHEN $12::bool AND current_run_id = $2::uuid
                             THEN GREATEST(answered_seq, (SELECT upto_seq FROM target))
                             ELSE answered_seq END,
         current_run_id = CASE WHEN current_run_id = $2::uuid THEN NULL ELSE current_run_id END
@@ -206,7 +207,9 @@ ANSWER_FOR = f"""
 SELECT {", ".join(f"m.{c}" for c in MSG.split(", "))},
        {", ".join(f"r.{c} AS r_{c}" for c in RUN.split(", "))}
 FROM runs r LEFT JOIN messages m ON m.id = r.reply_message_id
-WHERE r.message_ids @> ARRAY[$1::uuid] AND r.status IN ('succeeded', 'failed')
+WHERE r.message_ids @> ARRAY[$1::uuid]
+  AND (r.status IN ('succeeded', 'failed')
+       OR (r.status = 'cancelled' AND r.error_code = 'run_cancelled'))
 LIMIT 1
 """
 

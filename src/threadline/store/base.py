@@ -29,9 +29,19 @@ Role = Literal["user", "assistant", "tool"]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded", "cancelled"]
 FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded", "cancelled"})
 # How a run that will not commit ends: ``failed`` answers its messages by failure,
-# ``superseded`` hands them to the run that merges them, ``cancelled`` (a shutdown) leaves them
-# for the session's next run.
+# ``superseded`` hands them to the run that merges them, ``cancelled`` by a client (error code
+# ``run_cancelled``) answers them by the cancel, ``cancelled`` by a shutdown leaves them for the
+# session's next run.
 EndStatus = Literal["failed", "superseded", "cancelled"]
+# The error code of a run a client cancelled (POST /runs/{id}/cancel): it closes its messages.
+RUN_CANCELLED = "run_cancelled"
+
+
+def closes_messages(status: EndStatus, error: RunError | None) -> bool:
+    """Whether a run ending so answers its messages (they are never prompted again)."""
+    return status == "failed" or (
+        status == "cancelled" and error is not None and error.code == RUN_CANCELLED
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,14 +239,17 @@ class Store(Protocol):
         """Close a run that will not commit; return it, or None if it had already ended.
 
         ``failed`` answers the run's messages by failure (``answered_seq`` moves past them, so
-        they stay in history but are never prompted again); ``superseded`` and ``cancelled``
-        leave them unanswered for the next run. ``side_effects`` are tool rows (calls already
-        executed and their results) that must survive so the next run's model knows what was
-        done; they get seqs after the existing rows. Releases the fence if this run holds it.
+        they stay in history but are never prompted again), and so does ``cancelled`` with the
+        error code ``run_cancelled`` (``closes_messages``); ``superseded`` and a shutdown's
+        ``cancelled`` leave them unanswered for the next run. ``side_effects`` are tool rows
+        (calls already executed and their results) that must survive so the next run's model
+        knows what was done; they get seqs after the existing rows. Releases the fence if this
+        run holds it.
         """
 
     async def answer_for(self, message_id: UUID) -> tuple[Run, Message | None] | None:
-        """The run that answered ``message_id``: succeeded, with its reply, or failed (None).
+        """The run that answered ``message_id``: succeeded, with its reply, or failed or
+        cancelled by a client (None).
 
         None while the message is unanswered, and for an unknown id. Lets a process find an
         answer it was not told about (a lost notification) without knowing the run's id.

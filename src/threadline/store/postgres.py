@@ -41,6 +41,7 @@ from threadline.store.base import (
     RunStart,
     Session,
     Turn,
+    closes_messages,
 )
 from threadline.store.migrations import migrate_postgres
 
@@ -275,6 +276,7 @@ class PostgresStore:
             superseded_by,
             *columns,
             None if error is None else error.code,
+            closes_messages(status, error),
         )
         return _run(rows_[0]) if rows_ else None
 

@@ -29,6 +29,7 @@ from threadline.store.base import (
     RunStart,
     Session,
     Turn,
+    closes_messages,
 )
 from threadline.store.migrations import apply_sqlite, load_migrations
 
@@ -245,8 +246,8 @@ class SQLiteStore:
             if unfinished is None:
                 return None
             _insert_messages(db, session_id, side_effects or [], run_id=run_id)
-            if status == "failed":
-                # Answered by failure: never prompted again (see Store.finish_run).
+            if closes_messages(status, error):
+                # Answered by failure or cancel: never prompted again (see Store.finish_run).
                 db.execute(
                     "UPDATE sessions SET answered_seq = max(answered_seq, ?)"
                     " WHERE id = ? AND current_run_id = ?",
@@ -451,7 +452,9 @@ def _answer_for(db: sqlite3.Connection, message_id: UUID) -> tuple[Run, Message 
     # message_ids arrays without an index on their elements.
     row = db.execute(
         "SELECT runs.* FROM messages m JOIN runs ON runs.session_id = m.session_id"
-        " WHERE m.id = ? AND runs.status IN ('succeeded', 'failed') AND runs.upto_seq >= m.seq"
+        " WHERE m.id = ? AND (runs.status IN ('succeeded', 'failed')"
+        " OR (runs.status = 'cancelled' AND runs.error_code = 'run_cancelled'))"
+        " AND runs.upto_seq >= m.seq"
         " AND EXISTS (SELECT 1 FROM json_each(runs.message_ids) WHERE value = m.id) LIMIT 1",
         (str(message_id),),
     ).fetchone()
