@@ -50,6 +50,8 @@ class RunRequest(BaseModel):
     message_limit: Annotated[int, Field(ge=0, le=1000), BeforeValidator(json_integer)] | None = None
     channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
+    # Answer with Server-Sent Events (also when the request accepts only text/event-stream).
+    stream: Annotated[bool, Field(strict=True)] = False
 
     @field_validator("user_id", mode="before")
     @classmethod
