@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -50,7 +51,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from threadline.agents import AgentRegistry, RunDeps
 from threadline.agents.tool_errors import TOOL_ERRORS
+from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
 from threadline.errors import (
+    AgentNotFound,
     AnsweredElsewhere,
     FencedOut,
     ModelError,
@@ -62,7 +65,18 @@ from threadline.errors import (
     ToolError,
 )
 from threadline.queue.job import Job, Outcome, TurnResult
-from threadline.store import Message, NewMessage, Reply, Run, RunError, RunStart, Store, Turn
+from threadline.store import (
+    Message,
+    NewDelivery,
+    NewMessage,
+    Reply,
+    Run,
+    RunError,
+    RunStart,
+    Store,
+    Turn,
+)
+from threadline.store.base import EndStatus, closes_messages
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +167,20 @@ def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
 
 
 class TurnRunner:
-    def __init__(self, store: Store, registry: AgentRegistry, *, model_timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: AgentRegistry,
+        *,
+        model_timeout_s: float,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._timeout = model_timeout_s
+        # Told when a run's ending wrote webhook deliveries, so this process sends them now
+        # rather than at its sender's next poll.
+        self._on_delivery = on_delivery
 
     async def __call__(self, job: Job) -> Outcome:
         job.started = True
@@ -216,19 +240,18 @@ class TurnRunner:
                 # Plain text replies rebuild from ``content``; only tool traffic needs the payload.
                 payload=ModelMessagesTypeAdapter.dump_json(new) if calls else None,
             )
+            answer = turn_result(result.output, reply.id, new, usage)
+            owed = self._deliveries(job, turn, turn.run.message_ids, "run.succeeded", answer)
             job.committing = True
-            stored = await self._commit(job, Reply(reply, usage))
+            stored = await self._commit(job, Reply(reply, usage, tuple(owed)))
             if stored is None:
                 error = await self._gone_or(job, FencedOut("a newer run took this session over"))
                 return Outcome(job.run_id, (), error=error)
-            return Outcome(
-                job.run_id,
-                turn.run.message_ids,
-                turn_result(result.output, stored.id, new, usage),
-            )
+            self._delivered(owed)
+            return Outcome(job.run_id, turn.run.message_ids, answer)
         except asyncio.CancelledError:
             if not job.committing:
-                await self._record_cancel(job, _own_messages(agent_run))
+                await self._record_cancel(job, turn, _own_messages(agent_run))
             raise
         except TimeoutError:
             error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
@@ -286,28 +309,86 @@ class TurnRunner:
             )
         return handoff
 
-    async def _record_cancel(self, job: Job, done: list[ModelMessage]) -> None:
+    async def _record_cancel(self, job: Job, turn: Turn | None, done: list[ModelMessage]) -> None:
         superseded = job.cancel_reason == "superseded"
         ending = "was superseded" if superseded else "was cancelled"
+        status: EndStatus = "superseded" if superseded else "cancelled"
+        error = None if superseded else RunError("shutting_down", "the server shut down mid-run")
         try:
             # Shielded: the run row and its side effects must be written even though this task
             # is being cancelled.
-            await asyncio.shield(
-                self._store.finish_run(
-                    job.session_id,
-                    job.run_id,
-                    "superseded" if superseded else "cancelled",
-                    error=None
-                    if superseded
-                    else RunError("shutting_down", "the server shut down mid-run"),
-                    superseded_by=job.superseded_by,
-                    side_effects=_side_effects(job.run_id, done, ending),
-                )
-            )
+            await asyncio.shield(self._finish_cancelled(job, turn, status, error, done, ending))
         except StoreUnavailable as exc:
             # The run stays open in the store until the session's next run fences it out and
             # closes it; its messages are unanswered, so that run answers them.
             log.warning("run %s: could not record its end: %s", job.run_id, exc)
+
+    async def _finish_cancelled(
+        self,
+        job: Job,
+        turn: Turn | None,
+        status: EndStatus,
+        error: RunError | None,
+        done: list[ModelMessage],
+        ending: str,
+    ) -> None:
+        owed: list[NewDelivery] = []
+        if closes_messages(status, error):
+            # A cancel that answers the messages is delivered like a failure; one that leaves
+            # them for the next run (superseded, shutdown) is not: that run delivers.
+            ids = await self._message_ids(job, turn)
+            owed = self._deliveries(job, turn, ids, "run.cancelled", error=error)
+        run = await self._store.finish_run(
+            job.session_id,
+            job.run_id,
+            status,
+            error=error,
+            superseded_by=job.superseded_by,
+            side_effects=_side_effects(job.run_id, done, ending),
+            deliveries=owed,
+        )
+        if run is not None:
+            self._delivered(owed)
+
+    async def _message_ids(self, job: Job, turn: Turn | None) -> tuple[UUID, ...]:
+        if turn is not None:
+            return turn.run.message_ids
+        run = await self._store.get_run(job.run_id)
+        return run.message_ids if run is not None else ()
+
+    def _deliveries(
+        self,
+        job: Job,
+        turn: Turn | None,
+        message_ids: Sequence[UUID],
+        event: Event,
+        result: TurnResult | None = None,
+        error: RunError | None = None,
+    ) -> list[NewDelivery]:
+        """The webhook deliveries this run's ending owes (delivery/payload.py)."""
+        options = job.options
+        assert options is not None
+        try:
+            default = self._registry.spec(options.agent).webhook_url
+        except AgentNotFound:
+            default = None  # an agent removed from the configuration: request URLs only
+        urls = webhook_urls(turn.prompt if turn is not None else (), options, default)
+        if not urls:
+            return []
+        return webhook_deliveries(
+            urls,
+            event,
+            session_id=job.session_id,
+            run_id=job.run_id,
+            agent=options.agent,
+            message_ids=message_ids,
+            result=result,
+            error=error,
+        )
+
+    def _delivered(self, owed: Sequence[NewDelivery]) -> None:
+        if owed and self._on_delivery is not None:
+            self._on_delivery()
 
     async def _fail(
         self,
@@ -349,6 +430,11 @@ class TurnRunner:
                 turn = await self._store.start_run(job.session_id, start)
             if turn is None:
                 return None
-        return await self._store.finish_run(
-            job.session_id, job.run_id, "failed", error=error, side_effects=side
+        ids = await self._message_ids(job, turn)
+        owed = self._deliveries(job, turn, ids, "run.failed", error=error)
+        run = await self._store.finish_run(
+            job.session_id, job.run_id, "failed", error=error, side_effects=side, deliveries=owed
         )
+        if run is not None:
+            self._delivered(owed)
+        return run

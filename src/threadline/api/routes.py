@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi.responses import JSONResponse
 
 from threadline.api.contract import errors
 from threadline.api.deps import ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.schemas import (
     AgentInfo,
+    BackgroundAccepted,
+    DeliveryOut,
+    DeliveryPage,
     MessageOut,
+    MessageState,
+    ReplyOut,
+    RunErrorOut,
     RunOut,
+    RunPage,
     RunRequest,
     RunResponse,
     SessionDetail,
@@ -22,14 +31,33 @@ from threadline.api.schemas import (
 )
 from threadline.api.validation import StorableText, max_page
 from threadline.coordination import TurnRequest
-from threadline.errors import RunNotFound, SessionAgentMismatch, SessionNotFound
-from threadline.store import Session, Store
+from threadline.coordination.answers import stored_result
+from threadline.coordination.background import submit_in_background
+from threadline.delivery.targets import check_webhook_url
+from threadline.errors import (
+    DeliveryNotFound,
+    MessageNotFound,
+    RunNotFound,
+    SessionAgentMismatch,
+    SessionNotFound,
+)
+from threadline.store import Delivery, DeliveryStatus, Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
 
 # Largest page sizes; ``page`` is bounded so that the offset fits 64 bits (api/validation.py).
 SESSIONS_PER_PAGE = 500
 MESSAGES_PER_PAGE = 1000
+RUNS_PER_PAGE = 500
+DELIVERIES_PER_PAGE = 500
+
+_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": BackgroundAccepted,
+        "description": "`background: true`: the message is stored and will be answered; "
+        "follow it at GET /api/v1/messages/{message_id} (and by webhook).",
+    }
+}
 
 
 async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
@@ -45,11 +73,11 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
 @router.post(
     "/agent/{name}/run",
     response_model=RunResponse,
-    responses=errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+    responses={**errors(400, 404, 409, 413, 422, 429, 502, 503, 504), **_ACCEPTED},
 )
 async def run_agent(
     name: Annotated[str, Path(examples=["echo"])], body: RunRequest, services: ServicesDep
-) -> RunResponse:
+) -> RunResponse | JSONResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
@@ -57,6 +85,12 @@ async def run_agent(
         raise PayloadTooLarge(
             f"message_content has {len(body.message_content)} characters; "
             f"the limit is {settings.max_message_chars}"
+        )
+    if body.webhook_url is not None:
+        check_webhook_url(
+            body.webhook_url,
+            settings.webhook_allowed_hosts,
+            secret_set=settings.webhook_secret is not None,
         )
     if body.session_id is not None:
         session = await store.get_session(body.session_id)
@@ -71,20 +105,24 @@ async def run_agent(
     if session.agent != name:
         # Another agent's history is not this one's to extend (or to read back as context).
         raise SessionAgentMismatch(session.id, session.agent, name)
-    answer = await services.coordinator.submit(
-        TurnRequest(
-            session_id=session.id,
-            agent=name,
-            content=body.message_content,
-            strategy=body.strategy or settings.queue_strategy,
-            user_id=body.user_id if body.user_id is not None else session.user_id,
-            context=body.context,
-            history_limit=(
-                body.message_limit if body.message_limit is not None else settings.history_limit
-            ),
-            channel_payload=body.channel_payload,
-        )
+    request = TurnRequest(
+        session_id=session.id,
+        agent=name,
+        content=body.message_content,
+        strategy=body.strategy or settings.queue_strategy,
+        user_id=body.user_id if body.user_id is not None else session.user_id,
+        context=body.context,
+        history_limit=(
+            body.message_limit if body.message_limit is not None else settings.history_limit
+        ),
+        channel_payload=body.channel_payload,
+        webhook_url=body.webhook_url,
     )
+    if body.background:
+        message_id = await submit_in_background(services.coordinator, request)
+        accepted = BackgroundAccepted(message_id=message_id, session_id=session.id)
+        return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+    answer = await services.coordinator.submit(request)
     outcome = answer.outcome
     if outcome.error is not None:
         raise outcome.error
@@ -174,3 +212,120 @@ async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
     if run is None:
         raise RunNotFound(f"run {str(run_id)!r} not found")
     return RunOut.model_validate(run, from_attributes=True)
+
+
+@router.get("/sessions/{id_or_name}/runs", response_model=RunPage, responses=errors(404, 422, 503))
+async def list_runs(
+    id_or_name: StorableText,
+    services: ServicesDep,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(RUNS_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=RUNS_PER_PAGE)] = 50,
+) -> RunPage:
+    """The session's runs, oldest first (a session is found as in GET /sessions/{id_or_name})."""
+    session = await _find_session(services.store, id_or_name, user_id)
+    runs, total = await services.store.list_runs(
+        session.id, limit=page_size, offset=(page - 1) * page_size
+    )
+    return RunPage(
+        runs=[RunOut.model_validate(r, from_attributes=True) for r in runs],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.get("/messages/{message_id}", response_model=MessageState, responses=errors(404, 422, 503))
+async def get_message(message_id: UUID, services: ServicesDep) -> MessageState:
+    """A user message's state: pending, or answered (by a reply) or failed, with its run."""
+    store = services.store
+    message = await store.get_message(message_id)
+    if message is None or message.role != "user":
+        raise MessageNotFound(f"user message {str(message_id)!r} not found")
+    found = await store.answer_for(message_id)
+    run = reply = error = None
+    message_ids: list[UUID] = []
+    status: Literal["pending", "answered", "failed"] = "pending"
+    if found is not None:
+        stored_run, stored_reply = found
+        run = RunOut.model_validate(stored_run, from_attributes=True)
+        message_ids = list(stored_run.message_ids)
+        if stored_reply is not None:
+            status = "answered"
+            result = stored_result(stored_reply, stored_run)
+            reply = ReplyOut(
+                message_id=result.reply_message_id,
+                message=result.message,
+                tool_calls=result.tool_calls,
+                tool_outputs=result.tool_outputs,
+                usage=result.usage,
+            )
+        else:
+            status = "failed"
+            error = RunErrorOut(
+                code=stored_run.error_code or "run_failed",
+                message=stored_run.error or "the run failed",
+            )
+    return MessageState(
+        id=message.id,
+        session_id=message.session_id,
+        seq=message.seq,
+        content=message.content,
+        created_at=message.created_at,
+        status=status,
+        message_ids=message_ids,
+        run=run,
+        reply=reply,
+        error=error,
+    )
+
+
+def _delivery_out(delivery: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=delivery.id,
+        run_id=delivery.run_id,
+        session_id=delivery.session_id,
+        url=delivery.url,
+        status=delivery.status,
+        attempts=delivery.attempts,
+        next_attempt_at=delivery.next_attempt_at,
+        last_error=delivery.last_error,
+        last_status_code=delivery.last_status_code,
+        created_at=delivery.created_at,
+        delivered_at=delivery.delivered_at,
+        payload=json.loads(delivery.body),
+    )
+
+
+@router.get("/deliveries", response_model=DeliveryPage, responses=errors(422, 503))
+async def list_deliveries(
+    services: ServicesDep,
+    status: DeliveryStatus | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(DELIVERIES_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=DELIVERIES_PER_PAGE)] = 50,
+) -> DeliveryPage:
+    """Webhook deliveries, newest first; ``status`` filters (``failed``: gave up)."""
+    deliveries, total = await services.store.list_deliveries(
+        status=status, limit=page_size, offset=(page - 1) * page_size
+    )
+    return DeliveryPage(
+        deliveries=[_delivery_out(d) for d in deliveries],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.post(
+    "/deliveries/{delivery_id}/redeliver",
+    response_model=DeliveryOut,
+    responses=errors(404, 422, 503),
+)
+async def redeliver(delivery_id: UUID, services: ServicesDep) -> DeliveryOut:
+    """Send a delivery again, now, whatever its status, with a fresh WEBHOOK_MAX_AGE_S."""
+    delivery = await services.store.redeliver(delivery_id)
+    if delivery is None:
+        raise DeliveryNotFound(f"delivery {str(delivery_id)!r} not found")
+    if services.deliverer is not None:
+        services.deliverer.wake()
+    return _delivery_out(delivery)

@@ -26,10 +26,13 @@ class TurnRequest:
     context: dict[str, Any] = field(default_factory=dict)
     history_limit: int = 20
     channel_payload: dict[str, Any] | None = None
+    webhook_url: str | None = None
 
     @property
     def options(self) -> RunOptions:
-        return RunOptions(self.agent, self.user_id, self.history_limit, self.context)
+        return RunOptions(
+            self.agent, self.user_id, self.history_limit, self.context, self.webhook_url
+        )
 
 
 # Told the stored message's id as soon as the insert committed, before any run answers it

@@ -27,10 +27,14 @@ def build_queue(
     registry: AgentRegistry,
     settings: Settings,
     on_idle: Callable[[UUID], None] | None = None,
+    on_delivery: Callable[[], None] | None = None,
 ) -> TurnQueue:
     """The turn queue both coordinators run, configured from settings."""
+    runner = TurnRunner(
+        store, registry, model_timeout_s=settings.model_timeout_s, on_delivery=on_delivery
+    )
     return TurnQueue(
-        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
+        runner,
         max_concurrent=settings.max_concurrent_runs,
         merge_window=settings.merge_window_ms / 1000,
         merge_max_wait=settings.merge_max_wait_ms / 1000,
@@ -111,11 +115,17 @@ async def resolve_handoff(store: Store, answer: Answer) -> Answer:
 
 
 class LocalCoordinator:
-    def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: AgentRegistry,
+        settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._history_limit = settings.history_limit
-        self.queue = build_queue(store, registry, settings)
+        self.queue = build_queue(store, registry, settings, on_delivery=on_delivery)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:

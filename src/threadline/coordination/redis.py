@@ -105,6 +105,7 @@ class RedisCoordinator:
         store: Store,
         registry: AgentRegistry,
         settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._renewal = renewal
@@ -127,7 +128,7 @@ class RedisCoordinator:
             timeout_s=settings.redis_timeout_s,
         )
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
-        self.queue = build_queue(store, registry, settings, self._on_idle)
+        self.queue = build_queue(store, registry, settings, self._on_idle, on_delivery)
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -135,12 +136,16 @@ class RedisCoordinator:
 
     @classmethod
     async def connect(
-        cls, settings: Settings, store: Store, registry: AgentRegistry
+        cls,
+        settings: Settings,
+        store: Store,
+        registry: AgentRegistry,
+        on_delivery: Callable[[], None] | None = None,
     ) -> RedisCoordinator:
         redis = _client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
         renewal = _client(settings, 2)
-        self = cls(redis, renewal, store, registry, settings)
+        self = cls(redis, renewal, store, registry, settings, on_delivery)
         try:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()

@@ -28,18 +28,29 @@ class RunOptions:
     user_id: str | None = None
     history_limit: int = 20
     context: Mapping[str, Any] = field(default_factory=dict)
+    # Where to POST the reply (delivery/); None: the agent's default, if it has one.
+    webhook_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        raw = {
             "agent": self.agent,
             "user_id": self.user_id,
             "history_limit": self.history_limit,
             "context": dict(self.context),
         }
+        if self.webhook_url is not None:
+            raw["webhook_url"] = self.webhook_url
+        return raw
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> RunOptions:
-        return cls(raw["agent"], raw.get("user_id"), raw["history_limit"], raw.get("context", {}))
+        return cls(
+            raw["agent"],
+            raw.get("user_id"),
+            raw["history_limit"],
+            raw.get("context", {}),
+            raw.get("webhook_url"),
+        )
 
 
 @dataclass(frozen=True, slots=True)

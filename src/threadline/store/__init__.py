@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING
 
 from threadline.store.base import (
     RUN_CANCELLED,
+    Attempt,
+    Delivery,
+    DeliveryStatus,
     EndStatus,
     Message,
+    NewDelivery,
     NewMessage,
     Reply,
     Run,
@@ -48,8 +52,12 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 __all__ = [
     "RUN_CANCELLED",
+    "Attempt",
+    "Delivery",
+    "DeliveryStatus",
     "EndStatus",
     "Message",
+    "NewDelivery",
     "NewMessage",
     "PostgresStore",
     "Reply",
