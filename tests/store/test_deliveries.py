@@ -8,6 +8,8 @@ large limit and looks only at its own rows.
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -19,8 +21,10 @@ from threadline.store import (
     Attempt,
     Delivery,
     NewDelivery,
+    PostgresStore,
     Reply,
     RunError,
+    SQLiteStore,
     Store,
 )
 
@@ -28,8 +32,30 @@ MANY = 10_000
 SHUTDOWN = RunError("shutting_down", "the server shut down mid-run")
 
 
-def owed(*urls: str) -> list[NewDelivery]:
-    return [NewDelivery(uuid4(), url, f'{{"n": {i}}}') for i, url in enumerate(urls)]
+Owe = Callable[..., list[NewDelivery]]
+
+
+@pytest.fixture
+async def owed(store: Store) -> AsyncIterator[Owe]:
+    """Deliveries to write; deleted afterwards, so that no app's sender (sharing the
+    PostgreSQL database) goes on trying to reach their made-up hosts."""
+    written: list[UUID] = []
+
+    def owe(*urls: str) -> list[NewDelivery]:
+        rows = [NewDelivery(uuid4(), url, f'{{"n": {i}}}') for i, url in enumerate(urls)]
+        written.extend(r.id for r in rows)
+        return rows
+
+    yield owe
+    if isinstance(store, PostgresStore):
+        await store.pool.execute("DELETE FROM deliveries WHERE id = ANY($1::uuid[])", written)
+    else:
+        assert isinstance(store, SQLiteStore)
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM deliveries WHERE id = ?", [(str(i),) for i in written])
+
+        await store._run(delete)
 
 
 async def open_turn(store: Store, make_session: MakeSession) -> tuple[UUID, UUID]:
@@ -47,7 +73,7 @@ async def claim_own(
 
 
 async def test_a_commit_writes_its_deliveries_with_the_reply(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/hook", "http://b.test/hook")
@@ -69,7 +95,7 @@ async def test_a_commit_writes_its_deliveries_with_the_reply(
 
 
 async def test_a_fenced_out_commit_writes_no_delivery(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     await store.start_run(session_id, starting(upto_seq=1))  # a newer run takes the fence
@@ -90,7 +116,12 @@ async def test_a_fenced_out_commit_writes_no_delivery(
     ],
 )
 async def test_an_ending_writes_deliveries_only_when_it_closes_the_messages(
-    store: Store, make_session: MakeSession, status: Any, error: RunError | None, writes: bool
+    store: Store,
+    make_session: MakeSession,
+    owed: Owe,
+    status: Any,
+    error: RunError | None,
+    writes: bool,
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/hook")
@@ -102,7 +133,7 @@ async def test_an_ending_writes_deliveries_only_when_it_closes_the_messages(
 
 
 async def test_a_run_that_already_ended_writes_no_delivery(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     failed = RunError("model_error", "the model provider failed to answer")
@@ -116,7 +147,7 @@ async def test_a_run_that_already_ended_writes_no_delivery(
 
 
 async def test_a_delivery_is_leased_to_one_sender_at_a_time(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/1", "http://a.test/2")
@@ -133,7 +164,7 @@ async def test_a_delivery_is_leased_to_one_sender_at_a_time(
 
 
 async def test_an_expired_lease_is_claimed_again_and_the_old_holder_cannot_settle(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/hook")
@@ -155,7 +186,7 @@ async def test_an_expired_lease_is_claimed_again_and_the_old_holder_cannot_settl
 
 
 async def test_a_failed_attempt_is_due_again_after_its_back_off_until_max_age(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/hook")
@@ -186,7 +217,7 @@ async def test_a_failed_attempt_is_due_again_after_its_back_off_until_max_age(
 
 
 async def test_redeliver_makes_a_delivered_row_due_now(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/hook")
@@ -204,7 +235,7 @@ async def test_redeliver_makes_a_delivered_row_due_now(
 
 
 async def test_deliveries_are_listed_newest_first_and_by_status(
-    store: Store, make_session: MakeSession
+    store: Store, make_session: MakeSession, owed: Owe
 ) -> None:
     session_id, run_id = await open_turn(store, make_session)
     rows = owed("http://a.test/1", "http://a.test/2")
