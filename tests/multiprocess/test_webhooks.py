@@ -18,7 +18,16 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.multiprocess.conftest import Server, server_env, start_servers, wait_until
+from tests.multiprocess.conftest import (
+    SEPARATOR,
+    Gate,
+    MakeSession,
+    Server,
+    post,
+    server_env,
+    start_servers,
+    wait_until,
+)
 from tests.webhook_receiver import running_receiver
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module")]
@@ -145,3 +154,49 @@ async def test_a_delivery_owed_by_a_killed_process_is_delivered_by_another(
     assert again.payload["message_ids"] == [accepted["message_id"]]
     assert (row["attempts"], row["last_status_code"]) == (2, 200)
     assert state["status"] == "answered"
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_a_background_message_at_another_process_merges_into_the_owners_run(
+    pg_dsn: str, redis_dsn: str, workdir: Path, gate: Gate, make_session: MakeSession
+) -> None:
+    """The remote path: stored by a process that does not own the session, nudged to the owner,
+    and answered there although nobody waits for it at either process."""
+    env = server_env(pg_dsn, redis_dsn, **WEBHOOKS)
+    async with running_receiver() as receiver:
+        owner, other = await start_servers(2, env, workdir, "hooks-remote")
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                sid = (await make_session("gated")).id
+                first = post(client, owner, sid, f"first\n{gate.line()}", "gated")
+                await gate.next()  # the owner's model call is in flight
+                r = await client.post(
+                    f"{other.url}/api/v1/agent/gated/run",
+                    json={
+                        "message_content": f"second\n{gate.line()}",
+                        "session_id": str(sid),
+                        "background": True,
+                        "webhook_url": receiver.url(),
+                    },
+                )
+                assert r.status_code == 202, r.text
+                merged = await gate.next()  # the owner cancelled its run and merged
+                merged.release()
+                answer = (await first).json()
+                got = await receiver.next()
+                state = await message_state(client, other, r.json()["message_id"])
+        finally:
+            await asyncio.gather(*(s.child.stop() for s in (owner, other)))
+
+    reply = f"echo: first\n{gate.line()}{SEPARATOR}second\n{gate.line()}"
+    assert merged.prompt == reply.removeprefix("echo: ")
+    assert answer["message"] == reply
+    # One delivery (only the second message asked for one), listing both messages it answered.
+    assert got.payload["message_ids"] == answer["message_ids"]
+    assert got.payload["message_ids"][1] == r.json()["message_id"]
+    assert got.payload["reply"]["message"] == reply
+    assert got.verifies(SECRET)
+    assert state["status"] == "answered"
+    assert state["message_ids"] == answer["message_ids"]
