@@ -48,13 +48,17 @@ async def open_coordinator(
     on_delivery: Callable[[], None] | None = None,
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
+    alone: LocalCoordinator | None = None
     if settings.redis_url:
         from threadline.coordination.redis import RedisCoordinator
 
         coordinator = await RedisCoordinator.connect(settings, store, registry, on_delivery)
     else:
-        coordinator = LocalCoordinator(store, registry, settings, on_delivery)
+        coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery)
     try:
+        if alone is not None:
+            # With Redis, the watchdog finds a stopped process's sessions (threadline:active).
+            await alone.recover_stranded()
         yield coordinator
     finally:
         await coordinator.aclose(settings.shutdown_grace_s)

@@ -19,10 +19,11 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from tests.api.test_api import assert_error
-from tests.apps import AppFactory
+from tests.apps import AppFactory, services
 from tests.webhook_receiver import running_receiver
 from threadline.agents import AgentSpec
 from threadline.agents.echo import last_prompt
+from threadline.store import NewMessage
 
 SECRET = "test-webhook-secret"
 POLL_S = 0.01
@@ -295,3 +296,26 @@ async def test_background_errors_before_storing_are_the_blocking_routes(
 async def _answered(client: httpx.AsyncClient, message_id: str) -> dict[str, Any] | None:
     state: dict[str, Any] = (await client.get(f"/api/v1/messages/{message_id}")).json()
     return state if state["status"] == "answered" else None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_message_a_stopped_server_left_unanswered_is_answered_at_start_up(
+    make_app: AppFactory,
+) -> None:
+    """One process serves the store alone (no Redis): what is unanswered when it starts was
+    accepted by a process that stopped before answering, and would otherwise wait for its
+    session's next message."""
+    async with running_receiver() as receiver:
+        async with make_app(**webhook_settings()) as (_, app):
+            store = services(app).store
+            session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+            options = {"agent": "echo", "history_limit": 20, "webhook_url": receiver.url()}
+            left, _ = await store.add_user_message(
+                session.id, NewMessage(uuid.uuid4(), "user", "left behind", options=options)
+            )
+        async with make_app(**webhook_settings()) as (client, _):
+            got = await receiver.next()
+            state = await wait_for(lambda: _answered(client, str(left.id)))
+
+    assert got.payload["message_ids"] == [str(left.id)]
+    assert state["reply"]["message"] == "echo: left behind"

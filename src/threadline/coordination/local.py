@@ -21,6 +21,9 @@ from threadline.store import NewMessage, RunStart, Store
 
 log = logging.getLogger(__name__)
 
+# Sessions with unanswered messages a process takes on when it starts.
+STRANDED_BATCH = 1000
+
 
 def build_queue(
     store: Store,
@@ -142,6 +145,20 @@ class LocalCoordinator:
             self._recover(request.session_id)
             raise
         return await resolve_handoff(self._store, answer)
+
+    async def recover_stranded(self) -> None:
+        """At start-up: answer what a stopped process left unanswered.
+
+        This coordinator serves its store alone, so every unanswered message at start-up was
+        accepted by a process that stopped before answering it (a shutdown's cancelled run, a
+        crash): without this, it would wait for its session's next message, and a background
+        request's caller, told 202, would never hear of it.
+        """
+        sessions = await self._store.sessions_with_unanswered(STRANDED_BATCH)
+        for session_id in sessions:
+            self._recover(session_id)
+        if sessions:
+            log.info("answering unanswered messages of %d sessions", len(sessions))
 
     def _recover(self, session_id: UUID) -> None:
         if session_id in self._recovering:

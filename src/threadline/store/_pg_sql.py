@@ -289,6 +289,14 @@ GET_RUN = f"SELECT {RUN} FROM runs WHERE id = $1"
 LOCK_SESSION = "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE"
 
 GET_MESSAGE = f"SELECT {MSG} FROM messages WHERE id = $1"
+# last_seq > answered_seq first: a session whose every row is answered costs no probe.
+SESSIONS_WITH_UNANSWERED = """
+SELECT s.id FROM sessions s
+WHERE s.last_seq > s.answered_seq
+  AND EXISTS (SELECT 1 FROM messages m
+              WHERE m.session_id = s.id AND m.role = 'user' AND m.seq > s.answered_seq)
+LIMIT $1
+"""
 LIST_RUNS = f"""
 WITH page AS (
     SELECT {RUN} FROM runs WHERE session_id = $1

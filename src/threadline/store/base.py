@@ -314,6 +314,10 @@ class Store(Protocol):
 
     async def get_message(self, message_id: UUID) -> Message | None: ...
 
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        """Up to ``limit`` sessions that hold unanswered user messages (for a process that
+        starts alone: whatever is unanswered was left by a process that stopped)."""
+
     async def list_runs(
         self, session_id: UUID, *, limit: int = 50, offset: int = 0
     ) -> tuple[list[Run], int]:

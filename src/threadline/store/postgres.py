@@ -301,6 +301,9 @@ class PostgresStore:
         rows = await self._fetch(sql.GET_MESSAGE, message_id)
         return _message(rows[0]) if rows else None
 
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        return [r["id"] for r in await self._fetch(sql.SESSIONS_WITH_UNANSWERED, limit)]
+
     async def list_runs(
         self, session_id: UUID, *, limit: int = 50, offset: int = 0
     ) -> tuple[list[Run], int]:

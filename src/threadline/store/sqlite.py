@@ -295,6 +295,18 @@ class SQLiteStore:
 
         return await self._run(get, transaction=False)
 
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        def find(db: sqlite3.Connection) -> list[UUID]:
+            rows = db.execute(
+                "SELECT s.id FROM sessions s WHERE s.last_seq > s.answered_seq"
+                " AND EXISTS (SELECT 1 FROM messages m WHERE m.session_id = s.id"
+                " AND m.role = 'user' AND m.seq > s.answered_seq) LIMIT ?",
+                (limit,),
+            )
+            return [UUID(r[0]) for r in rows]
+
+        return await self._run(find, transaction=False)
+
     async def list_runs(
         self, session_id: UUID, *, limit: int = 50, offset: int = 0
     ) -> tuple[list[Run], int]:
