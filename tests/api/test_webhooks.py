@@ -23,6 +23,7 @@ from tests.apps import AppFactory, services
 from tests.webhook_receiver import running_receiver
 from threadline.agents import AgentSpec
 from threadline.agents.echo import last_prompt
+from threadline.errors import ConfigError
 from threadline.store import NewMessage
 
 SECRET = "test-webhook-secret"
@@ -319,3 +320,15 @@ async def test_a_message_a_stopped_server_left_unanswered_is_answered_at_start_u
 
     assert got.payload["message_ids"] == [str(left.id)]
     assert state["reply"]["message"] == "echo: left behind"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_an_agent_webhook_needs_a_secret_and_an_http_url(make_app: AppFactory) -> None:
+    hooked = AgentSpec(name="hooked", webhook_url="http://127.0.0.1:9/hook")
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET is unset"):
+        async with make_app([hooked]):
+            pass
+    bad = AgentSpec(name="hooked", webhook_url="file:///etc/passwd")
+    with pytest.raises(ConfigError, match="must be an http"):
+        async with make_app([bad], **webhook_settings()):
+            pass
