@@ -4,6 +4,10 @@ Each request takes the next action of ``script``: ``"fail"`` answers 500, ``"han
 request open until the sender goes away (its timeout, or its process killed), ``"ok"`` answers
 200 (also once the script is used up). Every request is recorded and announced on
 ``arrivals``, so a test waits for the next one instead of sleeping.
+
+Its URLs start with a token of its own: the PostgreSQL test database is shared, and a delivery
+another test left owed to a receiver long gone may be sent to a port this one reuses; such a
+request gets 404 and is neither recorded nor announced.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,9 +54,10 @@ class WebhookReceiver:
     received: list[Received] = field(default_factory=list)
     arrivals: asyncio.Queue[Received] = field(default_factory=asyncio.Queue)
     port: int = 0
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://127.0.0.1:{self.port}/{self.token}{path}"
 
     async def next(self) -> Received:
         return await self.arrivals.get()
@@ -67,8 +73,14 @@ class WebhookReceiver:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        prefix = f"/{self.token}/"
+        if not scope["path"].startswith(prefix):
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         action: Action = self.script.pop(0) if self.script else "ok"
-        got = Received(scope["path"], Headers(scope=scope), body, action)
+        path = scope["path"].removeprefix(prefix[:-1])
+        got = Received(path, Headers(scope=scope), body, action)
         self.received.append(got)
         await self.arrivals.put(got)
         if action == "hang":

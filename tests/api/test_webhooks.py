@@ -185,6 +185,7 @@ async def test_a_failed_run_is_delivered_to_its_agents_url(make_app: AppFactory)
         async with make_app([agent], **webhook_settings()) as (client, _):
             r = await client.post("/api/v1/agent/broken/run", json={"message_content": "x"})
             got = await receiver.next()
+            await wait_for(lambda: _all_delivered(client, got.payload["session_id"], 1))
             run_id = r.json()["error"]["run_id"]
             state = (await client.get(f"/api/v1/messages/{got.payload['message_ids'][0]}")).json()
 
@@ -317,6 +318,7 @@ async def test_a_message_a_stopped_server_left_unanswered_is_answered_at_start_u
         async with make_app(**webhook_settings()) as (client, _):
             got = await receiver.next()
             state = await wait_for(lambda: _answered(client, str(left.id)))
+            await wait_for(lambda: _all_delivered(client, str(session.id), 1))
 
     assert got.payload["message_ids"] == [str(left.id)]
     assert state["reply"]["message"] == "echo: left behind"

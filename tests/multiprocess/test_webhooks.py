@@ -187,6 +187,12 @@ async def test_a_background_message_at_another_process_merges_into_the_owners_ru
                 answer = (await first).json()
                 got = await receiver.next()
                 state = await message_state(client, other, r.json()["message_id"])
+
+                async def delivered() -> bool:
+                    found = await delivery_of(client, other, str(sid))
+                    return found is not None and found["status"] == "delivered"
+
+                await wait_until(delivered)
         finally:
             await asyncio.gather(*(s.child.stop() for s in (owner, other)))
 
