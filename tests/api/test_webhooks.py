@@ -133,9 +133,11 @@ async def test_a_merged_reply_is_one_delivery_per_url_listing_every_message(
     make_app: AppFactory,
 ) -> None:
     release = asyncio.Event()
+    # One send at a time: the second delivery waits for the first one's slot.
+    one_at_a_time = webhook_settings(webhook_concurrency=1)
     async with (
         running_receiver() as receiver,
-        make_app([held_agent(release)], **webhook_settings()) as (client, _),
+        make_app([held_agent(release)], **one_at_a_time) as (client, _),
     ):
         first = await background(
             client, "held", message_content="one", webhook_url=receiver.url("/a")

@@ -129,7 +129,9 @@ class Deliverer:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        self._wake.set()  # a slot is free
+        if len(self._sending) == self._concurrency - 1:
+            # Every slot was taken, so the loop waits for one: there may be more due.
+            self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("webhook send failed unexpectedly", exc_info=exc)
 
