@@ -28,10 +28,18 @@ class TurnRequest:
     history_limit: int = 20
     channel_payload: dict[str, Any] | None = None
     stream: bool = False
+    webhook_url: str | None = None
 
     @property
     def options(self) -> RunOptions:
-        return RunOptions(self.agent, self.user_id, self.history_limit, self.context, self.stream)
+        return RunOptions(
+            self.agent,
+            self.user_id,
+            self.history_limit,
+            self.context,
+            stream=self.stream,
+            webhook_url=self.webhook_url,
+        )
 
 
 # Told the stored message's id as soon as the insert committed, before any run answers it

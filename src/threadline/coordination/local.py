@@ -23,17 +23,28 @@ from threadline.store import NewMessage, RunStart, Store
 
 log = logging.getLogger(__name__)
 
+# Sessions with unanswered messages a process takes on when it starts.
+STRANDED_BATCH = 1000
+
 
 def build_queue(
     store: Store,
     registry: AgentRegistry,
     settings: Settings,
-    events: EventSink,
+    events: EventSink | None = None,
     on_idle: Callable[[UUID], None] | None = None,
+    on_delivery: Callable[[], None] | None = None,
 ) -> TurnQueue:
     """The turn queue both coordinators run, configured from settings."""
+    runner = TurnRunner(
+        store,
+        registry,
+        model_timeout_s=settings.model_timeout_s,
+        events=events,
+        on_delivery=on_delivery,
+    )
     return TurnQueue(
-        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s, events=events),
+        runner,
         max_concurrent=settings.max_concurrent_runs,
         merge_window=settings.merge_window_ms / 1000,
         merge_max_wait=settings.merge_max_wait_ms / 1000,
@@ -114,12 +125,18 @@ async def resolve_handoff(store: Store, answer: Answer) -> Answer:
 
 
 class LocalCoordinator:
-    def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: AgentRegistry,
+        settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._history_limit = settings.history_limit
         self.events = LocalEvents()
-        self.queue = build_queue(store, registry, settings, self.events)
+        self.queue = build_queue(store, registry, settings, self.events, on_delivery=on_delivery)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
@@ -136,6 +153,20 @@ class LocalCoordinator:
             self._recover(request.session_id)
             raise
         return await resolve_handoff(self._store, answer)
+
+    async def recover_stranded(self) -> None:
+        """At start-up: answer what a stopped process left unanswered.
+
+        This coordinator serves its store alone, so every unanswered message at start-up was
+        accepted by a process that stopped before answering it (a shutdown's cancelled run, a
+        crash): without this, it would wait for its session's next message, and a background
+        request's caller, told 202, would never hear of it.
+        """
+        sessions = await self._store.sessions_with_unanswered(STRANDED_BATCH)
+        for session_id in sessions:
+            self._recover(session_id)
+        if sessions:
+            log.info("answering unanswered messages of %d sessions", len(sessions))
 
     def _recover(self, session_id: UUID) -> None:
         if session_id in self._recovering:

@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 
 # Orphaned sessions one watchdog pass takes on at most; the next pass takes the rest.
 ORPHAN_BATCH = 20
+# Connections for run events: the subscription, the publisher, and replays for joiners.
+EVENT_CONNECTIONS = 8
 
 
 def _client(settings: Settings, max_connections: int) -> Redis:
@@ -103,12 +105,15 @@ class RedisCoordinator:
         self,
         redis: Redis,
         renewal: Redis,
+        watching: Redis,
         store: Store,
         registry: AgentRegistry,
         settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._renewal = renewal
+        self._watching = watching
         self._store = store
         self._registry = registry
         self._settings = settings
@@ -128,8 +133,8 @@ class RedisCoordinator:
             timeout_s=settings.redis_timeout_s,
         )
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
-        self.events = RedisEvents(redis, timeout_s=settings.redis_timeout_s)
-        self.queue = build_queue(store, registry, settings, self.events, self._on_idle)
+        self.events = RedisEvents(watching, timeout_s=settings.redis_timeout_s)
+        self.queue = build_queue(store, registry, settings, self.events, self._on_idle, on_delivery)
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -137,12 +142,19 @@ class RedisCoordinator:
 
     @classmethod
     async def connect(
-        cls, settings: Settings, store: Store, registry: AgentRegistry
+        cls,
+        settings: Settings,
+        store: Store,
+        registry: AgentRegistry,
+        on_delivery: Callable[[], None] | None = None,
     ) -> RedisCoordinator:
         redis = _client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
         renewal = _client(settings, 2)
-        self = cls(redis, renewal, store, registry, settings)
+        # Run events (streams, joiners) on a pool of their own too: a subscription holds a
+        # connection for good, and many joiners replaying must not starve the requests.
+        watching = _client(settings, EVENT_CONNECTIONS)
+        self = cls(redis, renewal, watching, store, registry, settings, on_delivery)
         try:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
@@ -151,6 +163,7 @@ class RedisCoordinator:
         except CoordinatorUnavailable:
             await redis.aclose()
             await renewal.aclose()
+            await watching.aclose()
             raise
         self._spawn(self._mailbox.listen(self._on_nudge))
         self._spawn(self.events.listen())
@@ -445,3 +458,4 @@ class RedisCoordinator:
         await self.events.aclose()
         await self._redis.aclose()
         await self._renewal.aclose()
+        await self._watching.aclose()
