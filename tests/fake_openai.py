@@ -86,9 +86,7 @@ class FakeOpenAI:
     async def _stream(self, body: dict[str, Any], text: str, receive: Receive, send: Send) -> None:
         created = int(time.time())
 
-        async def chunk(
-            choices: list[dict[str, Any]], usage: dict[str, int] | None = None
-        ) -> None:
+        async def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
             data = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion.chunk",
