@@ -21,6 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from httpx_sse import ServerSentEvent, aconnect_sse
+from redis.asyncio import Redis
 
 from tests.multiprocess.conftest import (
     SEPARATOR,
@@ -104,13 +105,14 @@ def deltas(events: list[Event]) -> list[str]:
 class Owners:
     """Which process owns a session: the lease in Redis against each server's node id."""
 
-    redis: Any
+    redis: Redis
 
     async def of(self, client: httpx.AsyncClient, sid: uuid.UUID, server: Server) -> bool:
-        token = await self.redis.get(keys.lease(sid))
+        raw = await self.redis.get(keys.lease(sid))
+        token = raw.decode() if isinstance(raw, bytes) else raw
         metrics = (await client.get(f"{server.url}/debug/metrics")).json()
         node: str = metrics["coordinator"]["node"]
-        return token is not None and token.decode().rpartition(":")[0] == node
+        return token is not None and token.rpartition(":")[0] == node
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
