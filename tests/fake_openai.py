@@ -1,8 +1,11 @@
 """A small fake OpenAI-compatible server on 127.0.0.1, so the real provider client runs.
 
-``/v1/chat/completions`` answers ``fake: <last user message>``. A request whose last user
-message is exactly ``HOLD`` is held open until the client goes away; the server records that
-disconnect, which is how tests prove a cancelled run really closed its provider request.
+``/v1/chat/completions`` answers ``fake: <last user message>``: as one JSON body, or with
+``"stream": true`` as Server-Sent Events in OpenAI's chunk format, a chunk per word (then the
+usage chunk if ``stream_options.include_usage``, then ``[DONE]``). A request whose last user
+message is exactly ``HOLD`` is held open until the client goes away (streamed, after its first
+chunk of text); the server records that disconnect, which is how tests prove a cancelled run
+really closed its provider request.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +21,13 @@ from typing import Any
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def words(text: str) -> list[str]:
+    """``text`` cut after each word's trailing space: the pieces a streamed reply comes in."""
+    return re.findall(r"\s*\S+\s*", text) or [text]
 
 
 @dataclass
@@ -42,11 +53,11 @@ class FakeOpenAI:
         self.requests.append(body)
         last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
         text = last["content"] if isinstance(last["content"], str) else json.dumps(last["content"])
+        if body.get("stream"):
+            await self._stream(body, text, receive, send)
+            return
         if text == "HOLD":
-            self.held.set()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.disconnected.set()
+            await self._hold(receive)
             return
         reply = {
             "id": "chatcmpl-fake",
@@ -60,7 +71,7 @@ class FakeOpenAI:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            "usage": USAGE,
         }
         payload = json.dumps(reply).encode()
         await send(
@@ -71,6 +82,50 @@ class FakeOpenAI:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    async def _stream(self, body: dict[str, Any], text: str, receive: Receive, send: Send) -> None:
+        created = int(time.time())
+
+        async def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
+            data = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body["model"],
+                "choices": choices,
+                "usage": usage,
+            }
+            line = f"data: {json.dumps(data)}\n\n".encode()
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+
+        def delta(content: dict[str, str], finish: str | None = None) -> list[dict[str, Any]]:
+            return [{"index": 0, "delta": content, "finish_reason": finish}]
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await chunk(delta({"role": "assistant", "content": ""}))
+        pieces = words(f"fake: {text}")
+        for index, piece in enumerate(pieces):
+            await chunk(delta({"content": piece}))
+            if index == 0 and text == "HOLD":
+                # Mid-reply: the client has started reading the stream.
+                await self._hold(receive)
+                return
+        await chunk(delta({}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await chunk([], USAGE)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _hold(self, receive: Receive) -> None:
+        self.held.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected.set()
 
 
 @contextlib.asynccontextmanager

@@ -177,13 +177,23 @@ class TurnStream:
                 event = await watch.next()
                 if event is not None and follower.accept(event) and not follower.done:
                     yield _public(event)
-            # The answer is in. Events published before it may still be on their way
-            # (another process ran the turn): take them from the log, then end.
+            # The answer is in, but it may have overtaken the run's events: the runner emits
+            # them before it answers, and a publishing task (in this process or another)
+            # takes them to the bus. Take what the log has, then wait for the event that
+            # closes the message, which comes after every other event of its run; give up
+            # after RECHECK_S (the events were lost in a Redis outage).
             with contextlib.suppress(Unavailable):
                 await watch.catch_up(watch.last_id or "0")
-            while (event := await watch.next(within=0)) is not None:
-                if follower.accept(event) and not follower.done:
-                    yield _public(event)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (RECHECK_S if _has_closing_event(submit) else 0.0)
+            while not follower.done:
+                remaining = max(0.0, deadline - loop.time())
+                event = await watch.next(within=remaining)
+                if event is not None:
+                    if follower.accept(event) and not follower.done:
+                        yield _public(event)
+                elif remaining == 0:
+                    break
             last = watch.last_id or ACCEPTED_ID
             try:
                 answer = submit.result()
@@ -200,6 +210,14 @@ class TurnStream:
         watching, self._watching = self._watching, None
         if watching is not None:
             await watching.__aexit__(None, None, None)
+
+
+def _has_closing_event(submit: asyncio.Task[Answer]) -> bool:
+    """Whether the run that answered emitted an event closing its messages: every run that
+    answers with messages does (completed, failed, or cancelled by a client)."""
+    if submit.cancelled() or submit.exception() is not None:
+        return False
+    return bool(submit.result().outcome.message_ids)
 
 
 async def message_events(
