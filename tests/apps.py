@@ -40,7 +40,7 @@ def coordinator_url(backend: str, request: pytest.FixtureRequest) -> str | None:
     return str(request.getfixturevalue("redis_url")) if backend.endswith("+redis") else None
 
 
-def _settings(database_url: str, coordinator_url: str | None, **overrides: Any) -> Settings:
+def _settings(database_url: str, coordinator_url: str | None, /, **overrides: Any) -> Settings:
     overrides.setdefault("database_url", database_url)
     overrides.setdefault("redis_url", coordinator_url)
     # The test process keeps the interpreter's own GC settings.
