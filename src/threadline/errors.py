@@ -3,6 +3,7 @@
 ThreadlineError
 ├── ConfigError            invalid settings at start-up (never reaches HTTP)
 ├── InvalidRequest         400/422: input the domain rejects after schema validation
+│   └── IdempotencyKeyReused  422: the key names a message whose body differs
 ├── NotFound               404
 │   ├── AgentNotFound
 │   ├── SessionNotFound
@@ -16,6 +17,7 @@ ThreadlineError
 │   ├── AgentUnavailable   an agent's lazy setup failed; retried after a back-off
 │   ├── ShuttingDown
 │   └── AnswerPending      the message is stored, its answer could not be had here
+├── DuplicateMessage       the session already holds a message with this idempotency key
 └── RunFailed              502: the run that was to answer the caller failed
     ├── ModelError         502: the model provider failed
     ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
@@ -24,9 +26,11 @@ ThreadlineError
         ├── AnsweredElsewhere  another run had already answered these messages
         └── FencedOut          a newer run (another owner) took the session over mid-run
 
-A ``Handoff`` never reaches a client: the coordinator resolves it into the answer of the run
-that did answer (``Mailbox``/``Store.answer_for``). A run that fails for a store error reports
-``StoreUnavailable`` (503) and a session deleted mid-run reports ``SessionNotFound`` (404).
+A ``DuplicateMessage`` never reaches a client: its caller gets the answer of the message the
+key names (``coordination/replay.py``). Nor does a ``Handoff``: the coordinator resolves it into
+the answer of the run that did answer (``Mailbox``/``Store.answer_for``). A run that fails for
+a store error reports ``StoreUnavailable`` (503) and a session deleted mid-run reports
+``SessionNotFound`` (404).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class ConfigError(ThreadlineError):
 
 class InvalidRequest(ThreadlineError):
     code = "invalid_request"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    code = "idempotency_key_reused"
 
 
 class NotFound(ThreadlineError):
@@ -156,3 +164,22 @@ class AnsweredElsewhere(Handoff):
 
 class FencedOut(Handoff):
     code = "fenced_out"
+
+
+class DuplicateMessage(ThreadlineError):
+    """The store refused a message: its session holds one with the same idempotency key.
+
+    Nothing was written. ``message_id`` is the stored message, ``fingerprint`` the hash of its
+    body, which the coordinator compares with the new request's.
+    """
+
+    code = "duplicate_message"
+
+    def __init__(self, session_id: UUID, message_id: UUID, fingerprint: str | None) -> None:
+        super().__init__(
+            f"session {str(session_id)!r} already holds message {str(message_id)!r} "
+            "with this idempotency key"
+        )
+        self.session_id = session_id
+        self.message_id = message_id
+        self.fingerprint = fingerprint

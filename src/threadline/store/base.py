@@ -70,6 +70,10 @@ class Message:
     created_at: dt.datetime
     # User messages: the run options their caller asked for (``RunOptions`` as JSON).
     options: dict[str, Any] | None = None
+    # User messages sent with an idempotency key: the key (unique within the session) and the
+    # hash of the body it was sent with.
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,8 @@ class NewMessage:
     payload: bytes | None = None
     channel_payload: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +215,15 @@ class Store(Protocol):
         With ``start``, this is the first of the hot path's two round-trips: the run answers
         every unanswered message up to the new one and the returned ``Turn`` carries the history
         window. Raises ``SessionNotFound`` if the session is gone.
+
+        A message whose ``idempotency_key`` the session already holds is not stored: this
+        raises ``DuplicateMessage`` naming the stored one, and writes nothing (no run opened,
+        ``last_seq`` unchanged). The unique constraint on (session, key) decides between two
+        concurrent inserts of one key, on any number of processes.
         """
+
+    async def find_message(self, session_id: UUID, idempotency_key: str) -> Message | None:
+        """The session's message stored with ``idempotency_key``, if any."""
 
     async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
         """Open a run for the unanswered messages up to ``start.upto_seq``.
