@@ -30,7 +30,10 @@ _ERRORS: dict[int, str] = {
         "(`session_agent_mismatch`)."
     ),
     413: "The body or `message_content` is over the configured limit.",
-    422: "The request does not match the schema, or holds what no store can keep.",
+    422: (
+        "The request does not match the schema, or holds what no store can keep; or its "
+        "idempotency key names a message sent with another body (`idempotency_key_reused`)."
+    ),
     429: "The session already has SESSION_QUEUE_MAX unanswered messages.",
     502: (
         "The run failed: the model provider (`model_error`), one of the agent's tools "

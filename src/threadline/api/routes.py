@@ -10,6 +10,12 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from threadline.api.contract import errors
 from threadline.api.deps import ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
+from threadline.api.idempotency import (
+    REPLAYED_HEADER,
+    REPLAYED_RESPONSE,
+    IdempotencyKeyHeader,
+    request_key,
+)
 from threadline.api.schemas import (
     AgentInfo,
     MessageOut,
@@ -45,14 +51,23 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
 @router.post(
     "/agent/{name}/run",
     response_model=RunResponse,
-    responses=errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+    responses={**errors(400, 404, 409, 413, 422, 429, 502, 503, 504), **REPLAYED_RESPONSE},
 )
 async def run_agent(
-    name: Annotated[str, Path(examples=["echo"])], body: RunRequest, services: ServicesDep
+    name: Annotated[str, Path(examples=["echo"])],
+    body: RunRequest,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> RunResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
+    key = request_key(
+        body.idempotency_key,
+        idempotency_key,
+        has_session=body.session_id is not None or body.session_name is not None,
+    )
     if len(body.message_content) > settings.max_message_chars:
         raise PayloadTooLarge(
             f"message_content has {len(body.message_content)} characters; "
@@ -83,8 +98,11 @@ async def run_agent(
                 body.message_limit if body.message_limit is not None else settings.history_limit
             ),
             channel_payload=body.channel_payload,
+            idempotency_key=key,
         )
     )
+    if answer.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     outcome = answer.outcome
     if outcome.error is not None:
         raise outcome.error
@@ -95,6 +113,7 @@ async def run_agent(
         session_id=session.id,
         run_id=outcome.run_id,
         message_ids=list(outcome.message_ids),
+        message_id=answer.message_id,
         superseded=answer.superseded,
         tool_calls=result.tool_calls,
         tool_outputs=result.tool_outputs,

@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
 )
 
+from threadline.api.idempotency import IdempotencyKey
 from threadline.api.validation import (
     NOT_BLANK,
     NUL_FREE,
@@ -50,6 +51,7 @@ class RunRequest(BaseModel):
     message_limit: Annotated[int, Field(ge=0, le=1000), BeforeValidator(json_integer)] | None = None
     channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
+    idempotency_key: IdempotencyKey | None = None
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -71,6 +73,9 @@ class RunResponse(BaseModel):
     session_id: UUID
     run_id: UUID
     message_ids: list[UUID]
+    # The message this request stored, or, when it repeated an idempotency key, the one the
+    # key names; ``message_ids`` are every message the run answered.
+    message_id: UUID
     success: bool = True
     superseded: bool = False
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)

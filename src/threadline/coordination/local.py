@@ -11,9 +11,16 @@ from uuid import UUID
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
+from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
-from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavailable
+from threadline.errors import (
+    AnswerPending,
+    DuplicateMessage,
+    Handoff,
+    ShuttingDown,
+    StoreUnavailable,
+)
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
 from threadline.runner import TurnRunner, until_the_store_answers
@@ -40,6 +47,7 @@ def build_queue(
 
 
 def user_message(request: TurnRequest) -> NewMessage:
+    keyed = request.idempotency_key is not None
     return NewMessage(
         id=uuid.uuid4(),
         role="user",
@@ -47,6 +55,8 @@ def user_message(request: TurnRequest) -> NewMessage:
         channel_payload=request.channel_payload,
         # Stored with the message: whichever process runs it runs it the way it was asked.
         options=request.options.to_json(),
+        idempotency_key=request.idempotency_key,
+        fingerprint=request.fingerprint if keyed else None,
     )
 
 
@@ -101,10 +111,14 @@ async def resolve_handoff(store: Store, answer: Answer) -> Answer:
     """A run that handed off (another run answered) means: the answer is in the store."""
     if not isinstance(answer.outcome.error, Handoff):
         return answer
-    found = await stored_answer(store, answer.message_id)
+    return await _stored(store, answer.message_id)
+
+
+async def _stored(store: Store, message_id: UUID) -> Answer:
+    found = await stored_answer(store, message_id)
     if found is None:
         raise AnswerPending(
-            f"message {str(answer.message_id)!r} is stored and not answered yet; "
+            f"message {str(message_id)!r} is stored and not answered yet; "
             "its answer will appear in the session's history"
         )
     return found
@@ -117,13 +131,21 @@ class LocalCoordinator:
         self._history_limit = settings.history_limit
         self.queue = build_queue(store, registry, settings)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
+        self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         loaded = await self._registry.get(request.agent)
+        first = await replay.original(self._store, request)
+        if first is not None:
+            return await self._replay(request, first.id, first.fingerprint, on_stored)
         accept = storing(self._store, request, loaded.model_name, on_stored)
         try:
             answer = await self.queue.submit(
                 request.session_id, request.strategy, accept, request.options
+            )
+        except DuplicateMessage as duplicate:  # a request with the same key stored first
+            return await self._replay(
+                request, duplicate.message_id, duplicate.fingerprint, on_stored
             )
         except StoreUnavailable:
             # The insert may have committed with its reply lost on the way back: a message
@@ -132,6 +154,42 @@ class LocalCoordinator:
             self._recover(request.session_id)
             raise
         return await resolve_handoff(self._store, answer)
+
+    async def _replay(
+        self,
+        request: TurnRequest,
+        message_id: UUID,
+        fingerprint: str | None,
+        on_stored: OnStored | None,
+    ) -> Answer:
+        """Answer a request repeating an idempotency key with its message's answer."""
+        replay.check_same_body(request, message_id, fingerprint)
+        if on_stored is not None:
+            on_stored(message_id)
+        self._repeats += 1
+        try:
+            return replay.replayed(await self._answer_of(request.session_id, message_id))
+        finally:
+            self._repeats -= 1
+
+    async def _answer_of(self, sid: UUID, message_id: UUID) -> Answer:
+        future = await self.queue.follow(sid, message_id)
+        if future is None:
+            found = await stored_answer(self._store, message_id)
+            if found is not None:
+                return found
+            # Stored and unanswered, and no caller of it here: its own caller heard 503 (its
+            # recovery is pending) or this process restarted since. Answer it now, as the
+            # recovery would: the session's unanswered messages, as they were sent.
+            adopted = await adopt_unanswered(self._store, self.queue, sid, self._history_limit)
+            for adopted_id, adopted_future in adopted:
+                # The others' answers go to the session's history, as in ``_recovery``.
+                adopted_future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                if adopted_id == message_id:
+                    future = adopted_future
+            if future is None:  # answered meanwhile: the store has it
+                return await _stored(self._store, message_id)
+        return await resolve_handoff(self._store, await asyncio.shield(future))
 
     def _recover(self, session_id: UUID) -> None:
         if session_id in self._recovering:
@@ -162,6 +220,7 @@ class LocalCoordinator:
         return {
             "sessions_in_memory": self.queue.session_count,
             "runs_in_flight": self.queue.running,
+            "repeats_waiting": self._repeats,
         }
 
     async def aclose(self, grace: float = 0.0) -> None:

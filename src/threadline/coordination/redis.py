@@ -48,6 +48,7 @@ from redis.driver_info import DriverInfo
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
+from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
 from threadline.coordination.leases import Leases, bounded
@@ -60,6 +61,7 @@ from threadline.coordination.local import (
 from threadline.coordination.mailbox import Mailbox
 from threadline.errors import (
     CoordinatorUnavailable,
+    DuplicateMessage,
     Handoff,
     QueueFull,
     RunFailed,
@@ -132,6 +134,7 @@ class RedisCoordinator:
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     @classmethod
     async def connect(
@@ -160,15 +163,23 @@ class RedisCoordinator:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
         loaded = await self._registry.get(request.agent)
+        first = await replay.original(self._store, request)
+        if first is not None:
+            return await self._replay(request, first.id, first.fingerprint, on_stored)
         token = await self._leases.claim_to_store(request.session_id)
-        if token is None:
-            try:
-                return await self._submit_local(request, loaded.model_name, on_stored)
-            except StoreUnavailable:
-                # The insert may have committed with its reply lost: see ``_recover``.
-                self._recover(request.session_id)
-                raise
-        return await self._submit_remote(request, token, on_stored)
+        try:
+            if token is None:
+                try:
+                    return await self._submit_local(request, loaded.model_name, on_stored)
+                except StoreUnavailable:
+                    # The insert may have committed with its reply lost: see ``_recover``.
+                    self._recover(request.session_id)
+                    raise
+            return await self._submit_remote(request, token, on_stored)
+        except DuplicateMessage as duplicate:  # a request with the same key stored first
+            return await self._replay(
+                request, duplicate.message_id, duplicate.fingerprint, on_stored, token
+            )
 
     async def _submit_local(
         self, request: TurnRequest, model_name: str, on_stored: OnStored | None
@@ -235,6 +246,69 @@ class RedisCoordinator:
             # The owner released the session between our two calls: it is ours now.
             await self.take_over(sid)
         return stored.id
+
+    # -- requests repeating an idempotency key -----------------------------------------
+
+    async def _replay(
+        self,
+        request: TurnRequest,
+        message_id: UUID,
+        fingerprint: str | None,
+        on_stored: OnStored | None,
+        token: str | None = None,
+    ) -> Answer:
+        """Answer a request repeating an idempotency key with its message's answer.
+
+        ``token``: the claim that listed this request's insert in flight (it lost the race
+        to store the key), which the nudge below unlists.
+        """
+        replay.check_same_body(request, message_id, fingerprint)
+        if on_stored is not None:
+            on_stored(message_id)
+        sid = request.session_id
+        # Listening before anything can publish the answer, so that no publication is missed.
+        self._mailbox.expect(sid, message_id)
+        self._repeats += 1
+        try:
+            return replay.replayed(await self._answer_of(sid, message_id, token))
+        finally:
+            self._repeats -= 1
+            self._mailbox.forget(message_id)
+
+    async def _answer_of(self, sid: UUID, message_id: UUID, token: str | None) -> Answer:
+        future = await self.queue.follow(sid, message_id)
+        if future is None:
+            if token is None:
+                found = await stored_answer(self._store, message_id)
+                if found is not None:
+                    return found
+            # Not in our queue: its owner is to publish its answer (it publishes only the
+            # answers of messages it adopted), told by a nudge naming it. A session nobody
+            # owns is ours to take over, as is one we own whose message we have not been
+            # told about yet (its nudge is in flight) or never will be (its process died).
+            follow = json.dumps({"session_id": str(sid), "follow": str(message_id)})
+            if await self._leases.nudge(sid, follow, token) or self._leases.holds(sid):
+                await self.take_over(sid)
+                future = await self.queue.follow(sid, message_id)
+        if future is not None:
+            answer = await asyncio.shield(future)
+            if not isinstance(answer.outcome.error, Handoff):
+                return answer
+        return await self._mailbox.wait(sid, message_id)
+
+    async def _publish_followed(self, sid: UUID, message_id: UUID) -> None:
+        """A caller elsewhere repeats the idempotency key of a message of a session we own:
+        publish the message's answer, whether our queue holds it or not yet."""
+        future = await self.queue.follow(sid, message_id)
+        if future is None:
+            await self.take_over(sid)
+            future = await self.queue.follow(sid, message_id)
+        if future is not None:
+            self._publish_when_done(message_id, future)
+            return
+        found = await stored_answer(self._store, message_id)
+        if found is not None:
+            await self._mailbox.publish(message_id, found)
 
     def _recover(self, sid: UUID) -> None:
         """A message of ``sid`` may be stored that no run will answer: its caller heard 503
@@ -305,6 +379,9 @@ class RedisCoordinator:
         sid = UUID(body["session_id"])
         if not self._leases.holds(sid) or self._closing:
             return  # the sender's watchdog takes the session over once our lease is gone
+        if "follow" in body:
+            self._spawn(self._publish_followed(sid, UUID(body["follow"])))
+            return
         if "message_id" not in body:
             # "Look at the store": a message may have been stored without its caller knowing.
             self._spawn(self.take_over(sid))
@@ -406,6 +483,7 @@ class RedisCoordinator:
             "runs_in_flight": self.queue.running,
             "leases_held": len(self._leases),
             "callers_waiting_elsewhere": len(self._mailbox),
+            "repeats_waiting": self._repeats,
             "node": self.node,
         }
 
