@@ -17,7 +17,7 @@ ThreadlineError
 │   ├── AgentUnavailable   an agent's lazy setup failed; retried after a back-off
 │   ├── ShuttingDown
 │   └── AnswerPending      the message is stored, its answer could not be had here
-├── DuplicateMessage       the session already holds a message with this idempotency key
+├── DuplicateMessage       the session holds a message with this idempotency key (store/base.py)
 └── RunFailed              502: the run that was to answer the caller failed
     ├── ModelError         502: the model provider failed
     ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
@@ -164,22 +164,3 @@ class AnsweredElsewhere(Handoff):
 
 class FencedOut(Handoff):
     code = "fenced_out"
-
-
-class DuplicateMessage(ThreadlineError):
-    """The store refused a message: its session holds one with the same idempotency key.
-
-    Nothing was written. ``message_id`` is the stored message, ``fingerprint`` the hash of its
-    body, which the coordinator compares with the new request's.
-    """
-
-    code = "duplicate_message"
-
-    def __init__(self, session_id: UUID, message_id: UUID, fingerprint: str | None) -> None:
-        super().__init__(
-            f"session {str(session_id)!r} already holds message {str(message_id)!r} "
-            "with this idempotency key"
-        )
-        self.session_id = session_id
-        self.message_id = message_id
-        self.fingerprint = fingerprint

@@ -12,8 +12,7 @@ import asyncpg
 import pytest
 
 from tests.store.conftest import MakeSession, starting
-from threadline.errors import DuplicateMessage
-from threadline.store import NewMessage, PostgresStore, RunStart, Store
+from threadline.store import DuplicateMessage, NewMessage, PostgresStore, RunStart, Store
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -43,8 +42,8 @@ async def test_a_stored_key_is_refused_naming_the_first_message(
     with pytest.raises(DuplicateMessage) as refused:
         await store.add_user_message(session.id, keyed("wamid.1", "other", "fp-2"), start=start)
 
-    assert refused.value.message_id == first.id
-    assert refused.value.fingerprint == "fp-1"
+    assert refused.value.existing == first
+    assert refused.value.existing.fingerprint == "fp-1"
     messages, total = await store.list_messages(session.id)
     assert total == 1
     assert messages == [first]
@@ -135,7 +134,7 @@ async def test_two_concurrent_inserts_of_one_key_store_one_message(
     refused = [r for r in results if isinstance(r, DuplicateMessage)]
     assert (len(stored), len(refused)) == (1, 1), results
     winner, turn = stored[0]
-    assert refused[0].message_id == winner.id
+    assert refused[0].existing == winner
     messages, total = await store.list_messages(session.id)
     assert (total, messages) == (1, [winner])
     if path == "fast":
@@ -158,7 +157,7 @@ async def test_many_concurrent_inserts_of_one_key_store_one_message(
     stored = [r[0] for r in results if isinstance(r, tuple)]
     assert len(stored) == 1, results
     assert all(
-        isinstance(r, DuplicateMessage) and r.message_id == stored[0].id
+        isinstance(r, DuplicateMessage) and r.existing == stored[0]
         for r in results
         if not isinstance(r, tuple)
     ), results

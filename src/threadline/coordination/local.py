@@ -14,17 +14,11 @@ from threadline.config import Settings
 from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
-from threadline.errors import (
-    AnswerPending,
-    DuplicateMessage,
-    Handoff,
-    ShuttingDown,
-    StoreUnavailable,
-)
+from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavailable
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
 from threadline.runner import TurnRunner, until_the_store_answers
-from threadline.store import NewMessage, RunStart, Store
+from threadline.store import DuplicateMessage, Message, NewMessage, RunStart, Store
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +105,10 @@ async def resolve_handoff(store: Store, answer: Answer) -> Answer:
     """A run that handed off (another run answered) means: the answer is in the store."""
     if not isinstance(answer.outcome.error, Handoff):
         return answer
-    return await _stored(store, answer.message_id)
-
-
-async def _stored(store: Store, message_id: UUID) -> Answer:
-    found = await stored_answer(store, message_id)
+    found = await stored_answer(store, answer.message_id)
     if found is None:
         raise AnswerPending(
-            f"message {str(message_id)!r} is stored and not answered yet; "
+            f"message {str(answer.message_id)!r} is stored and not answered yet; "
             "its answer will appear in the session's history"
         )
     return found
@@ -137,16 +127,14 @@ class LocalCoordinator:
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
         if first is not None:
-            return await self._replay(request, first.id, first.fingerprint, on_stored)
+            return await self._replay(request, first, on_stored)
         accept = storing(self._store, request, loaded.model_name, on_stored)
         try:
             answer = await self.queue.submit(
                 request.session_id, request.strategy, accept, request.options
             )
         except DuplicateMessage as duplicate:  # a request with the same key stored first
-            return await self._replay(
-                request, duplicate.message_id, duplicate.fingerprint, on_stored
-            )
+            return await self._replay(request, duplicate.existing, on_stored)
         except StoreUnavailable:
             # The insert may have committed with its reply lost on the way back: a message
             # stored, whose caller heard 503, that no run would answer until the session's
@@ -156,39 +144,30 @@ class LocalCoordinator:
         return await resolve_handoff(self._store, answer)
 
     async def _replay(
-        self,
-        request: TurnRequest,
-        message_id: UUID,
-        fingerprint: str | None,
-        on_stored: OnStored | None,
+        self, request: TurnRequest, first: Message, on_stored: OnStored | None
     ) -> Answer:
-        """Answer a request repeating an idempotency key with its message's answer."""
-        replay.check_same_body(request, message_id, fingerprint)
+        """Answer a request repeating an idempotency key with the answer of ``first``."""
+        replay.check_same_body(request, first)
         if on_stored is not None:
-            on_stored(message_id)
+            on_stored(first.id)
         self._repeats += 1
         try:
-            return replay.replayed(await self._answer_of(request.session_id, message_id))
+            return replay.replayed(await self._answer_of(request, first))
         finally:
             self._repeats -= 1
 
-    async def _answer_of(self, sid: UUID, message_id: UUID) -> Answer:
-        future = await self.queue.follow(sid, message_id)
+    async def _answer_of(self, request: TurnRequest, first: Message) -> Answer:
+        future = await self.queue.follow(first.session_id, first.id)
         if future is None:
-            found = await stored_answer(self._store, message_id)
+            found = await stored_answer(self._store, first.id)
             if found is not None:
                 return found
-            # Stored and unanswered, and no caller of it here: its own caller heard 503 (its
-            # recovery is pending) or this process restarted since. Answer it now, as the
-            # recovery would: the session's unanswered messages, as they were sent.
-            adopted = await adopt_unanswered(self._store, self.queue, sid, self._history_limit)
-            for adopted_id, adopted_future in adopted:
-                # The others' answers go to the session's history, as in ``_recovery``.
-                adopted_future.add_done_callback(lambda f: f.cancelled() or f.exception())
-                if adopted_id == message_id:
-                    future = adopted_future
-            if future is None:  # answered meanwhile: the store has it
-                return await _stored(self._store, message_id)
+            # Stored, unanswered, and no caller of it here: its own caller heard 503 (its
+            # recovery is pending) or this process restarted since. Answer it now.
+            options = replay.options_of(request, first)
+            future = self.queue.adopt(first.session_id, first.id, first.seq, "enqueue", options)
+            # Its answer lands in the history even if this caller goes away meanwhile.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await resolve_handoff(self._store, await asyncio.shield(future))
 
     def _recover(self, session_id: UUID) -> None:

@@ -61,7 +61,6 @@ from threadline.coordination.local import (
 from threadline.coordination.mailbox import Mailbox
 from threadline.errors import (
     CoordinatorUnavailable,
-    DuplicateMessage,
     Handoff,
     QueueFull,
     RunFailed,
@@ -72,7 +71,7 @@ from threadline.errors import (
 )
 from threadline.queue.job import Answer, RunOptions
 from threadline.runner import until_the_store_answers
-from threadline.store import Store
+from threadline.store import DuplicateMessage, Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class RedisCoordinator:
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
         if first is not None:
-            return await self._replay(request, first.id, first.fingerprint, on_stored)
+            return await self._replay(request, first, on_stored)
         token = await self._leases.claim_to_store(request.session_id)
         try:
             if token is None:
@@ -177,9 +176,7 @@ class RedisCoordinator:
                     raise
             return await self._submit_remote(request, token, on_stored)
         except DuplicateMessage as duplicate:  # a request with the same key stored first
-            return await self._replay(
-                request, duplicate.message_id, duplicate.fingerprint, on_stored, token
-            )
+            return await self._replay(request, duplicate.existing, on_stored, token)
 
     async def _submit_local(
         self, request: TurnRequest, model_name: str, on_stored: OnStored | None
@@ -252,63 +249,69 @@ class RedisCoordinator:
     async def _replay(
         self,
         request: TurnRequest,
-        message_id: UUID,
-        fingerprint: str | None,
+        first: Message,
         on_stored: OnStored | None,
         token: str | None = None,
     ) -> Answer:
-        """Answer a request repeating an idempotency key with its message's answer.
+        """Answer a request repeating an idempotency key with the answer of ``first``.
 
         ``token``: the claim that listed this request's insert in flight (it lost the race
-        to store the key), which the nudge below unlists.
+        to store the key), which the nudge in ``_answer_of`` unlists.
         """
-        replay.check_same_body(request, message_id, fingerprint)
+        replay.check_same_body(request, first)
         if on_stored is not None:
-            on_stored(message_id)
-        sid = request.session_id
+            on_stored(first.id)
         # Listening before anything can publish the answer, so that no publication is missed.
-        self._mailbox.expect(sid, message_id)
+        self._mailbox.expect(first.session_id, first.id)
         self._repeats += 1
         try:
-            return replay.replayed(await self._answer_of(sid, message_id, token))
+            return replay.replayed(await self._answer_of(request, first, token))
         finally:
             self._repeats -= 1
-            self._mailbox.forget(message_id)
+            self._mailbox.forget(first.id)
 
-    async def _answer_of(self, sid: UUID, message_id: UUID, token: str | None) -> Answer:
-        future = await self.queue.follow(sid, message_id)
+    async def _answer_of(self, request: TurnRequest, first: Message, token: str | None) -> Answer:
+        sid = first.session_id
+        future = await self.queue.follow(sid, first.id)
         if future is None:
             if token is None:
-                found = await stored_answer(self._store, message_id)
+                found = await stored_answer(self._store, first.id)
                 if found is not None:
                     return found
-            # Not in our queue: its owner is to publish its answer (it publishes only the
-            # answers of messages it adopted), told by a nudge naming it. A session nobody
-            # owns is ours to take over, as is one we own whose message we have not been
-            # told about yet (its nudge is in flight) or never will be (its process died).
-            follow = json.dumps({"session_id": str(sid), "follow": str(message_id)})
-            if await self._leases.nudge(sid, follow, token) or self._leases.holds(sid):
+            # Our queue does not hold it. Its owner publishes the answers of the messages it
+            # adopted only, so the nudge names the message: the owner follows it (adopting
+            # it if it has not yet) and publishes its answer. A session nobody owned is
+            # ours now: answer every unanswered message, as a takeover does.
+            nudge = json.dumps(
+                {
+                    "session_id": str(sid),
+                    "follow": str(first.id),
+                    "seq": first.seq,
+                    "options": replay.options_of(request, first).to_json(),
+                }
+            )
+            if await self._leases.nudge(sid, nudge, token):
                 await self.take_over(sid)
-                future = await self.queue.follow(sid, message_id)
+                future = await self.queue.follow(sid, first.id)
+            elif self._leases.holds(sid):  # the owner is us: the nudge went nowhere
+                options = replay.options_of(request, first)
+                future = await self._follow_here(sid, first.id, first.seq, options)
         if future is not None:
             answer = await asyncio.shield(future)
             if not isinstance(answer.outcome.error, Handoff):
                 return answer
-        return await self._mailbox.wait(sid, message_id)
+        return await self._mailbox.wait(sid, first.id)
 
-    async def _publish_followed(self, sid: UUID, message_id: UUID) -> None:
-        """A caller elsewhere repeats the idempotency key of a message of a session we own:
-        publish the message's answer, whether our queue holds it or not yet."""
+    async def _follow_here(
+        self, sid: UUID, message_id: UUID, seq: int, options: RunOptions
+    ) -> asyncio.Future[Answer]:
+        """The answer of a message of a session we own, adopting it if our queue does not
+        hold it (its nudge is on its way, or never comes); published when done."""
         future = await self.queue.follow(sid, message_id)
         if future is None:
-            await self.take_over(sid)
-            future = await self.queue.follow(sid, message_id)
-        if future is not None:
-            self._publish_when_done(message_id, future)
-            return
-        found = await stored_answer(self._store, message_id)
-        if found is not None:
-            await self._mailbox.publish(message_id, found)
+            future = self.queue.adopt(sid, message_id, seq, "enqueue", options)
+        self._publish_when_done(message_id, future)
+        return future
 
     def _recover(self, sid: UUID) -> None:
         """A message of ``sid`` may be stored that no run will answer: its caller heard 503
@@ -380,7 +383,9 @@ class RedisCoordinator:
         if not self._leases.holds(sid) or self._closing:
             return  # the sender's watchdog takes the session over once our lease is gone
         if "follow" in body:
-            self._spawn(self._publish_followed(sid, UUID(body["follow"])))
+            # A caller elsewhere repeats the idempotency key of one of our messages.
+            options = RunOptions.from_json(body["options"])
+            self._spawn(self._follow_here(sid, UUID(body["follow"]), body["seq"], options))
             return
         if "message_id" not in body:
             # "Look at the store": a message may have been stored without its caller knowing.

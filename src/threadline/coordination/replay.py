@@ -11,16 +11,20 @@ bug, refused as ``IdempotencyKeyReused`` (422).
 Two requests with one key racing, in one process or on several, both miss ``original``; the
 store's unique constraint lets one insert win and refuses the other with ``DuplicateMessage``,
 which the coordinator answers as a repeat.
+
+A process that must answer a repeat whose message its queue does not hold (stored by another
+process whose nudge is still on its way, or whose caller went away before any run took it)
+adopts that message as ``enqueue``: it never supersedes a run in flight. Should the message's
+own nudge arrive later, the queue already holds it and it is not added twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from uuid import UUID
 
 from threadline.coordination.base import TurnRequest
 from threadline.errors import IdempotencyKeyReused
-from threadline.queue.job import Answer
+from threadline.queue.job import Answer, RunOptions
 from threadline.store import Message, Store
 
 
@@ -35,13 +39,19 @@ async def original(store: Store, request: TurnRequest) -> Message | None:
     return await store.find_message(request.session_id, request.idempotency_key)
 
 
-def check_same_body(request: TurnRequest, message_id: UUID, fingerprint: str | None) -> None:
+def check_same_body(request: TurnRequest, first: Message) -> None:
     """Refuse a key sent again with a body other than the one it was stored with."""
-    if fingerprint != request.fingerprint:
+    if first.fingerprint != request.fingerprint:
         raise IdempotencyKeyReused(
-            f"idempotency key {request.idempotency_key!r} names message {str(message_id)!r} "
+            f"idempotency key {request.idempotency_key!r} names message {str(first.id)!r} "
             "of this session, which was sent with another body; use a new key for a new message"
         )
+
+
+def options_of(request: TurnRequest, first: Message) -> RunOptions:
+    """The run options ``first`` was sent with (the repeat's own, equal in all that the
+    fingerprint covers, for a message stored without them)."""
+    return RunOptions.from_json(first.options) if first.options else request.options
 
 
 def replayed(answer: Answer) -> Answer:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from threadline.store.base import (
     RUN_CANCELLED,
+    DuplicateMessage,
     EndStatus,
     Message,
     NewMessage,
@@ -48,6 +49,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 __all__ = [
     "RUN_CANCELLED",
+    "DuplicateMessage",
     "EndStatus",
     "Message",
     "NewMessage",

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
+from threadline.errors import ThreadlineError
+
 Role = Literal["user", "assistant", "tool"]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded", "cancelled"]
 FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded", "cancelled"})
@@ -117,6 +119,23 @@ class NewMessage:
     options: dict[str, Any] | None = None
     idempotency_key: str | None = None
     fingerprint: str | None = None
+
+
+class DuplicateMessage(ThreadlineError):
+    """``add_user_message`` refused a message: its session holds one with the same
+    idempotency key (``existing``). Nothing was written.
+
+    Never reaches a client: the coordinator answers the caller with ``existing``'s answer.
+    """
+
+    code = "duplicate_message"
+
+    def __init__(self, existing: Message) -> None:
+        super().__init__(
+            f"session {str(existing.session_id)!r} already holds message "
+            f"{str(existing.id)!r} with idempotency key {existing.idempotency_key!r}"
+        )
+        self.existing = existing
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,14 +29,10 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from threadline.errors import (
-    DuplicateMessage,
-    InvalidRequest,
-    SessionNotFound,
-    StoreUnavailable,
-)
+from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
 from threadline.store import _pg_sql as sql
 from threadline.store.base import (
+    DuplicateMessage,
     EndStatus,
     Message,
     NewMessage,
@@ -244,7 +240,7 @@ class PostgresStore:
             stored = await self.find_message(session_id, m.idempotency_key)
             if stored is None:  # deleted since, with its session
                 raise SessionNotFound(f"session {str(session_id)!r} not found") from None
-            raise DuplicateMessage(session_id, stored.id, stored.fingerprint) from None
+            raise DuplicateMessage(stored) from None
         if not rows:
             raise SessionNotFound(f"session {str(session_id)!r} not found")
         inserted, turn = _turn(rows)

@@ -18,13 +18,9 @@ from uuid import UUID, uuid4
 
 import aiosqlite
 
-from threadline.errors import (
-    DuplicateMessage,
-    InvalidRequest,
-    SessionNotFound,
-    StoreUnavailable,
-)
+from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
 from threadline.store.base import (
+    DuplicateMessage,
     EndStatus,
     Message,
     NewMessage,
@@ -202,7 +198,7 @@ class SQLiteStore:
                 # the unique index only backs it up.
                 stored = _find_message(db, session_id, message.idempotency_key)
                 if stored is not None:
-                    raise DuplicateMessage(session_id, stored.id, stored.fingerprint)
+                    raise DuplicateMessage(stored)
             (inserted,) = _insert_messages(db, session_id, [message], run_id=message.run_id)
             if start is None:
                 return inserted, None
