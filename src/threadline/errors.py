@@ -3,7 +3,8 @@
 ThreadlineError
 ├── ConfigError            invalid settings at start-up (never reaches HTTP)
 ├── InvalidRequest         400/422: input the domain rejects after schema validation
-│   └── IdempotencyKeyReused  422: the key names a message whose body differs
+│   ├── InvalidIdempotencyKey 422: header and field differ, or no session to scope the key
+│   └── IdempotencyKeyReused  422: the key names a message sent with another body
 ├── NotFound               404
 │   ├── AgentNotFound
 │   ├── SessionNotFound
@@ -48,6 +49,10 @@ class ConfigError(ThreadlineError):
 
 class InvalidRequest(ThreadlineError):
     code = "invalid_request"
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    code = "invalid_idempotency_key"
 
 
 class IdempotencyKeyReused(InvalidRequest):

@@ -257,10 +257,15 @@ async def test_bad_keys_are_422_and_store_nothing(make_app: AppFactory) -> None:
             RUN, json={**body, "idempotency_key": "a"}, headers={"Idempotency-Key": "b"}
         )
         assert differ.status_code == 422, differ.text
-        assert differ.json()["error"]["code"] == "invalid_request"
+        assert differ.json()["error"]["code"] == "invalid_idempotency_key"
         sessionless = await client.post(RUN, json={"message_content": "hi", "idempotency_key": "a"})
         assert sessionless.status_code == 422, sessionless.text
+        assert sessionless.json()["error"]["code"] == "invalid_idempotency_key"
         assert "session" in sessionless.json()["error"]["message"]
+        by_header = await client.post(
+            RUN, json={"message_content": "hi"}, headers={"Idempotency-Key": "a"}
+        )
+        assert by_header.json()["error"]["code"] == "invalid_idempotency_key"
         assert await user_messages(client, sid) == []
         longest = await client.post(RUN, json={**body, "idempotency_key": "k " + "x" * 253})
         assert longest.status_code == 200, longest.text

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Header
 from pydantic import Field
 
-from threadline.errors import InvalidRequest
+from threadline.errors import InvalidIdempotencyKey
 
 MAX_LENGTH = 255
 # Printable ASCII, no space at either end: a provider's message id (``wamid.HBgL...==``, a
@@ -63,13 +63,13 @@ REPLAYED_RESPONSE: dict[int | str, dict[str, Any]] = {
 def request_key(field: str | None, header: str | None, *, has_session: bool) -> str | None:
     """The request's idempotency key, from the body or the header; None without one."""
     if field is not None and header is not None and field != header:
-        raise InvalidRequest(
+        raise InvalidIdempotencyKey(
             f"the Idempotency-Key header {header!r} and the idempotency_key field {field!r} "
             "differ; send one, or both equal"
         )
     key = field if field is not None else header
     if key is not None and not has_session:
-        raise InvalidRequest(
+        raise InvalidIdempotencyKey(
             "an idempotency key names a message within a session: send session_id or "
             "session_name with it"
         )
