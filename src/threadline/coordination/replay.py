@@ -16,6 +16,13 @@ A process that must answer a repeat whose message its queue does not hold (store
 process whose nudge is still on its way, or whose caller went away before any run took it)
 adopts that message as ``enqueue``: it never supersedes a run in flight. Should the message's
 own nudge arrive later, the queue already holds it and it is not added twice.
+
+Known limits. A repeat that arrives while its original's insert is still in flight (not yet
+committed: the look-up cannot see it) is admitted as a new message would be, so with
+``reject`` on a busy session, or a full queue, it may get 409 or 429 where a moment later it
+would have joined; a retry joins. A repeat answered from the store says ``superseded: false``
+even if its original's caller heard ``true`` (the store keeps which run answered a message,
+not which runs it outlived).
 """
 
 from __future__ import annotations
