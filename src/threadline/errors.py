@@ -8,8 +8,10 @@ ThreadlineError
 ├── NotFound               404
 │   ├── AgentNotFound
 │   ├── SessionNotFound
-│   └── RunNotFound
+│   ├── RunNotFound
+│   └── MessageNotFound
 ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
+├── RunNotActive           409: a cancel named a run that has ended, or a session with none
 ├── SessionAgentMismatch   409: the session belongs to another agent
 ├── QueueFull              429: too many unanswered messages in one session
 ├── Unavailable            503: a dependency is down or we are shutting down
@@ -23,6 +25,7 @@ ThreadlineError
     ├── ModelError         502: the model provider failed
     ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
     ├── ToolError          502: a tool of the agent raised; the run stopped
+    ├── RunCancelled       409: a client cancelled the run (POST /runs/{id}/cancel)
     └── Handoff            the run did not answer here: look for the answer elsewhere
         ├── AnsweredElsewhere  another run had already answered these messages
         └── FencedOut          a newer run (another owner) took the session over mid-run
@@ -75,6 +78,10 @@ class RunNotFound(NotFound):
     code = "run_not_found"
 
 
+class MessageNotFound(NotFound):
+    code = "message_not_found"
+
+
 class SessionBusy(ThreadlineError):
     code = "session_busy"
 
@@ -82,6 +89,10 @@ class SessionBusy(ThreadlineError):
         super().__init__(f"session {str(session_id)!r} is busy answering run {str(run_id)!r}")
         self.session_id = session_id
         self.run_id = run_id
+
+
+class RunNotActive(ThreadlineError):
+    code = "run_not_active"
 
 
 class SessionAgentMismatch(ThreadlineError):
@@ -157,6 +168,11 @@ class ToolError(RunFailed):
     def __init__(self, message: str, run_id: UUID | None = None, *, tool: str = "") -> None:
         super().__init__(message, run_id)
         self.tool = tool
+
+
+class RunCancelled(RunFailed):
+    # The store's RUN_CANCELLED: the run's end is recorded under this code.
+    code = "run_cancelled"
 
 
 class Handoff(RunFailed):

@@ -22,6 +22,12 @@ Every run ends in one status (docs/architecture.md, "Failure semantics"):
   the runner retries the record until the store is back.
 * ``superseded`` / ``cancelled``: the queue cancelled us (a merge, a shutdown); completed tool
   calls are kept and the messages stay unanswered for the next run.
+* ``cancelled`` with ``run_cancelled``: a client cancelled us; completed tool calls are kept
+  and the messages are answered by the cancel, like a failure.
+
+As it goes, the run tells its watchers through an ``EventSink`` (``events.py``): started,
+tool calls and results, the model's text as it streams (when a caller of one of its messages
+streams: ``RunOptions.stream``), and how it ended.
 """
 
 from __future__ import annotations
@@ -36,11 +42,16 @@ from uuid import UUID
 from pydantic_ai import Agent
 from pydantic_ai.exceptions import AgentRunError, ModelAPIError, UnexpectedModelBehavior
 from pydantic_ai.messages import (
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
     ModelMessage,
     ModelMessagesTypeAdapter,
     ModelRequest,
     ModelResponse,
+    PartDeltaEvent,
+    PartStartEvent,
     TextPart,
+    TextPartDelta,
     ToolCallPart,
     ToolReturnPart,
     UserPromptPart,
@@ -55,14 +66,26 @@ from threadline.errors import (
     FencedOut,
     ModelError,
     ModelTimeout,
+    RunCancelled,
     RunFailed,
     SessionNotFound,
     StoreUnavailable,
     ThreadlineError,
     ToolError,
 )
+from threadline.events import EventSink, Kind, NoEvents, RunEvent
 from threadline.queue.job import Job, Outcome, TurnResult
-from threadline.store import Message, NewMessage, Reply, Run, RunError, RunStart, Store, Turn
+from threadline.store import (
+    RUN_CANCELLED,
+    Message,
+    NewMessage,
+    Reply,
+    Run,
+    RunError,
+    RunStart,
+    Store,
+    Turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +175,65 @@ def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
     )
 
 
+def _streams(turn: Turn) -> bool:
+    """Whether a caller of one of the run's messages streams (``RunOptions.stream``)."""
+    return any(m.options is not None and m.options.get("stream") for m in turn.prompt)
+
+
 class TurnRunner:
-    def __init__(self, store: Store, registry: AgentRegistry, *, model_timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: AgentRegistry,
+        *,
+        model_timeout_s: float,
+        events: EventSink | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._timeout = model_timeout_s
+        self._events = events if events is not None else NoEvents()
+
+    def _emit(self, job: Job, kind: Kind, **data: Any) -> None:
+        self._events.emit(RunEvent(kind, job.session_id, job.run_id, data))
+
+    async def _drive(self, job: Job, agent_run: AgentRun[RunDeps, str], stream: bool) -> None:
+        """Run the agent's graph to its end, telling watchers what happens: the model's text
+        as the provider streams it (``stream``), tool calls and their results."""
+        async for node in agent_run:
+            if stream and Agent.is_model_request_node(node):
+                async with node.stream(agent_run.ctx) as events:
+                    async for event in events:
+                        delta = ""
+                        if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+                            delta = event.part.content
+                        elif isinstance(event, PartDeltaEvent) and isinstance(
+                            event.delta, TextPartDelta
+                        ):
+                            delta = event.delta.content_delta
+                        if delta:
+                            self._emit(job, "text.delta", delta=delta)
+            elif Agent.is_call_tools_node(node):
+                async with node.stream(agent_run.ctx) as events:
+                    async for event in events:
+                        if isinstance(event, FunctionToolCallEvent):
+                            call = event.part
+                            self._emit(
+                                job,
+                                "tool.call",
+                                tool_name=call.tool_name,
+                                args=call.args_as_dict(),
+                                tool_call_id=call.tool_call_id,
+                            )
+                        elif isinstance(event, FunctionToolResultEvent):
+                            part = event.part
+                            self._emit(
+                                job,
+                                "tool.result",
+                                tool_name=part.tool_name,
+                                content=part.model_response_str(),
+                                tool_call_id=part.tool_call_id,
+                            )
 
     async def __call__(self, job: Job) -> Outcome:
         job.started = True
@@ -184,6 +261,13 @@ class TurnRunner:
                     job, AnsweredElsewhere("these messages were answered by another run")
                 )
                 return Outcome(job.run_id, (), error=error)
+            job.opened = True
+            self._emit(
+                job,
+                "run.started",
+                session_id=str(job.session_id),
+                message_ids=[str(m) for m in turn.run.message_ids],
+            )
             prompt = PROMPT_SEPARATOR.join(m.content for m in turn.prompt)
             deps = RunDeps(job.session_id, job.run_id, options.user_id, options.context)
             agent: Agent[RunDeps, str] = loaded.agent
@@ -196,8 +280,7 @@ class TurnRunner:
                     capabilities=[TOOL_ERRORS],
                 ) as agent_run,
             ):
-                async for _ in agent_run:
-                    pass
+                await self._drive(job, agent_run, _streams(turn))
             result = agent_run.result
             assert result is not None
             new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
@@ -220,12 +303,21 @@ class TurnRunner:
             stored = await self._commit(job, Reply(reply, usage))
             if stored is None:
                 error = await self._gone_or(job, FencedOut("a newer run took this session over"))
+                self._failed(job, (), error.code, str(error))
                 return Outcome(job.run_id, (), error=error)
-            return Outcome(
-                job.run_id,
-                turn.run.message_ids,
-                turn_result(result.output, stored.id, new, usage),
+            done = turn_result(result.output, stored.id, new, usage)
+            self._emit(
+                job,
+                "run.completed",
+                session_id=str(job.session_id),
+                message_ids=[str(m) for m in turn.run.message_ids],
+                message=done.message,
+                reply_message_id=str(done.reply_message_id),
+                tool_calls=done.tool_calls,
+                tool_outputs=done.tool_outputs,
+                usage=done.usage,
             )
+            return Outcome(job.run_id, turn.run.message_ids, done)
         except asyncio.CancelledError:
             if not job.committing:
                 await self._record_cancel(job, _own_messages(agent_run))
@@ -287,19 +379,24 @@ class TurnRunner:
         return handoff
 
     async def _record_cancel(self, job: Job, done: list[ModelMessage]) -> None:
-        superseded = job.cancel_reason == "superseded"
+        reason = job.cancel_reason
+        superseded = reason == "superseded"
         ending = "was superseded" if superseded else "was cancelled"
+        error = None
+        if reason == "cancelled":
+            error = RunError(RUN_CANCELLED, str(RunCancelled("the run was cancelled")))
+        elif not superseded:
+            error = RunError("shutting_down", "the server shut down mid-run")
+        run: Run | None = None
         try:
             # Shielded: the run row and its side effects must be written even though this task
             # is being cancelled.
-            await asyncio.shield(
+            run = await asyncio.shield(
                 self._store.finish_run(
                     job.session_id,
                     job.run_id,
                     "superseded" if superseded else "cancelled",
-                    error=None
-                    if superseded
-                    else RunError("shutting_down", "the server shut down mid-run"),
+                    error=error,
                     superseded_by=job.superseded_by,
                     side_effects=_side_effects(job.run_id, done, ending),
                 )
@@ -308,6 +405,23 @@ class TurnRunner:
             # The run stays open in the store until the session's next run fences it out and
             # closes it; its messages are unanswered, so that run answers them.
             log.warning("run %s: could not record its end: %s", job.run_id, exc)
+        if superseded:
+            self._emit(job, "run.superseded", superseded_by=str(job.superseded_by))
+        else:
+            assert error is not None
+            # A client's cancel closed the run's messages (if the store recorded it); a
+            # shutdown's leaves them to the next run: no message ids.
+            closed = run.message_ids if run is not None and reason == "cancelled" else ()
+            self._failed(job, closed, error.code, error.message)
+
+    def _failed(self, job: Job, closed: tuple[UUID, ...], code: str, message: str) -> None:
+        self._emit(
+            job,
+            "run.failed",
+            session_id=str(job.session_id),
+            message_ids=[str(m) for m in closed],
+            error={"code": code, "message": message},
+        )
 
     async def _fail(
         self,
@@ -333,7 +447,9 @@ class TurnRunner:
         if run is None:
             # Another run fenced this one out before it could fail: that run answers.
             fenced = FencedOut("a newer run took this session over")
+            self._failed(job, (), fenced.code, str(fenced))
             return Outcome(job.run_id, (), error=await self._gone_or(job, fenced))
+        self._failed(job, run.message_ids, error.code, str(error))
         return Outcome(job.run_id, run.message_ids, error=error)
 
     async def _record_failure(

@@ -230,6 +230,7 @@ class FakeRunner:
         if self.hold_open:
             await record.may_open.wait()
         job.opening = True
+        job.opened = True
         record.model_called = True
         await record.model.wait()
         if record.action == "raise":

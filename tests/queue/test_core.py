@@ -18,6 +18,7 @@ import pytest
 from threadline.errors import (
     ModelError,
     QueueFull,
+    RunCancelled,
     RunFailed,
     SessionBusy,
     ShuttingDown,
@@ -448,6 +449,47 @@ async def test_enqueue_message_does_not_cancel_the_run_in_flight(
     run2 = await runner.started(2)
     run2.reply()
     assert (await second).outcome.run_id == run2.job.run_id
+
+
+async def test_a_clients_cancel_answers_the_run_and_leaves_later_messages_to_the_next(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    queue = make_queue()
+    first = submit(queue, store, A)
+    run1 = await runner.started(1)
+    later = submit(queue, store, A, "enqueue")
+    await returned(store, 2)
+
+    assert queue.cancel(A, uuid.uuid4()) is None  # not the run in flight: nothing happens
+    assert run1.state == "running"
+    assert queue.cancel(A, run1.job.run_id) == run1.job.run_id
+    assert queue.cancel(A) is None  # cancelled once only
+
+    answer = await first
+    assert run1.state == "cancelled"
+    assert isinstance(answer.outcome.error, RunCancelled)
+    assert answer.outcome.message_ids == (store.messages[0].id,)
+    run2 = await runner.started(2)
+    assert run2.job.upto_seq == 2
+    run2.reply()
+    assert (await later).outcome.run_id == run2.job.run_id
+
+
+async def test_a_run_in_its_commit_or_not_open_yet_cannot_be_cancelled(
+    store: FakeStore, make_queue: MakeQueue
+) -> None:
+    runner = FakeRunner(store, hold_open=True)
+    queue = make_queue(runner=runner)
+    caller = submit(queue, store, A)
+    run = await runner.started(1)
+
+    assert queue.cancel(A) is None  # started, but its run is not open in the store yet
+    run.may_open.set()
+    run.begin_commit()
+    await runner.changed.wait_for(lambda: run.state == "committing")
+    assert queue.cancel(A) is None
+    run.reply()
+    assert (await caller).outcome.error is None
 
 
 async def test_reject_on_busy_session_raises_before_storing(

@@ -5,12 +5,17 @@ contains the user prompt verbatim (``echo: <prompt>``). A prompt line ``/call TO
 makes it call that tool first and append ``[TOOL -> result]`` to the reply. A simulated
 latency (``THREADLINE_ECHO_DELAY_MS``) is awaited per model request and is cancellable, which
 is how the tests and benchmarks create runs worth cancelling.
+
+Streamed (a caller asked ``stream``), the same reply comes in word chunks, the latency spread
+evenly before them, so a watcher sees text arrive over the whole delay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pydantic_ai.messages import (
@@ -22,9 +27,11 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 MODEL_NAME = "threadline:echo"
+# A streamed reply comes in at most this many chunks (whole words each).
+STREAM_CHUNKS = 8
 
 
 @dataclass(slots=True)
@@ -57,6 +64,22 @@ def _tool_call(prompt: str, info: AgentInfo) -> ToolCallPart | None:
     return None
 
 
+def _reply(messages: list[ModelMessage], info: AgentInfo) -> TextPart | ToolCallPart:
+    prompt = last_prompt(messages)
+    returns = [p for p in messages[-1].parts if isinstance(p, ToolReturnPart)]
+    if returns:
+        notes = "".join(f"\n[{r.tool_name} -> {r.model_response_str()}]" for r in returns)
+        return TextPart(f"echo: {prompt}{notes}")
+    return _tool_call(prompt, info) or TextPart(f"echo: {prompt}")
+
+
+def chunks(text: str, at_most: int = STREAM_CHUNKS) -> list[str]:
+    """``text`` cut between words into at most ``at_most`` pieces that join back to it."""
+    words = re.findall(r"\s*\S+\s*", text) or [text]
+    size = -(-len(words) // at_most)
+    return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
+
+
 def echo_model(delay_s: float = 0.0, stats: ModelCallStats | None = None) -> FunctionModel:
     stats = stats if stats is not None else ModelCallStats()
 
@@ -68,16 +91,26 @@ def echo_model(delay_s: float = 0.0, stats: ModelCallStats | None = None) -> Fun
         except asyncio.CancelledError:
             stats.cancelled += 1
             raise
-        prompt = last_prompt(messages)
-        last = messages[-1]
-        returns = [p for p in last.parts if isinstance(p, ToolReturnPart)]
         stats.completed += 1
-        if returns:
-            notes = "".join(f"\n[{r.tool_name} -> {r.model_response_str()}]" for r in returns)
-            return ModelResponse(parts=[TextPart(f"echo: {prompt}{notes}")])
-        call = _tool_call(prompt, info)
-        if call is not None:
-            return ModelResponse(parts=[call])
-        return ModelResponse(parts=[TextPart(f"echo: {prompt}")])
+        return ModelResponse(parts=[_reply(messages, info)])
 
-    return FunctionModel(respond, model_name=MODEL_NAME)
+    async def stream(
+        messages: list[ModelMessage], info: AgentInfo
+    ) -> AsyncIterator[str | DeltaToolCalls]:
+        stats.started += 1
+        reply = _reply(messages, info)
+        pieces = chunks(reply.content) if isinstance(reply, TextPart) else [""]
+        try:
+            for piece in pieces:
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s / len(pieces))
+                if isinstance(reply, ToolCallPart):
+                    yield {0: DeltaToolCall(reply.tool_name, reply.args_as_json_str())}
+                else:
+                    yield piece
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            raise
+        stats.completed += 1
+
+    return FunctionModel(respond, stream_function=stream, model_name=MODEL_NAME)

@@ -26,8 +26,9 @@ _ERRORS: dict[int, str] = {
     404: "No such agent, session or run, or no such path.",
     409: (
         "Strategy `reject` and the session already has a turn in flight "
-        "(`session_busy`), or the session belongs to another agent "
-        "(`session_agent_mismatch`)."
+        "(`session_busy`), the session belongs to another agent "
+        "(`session_agent_mismatch`), a client cancelled the run that was answering "
+        "(`run_cancelled`), or a cancel named a run that is not running (`run_not_active`)."
     ),
     413: "The body or `message_content` is over the configured limit.",
     422: (

@@ -19,7 +19,9 @@ from threadline.errors import (
     ModelTimeout,
     NotFound,
     QueueFull,
+    RunCancelled,
     RunFailed,
+    RunNotActive,
     SessionAgentMismatch,
     SessionBusy,
     StoreUnavailable,
@@ -34,6 +36,8 @@ STATUS: list[tuple[type[ThreadlineError], int]] = [
     (NotFound, 404),
     (SessionBusy, 409),
     (SessionAgentMismatch, 409),
+    (RunNotActive, 409),
+    (RunCancelled, 409),
     (QueueFull, 429),
     (Unavailable, 503),
     (ModelTimeout, 504),
@@ -91,6 +95,18 @@ _UNAVAILABLE_MESSAGE = {
     StoreUnavailable.code: "the database is unavailable; retry later",
     CoordinatorUnavailable.code: "the coordination service is unavailable; retry later",
 }
+
+
+def error_body(exc: BaseException) -> dict[str, str]:
+    """An error as a stream tells it (``{"code", "message"}``), once the response has begun and
+    no status can say it: the same codes and safe messages as the JSON errors above."""
+    if isinstance(exc, StoreUnavailable | CoordinatorUnavailable):
+        log.warning("%s in a stream: %s", exc.code, exc)
+        return {"code": exc.code, "message": _UNAVAILABLE_MESSAGE[exc.code]}
+    if isinstance(exc, ThreadlineError):
+        return {"code": exc.code, "message": str(exc)}
+    log.error("unexpected error in a stream", exc_info=exc)
+    return {"code": "internal_error", "message": "internal server error"}
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -44,18 +44,15 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-# ``responses=`` entry for a route whose 200 may be a repeat's answer.
-REPLAYED_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "headers": {
-            REPLAYED_HEADER: {
-                "schema": {"type": "string", "enum": ["true"]},
-                "description": (
-                    "Present on the answer to a request that repeated an idempotency key: "
-                    "nothing was stored, the body is the answer of the message the key names."
-                ),
-            }
-        }
+# The 200 response's headers, for a route whose 200 may be a repeat's answer.
+REPLAYED_HEADERS: dict[str, Any] = {
+    REPLAYED_HEADER: {
+        "schema": {"type": "string", "enum": ["true"]},
+        "description": (
+            "Present on the answer to a request that repeated an idempotency key: nothing "
+            "was stored, the body is the answer of the message the key names (blocking "
+            "replies only: a stream follows that message without it)."
+        ),
     }
 }
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from sse_starlette import EventSourceResponse
 
 from threadline.api.contract import errors
-from threadline.api.deps import ServicesDep, require_api_key
+from threadline.api.deps import Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.idempotency import (
     REPLAYED_HEADER,
-    REPLAYED_RESPONSE,
+    REPLAYED_HEADERS,
     IdempotencyKeyHeader,
     request_key,
 )
@@ -26,10 +29,24 @@ from threadline.api.schemas import (
     SessionOut,
     SessionPage,
 )
+from threadline.api.streams import (
+    HEARTBEAT_S,
+    RECHECK_S,
+    TurnStream,
+    message_events,
+    reply,
+    run_events,
+)
 from threadline.api.validation import StorableText, max_page
 from threadline.coordination import TurnRequest
-from threadline.errors import RunNotFound, SessionAgentMismatch, SessionNotFound
-from threadline.store import Session, Store
+from threadline.errors import (
+    MessageNotFound,
+    RunNotActive,
+    RunNotFound,
+    SessionAgentMismatch,
+    SessionNotFound,
+)
+from threadline.store import FINISHED, Run, Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
 
@@ -48,18 +65,52 @@ async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> S
     return session
 
 
+# One event of a stream, as OpenAPI 3.2 describes Server-Sent Events; ``data`` is JSON text.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+# How an SSE route documents its body; the events are listed in the README.
+EVENT_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events (see README, Streaming).",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    }
+}
+# A cancel waits this long for the run to end before it answers with the run as it is.
+CANCEL_WAIT_S = 10.0
+
+
+def _wants_stream(body: RunRequest, request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return body.stream or ("text/event-stream" in accept and "json" not in accept)
+
+
 @router.post(
     "/agent/{name}/run",
     response_model=RunResponse,
-    responses={**errors(400, 404, 409, 413, 422, 429, 502, 503, 504), **REPLAYED_RESPONSE},
+    responses={
+        **errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+        200: {
+            "description": "The reply; with `stream`, Server-Sent Events (README, Streaming).",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+            "headers": REPLAYED_HEADERS,
+        },
+    },
 )
 async def run_agent(
     name: Annotated[str, Path(examples=["echo"])],
     body: RunRequest,
+    request: Request,
     services: ServicesDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> RunResponse:
+) -> RunResponse | EventSourceResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
@@ -86,39 +137,29 @@ async def run_agent(
     if session.agent != name:
         # Another agent's history is not this one's to extend (or to read back as context).
         raise SessionAgentMismatch(session.id, session.agent, name)
-    answer = await services.coordinator.submit(
-        TurnRequest(
-            session_id=session.id,
-            agent=name,
-            content=body.message_content,
-            strategy=body.strategy or settings.queue_strategy,
-            user_id=body.user_id if body.user_id is not None else session.user_id,
-            context=body.context,
-            history_limit=(
-                body.message_limit if body.message_limit is not None else settings.history_limit
-            ),
-            channel_payload=body.channel_payload,
-            idempotency_key=key,
-        )
+    turn = TurnRequest(
+        session_id=session.id,
+        agent=name,
+        content=body.message_content,
+        strategy=body.strategy or settings.queue_strategy,
+        user_id=body.user_id if body.user_id is not None else session.user_id,
+        context=body.context,
+        history_limit=(
+            body.message_limit if body.message_limit is not None else settings.history_limit
+        ),
+        channel_payload=body.channel_payload,
+        idempotency_key=key,
     )
+    if _wants_stream(body, request):
+        stream = TurnStream(services.coordinator, turn)
+        await stream.start()  # errors before the message is stored are still statuses
+        return stream.response()
+    answer = await services.coordinator.submit(turn)
     if answer.replayed:
         response.headers[REPLAYED_HEADER] = "true"
-    outcome = answer.outcome
-    if outcome.error is not None:
-        raise outcome.error
-    result = outcome.result
-    assert result is not None, "an outcome without an error carries a reply"
-    return RunResponse(
-        message=result.message,
-        session_id=session.id,
-        run_id=outcome.run_id,
-        message_ids=list(outcome.message_ids),
-        message_id=answer.message_id,
-        superseded=answer.superseded,
-        tool_calls=result.tool_calls,
-        tool_outputs=result.tool_outputs,
-        usage=result.usage,
-    )
+    if answer.outcome.error is not None:
+        raise answer.outcome.error
+    return reply(answer, session.id)
 
 
 @router.get("/agents", response_model=list[AgentInfo])
@@ -189,7 +230,109 @@ async def delete_session(
 
 @router.get("/runs/{run_id}", response_model=RunOut, responses=errors(404, 422, 503))
 async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
-    run = await services.store.get_run(run_id)
+    run = await _find_run(services.store, run_id)
+    return RunOut.model_validate(run, from_attributes=True)
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response_class=EventSourceResponse,
+    responses={**EVENT_STREAM, **errors(404, 422, 503)},
+)
+async def run_event_stream(
+    run_id: UUID,
+    services: ServicesDep,
+    last_event_id: Annotated[StorableText | None, Header()] = None,
+) -> EventSourceResponse:
+    """A run's events from any process: at once its end if it has ended; else what it
+    streamed so far (after ``Last-Event-ID``), then live until it ends."""
+    run = await _find_run(services.store, run_id)
+    events = run_events(services.coordinator, services.store, run, last_event_id)
+    return EventSourceResponse(events, ping=HEARTBEAT_S)
+
+
+@router.get(
+    "/messages/{message_id}/events",
+    response_class=EventSourceResponse,
+    responses={**EVENT_STREAM, **errors(404, 422, 503)},
+)
+async def message_event_stream(
+    message_id: UUID,
+    services: ServicesDep,
+    last_event_id: Annotated[StorableText | None, Header()] = None,
+) -> EventSourceResponse:
+    """A message's stream joined from any process: every run that covers it until one
+    answers it (at once, if it is answered already)."""
+    message = await services.store.get_message(message_id)
+    if message is None or message.role != "user":
+        raise MessageNotFound(f"message {str(message_id)!r} not found")
+    events = message_events(
+        services.coordinator, services.store, message.session_id, message.id, last_event_id
+    )
+    return EventSourceResponse(events, ping=HEARTBEAT_S)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunOut, responses=errors(404, 409, 422, 503))
+async def cancel_run(run_id: UUID, response: Response, services: ServicesDep) -> RunOut:
+    """Stop a run in flight on whichever process runs it. Its messages are answered by the
+    cancel (``run_cancelled``); messages that arrived after it go to the next run. Answers
+    with the run once it has ended (202 and the run as it is, if that takes over 10 s)."""
+    run = await _find_run(services.store, run_id)
+    return await _cancel(services, run, response)
+
+
+@router.post(
+    "/sessions/{id_or_name}/cancel", response_model=RunOut, responses=errors(404, 409, 422, 503)
+)
+async def cancel_session(
+    id_or_name: StorableText,
+    response: Response,
+    services: ServicesDep,
+    user_id: StorableText | None = None,
+) -> RunOut:
+    """Stop the session's run in flight, as ``POST /runs/{run_id}/cancel`` does."""
+    session = await _find_session(services.store, id_or_name, user_id)
+    run = await services.store.active_run(session.id)
+    if run is None:
+        raise RunNotActive(f"session {str(session.id)!r} has no run in flight")
+    return await _cancel(services, run, response)
+
+
+async def _find_run(store: Store, run_id: UUID) -> Run:
+    run = await store.get_run(run_id)
     if run is None:
         raise RunNotFound(f"run {str(run_id)!r} not found")
-    return RunOut.model_validate(run, from_attributes=True)
+    return run
+
+
+async def _cancel(services: Services, run: Run, response: Response) -> RunOut:
+    if run.status in FINISHED:
+        raise RunNotActive(f"run {str(run.id)!r} has ended: {run.status}")
+    coordinator = services.coordinator
+    async with coordinator.events.watch(run.session_id) as watch:
+        if not await coordinator.cancel(run.session_id, run.id):
+            now = await services.store.get_run(run.id)
+            if now is None or now.status in FINISHED:
+                return RunOut.model_validate(now or run, from_attributes=True)
+            # Owned here, open in the store, but not cancellable: it is committing, or not
+            # started yet. Either way it ends without us.
+            raise RunNotActive(f"run {str(run.id)!r} is finishing and can no longer be cancelled")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                while True:
+                    event = await watch.next(within=RECHECK_S)
+                    if event is not None and event.run_id == run.id and event.terminal:
+                        break
+                    if event is None and await _ended(services.store, run.id):
+                        break
+    now = await services.store.get_run(run.id)
+    if now is None:
+        raise RunNotFound(f"run {str(run.id)!r} was deleted with its session")
+    if now.status not in FINISHED:
+        response.status_code = 202
+    return RunOut.model_validate(now, from_attributes=True)
+
+
+async def _ended(store: Store, run_id: UUID) -> bool:
+    now = await store.get_run(run_id)
+    return now is None or now.status in FINISHED

@@ -51,6 +51,8 @@ class RunRequest(BaseModel):
     message_limit: Annotated[int, Field(ge=0, le=1000), BeforeValidator(json_integer)] | None = None
     channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
+    # Answer with Server-Sent Events (also when the request accepts only text/event-stream).
+    stream: Annotated[bool, Field(strict=True)] = False
     idempotency_key: IdempotencyKey | None = None
 
     @field_validator("user_id", mode="before")
@@ -74,8 +76,9 @@ class RunResponse(BaseModel):
     run_id: UUID
     message_ids: list[UUID]
     # The message this request stored, or, when it repeated an idempotency key, the one the
-    # key names; ``message_ids`` are every message the run answered.
-    message_id: UUID
+    # key names; ``message_ids`` are every message the run answered. None only in a run's
+    # own events (``GET /runs/{id}/events``), which no one message owns.
+    message_id: UUID | None = None
     success: bool = True
     superseded: bool = False
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)

@@ -22,6 +22,7 @@ from threadline.errors import (
     FencedOut,
     ModelError,
     ModelTimeout,
+    RunCancelled,
     RunFailed,
     SessionNotFound,
     ShuttingDown,
@@ -37,7 +38,15 @@ from threadline.store import Message, Run, Store
 # Every error an answer can carry, by code. Each takes a message (run failures a run id too).
 _RUN_ERRORS: dict[str, type[RunFailed]] = {
     cls.code: cls
-    for cls in (RunFailed, ModelError, ModelTimeout, ToolError, AnsweredElsewhere, FencedOut)
+    for cls in (
+        RunFailed,
+        ModelError,
+        ModelTimeout,
+        ToolError,
+        RunCancelled,
+        AnsweredElsewhere,
+        FencedOut,
+    )
 }
 _OTHER_ERRORS: dict[str, type[ThreadlineError]] = {
     cls.code: cls

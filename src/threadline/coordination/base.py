@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from threadline.config import Strategy
+from threadline.coordination.events import EventBus
 from threadline.queue.job import Answer, RunOptions
 
 
@@ -28,13 +29,14 @@ class TurnRequest:
     context: dict[str, Any] = field(default_factory=dict)
     history_limit: int = 20
     channel_payload: dict[str, Any] | None = None
+    stream: bool = False
     # Names the message within its session: a request repeating it stores nothing and gets
     # the answer of the message stored first (``coordination/replay.py``).
     idempotency_key: str | None = None
 
     @property
     def options(self) -> RunOptions:
-        return RunOptions(self.agent, self.user_id, self.history_limit, self.context)
+        return RunOptions(self.agent, self.user_id, self.history_limit, self.context, self.stream)
 
     @property
     def fingerprint(self) -> str:
@@ -53,11 +55,20 @@ OnStored = Callable[[UUID], None]
 
 
 class Coordinator(Protocol):
+    @property
+    def events(self) -> EventBus:
+        """Run events of every session, for streams and joiners (``events.py``)."""
+
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         """Store the message and wait for the run that answers it.
 
         Raises ``SessionBusy``, ``QueueFull`` or ``Unavailable`` before storing anything.
         """
+
+    async def cancel(self, session_id: UUID, run_id: UUID | None = None) -> bool:
+        """Ask whichever process runs the session to cancel its run in flight (only if it is
+        ``run_id``, when given). False if no process owns the session, or this one owns it and
+        has no such run to cancel; True once the owner was asked (it may have finished)."""
 
     async def ping(self) -> None:
         """Raise ``CoordinatorUnavailable`` if coordination is down (for /ready)."""

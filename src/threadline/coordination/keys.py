@@ -41,3 +41,18 @@ def dirty(session_id: UUID) -> str:
 def node_channel(node: str) -> str:
     """Direct messages to one process: "session S has a new message"."""
     return f"{NODE_CHANNEL_PREFIX}{node}"
+
+
+# Run events (``events.py``): each session's recent events in a Redis stream (replayed to
+# watchers that join late or resume), each also published on the session's channel for
+# watchers that are live; every process listens to the channels by pattern.
+EVENTS_CHANNEL_PREFIX = f"{PREFIX}events:"
+EVENTS_PATTERN = f"{EVENTS_CHANNEL_PREFIX}*"
+
+
+def events_log(session_id: UUID) -> str:
+    return f"{PREFIX}eventlog:{session_id}"
+
+
+def events_channel(session_id: UUID) -> str:
+    return f"{EVENTS_CHANNEL_PREFIX}{session_id}"

@@ -104,6 +104,20 @@ class Leases:
         )
         return self._took(session_id, owner)
 
+    async def owner(self, session_id: UUID) -> str | None:
+        """The node that holds the session's lease, if any."""
+        async with bounded(self._timeout_s):
+            token = await self._redis.get(keys.lease(session_id))
+        if token is None:
+            return None
+        node, _, _ = (token.decode() if isinstance(token, bytes) else str(token)).rpartition(":")
+        return node
+
+    async def tell(self, node: str, payload: str) -> None:
+        """A direct message to one process (its node channel)."""
+        async with bounded(self._timeout_s):
+            await self._redis.publish(keys.node_channel(node), payload)
+
     async def nudge(self, session_id: UUID, payload: str, token: str | None = None) -> bool:
         """Tell the owner about a stored message (unlisting the insert ``token`` stands for);
         True if the lease was free and is ours now."""

@@ -14,7 +14,9 @@ from threadline.config import Settings
 from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
+from threadline.coordination.events import LocalEvents
 from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavailable
+from threadline.events import EventSink
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
 from threadline.runner import TurnRunner, until_the_store_answers
@@ -27,11 +29,12 @@ def build_queue(
     store: Store,
     registry: AgentRegistry,
     settings: Settings,
+    events: EventSink,
     on_idle: Callable[[UUID], None] | None = None,
 ) -> TurnQueue:
     """The turn queue both coordinators run, configured from settings."""
     return TurnQueue(
-        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s),
+        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s, events=events),
         max_concurrent=settings.max_concurrent_runs,
         merge_window=settings.merge_window_ms / 1000,
         merge_max_wait=settings.merge_max_wait_ms / 1000,
@@ -119,7 +122,8 @@ class LocalCoordinator:
         self._store = store
         self._registry = registry
         self._history_limit = settings.history_limit
-        self.queue = build_queue(store, registry, settings)
+        self.events = LocalEvents()
+        self.queue = build_queue(store, registry, settings, self.events)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
@@ -192,6 +196,9 @@ class LocalCoordinator:
         if adopted:
             log.info("session %s: answering %d stored messages", session_id, len(adopted))
 
+    async def cancel(self, session_id: UUID, run_id: UUID | None = None) -> bool:
+        return self.queue.cancel(session_id, run_id) is not None
+
     async def ping(self) -> None:
         """Nothing outside this process to check."""
 
@@ -199,6 +206,7 @@ class LocalCoordinator:
         return {
             "sessions_in_memory": self.queue.session_count,
             "runs_in_flight": self.queue.running,
+            "watchers": len(self.events),
             "repeats_waiting": self._repeats,
         }
 

@@ -51,6 +51,7 @@ from threadline.config import Settings
 from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
+from threadline.coordination.events import RedisEvents
 from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import (
     adopt_unanswered,
@@ -128,7 +129,8 @@ class RedisCoordinator:
             timeout_s=settings.redis_timeout_s,
         )
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
-        self.queue = build_queue(store, registry, settings, self._on_idle)
+        self.events = RedisEvents(redis, timeout_s=settings.redis_timeout_s)
+        self.queue = build_queue(store, registry, settings, self.events, self._on_idle)
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -147,11 +149,14 @@ class RedisCoordinator:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
                 await self._mailbox.open()
+                await self.events.open()
         except CoordinatorUnavailable:
             await redis.aclose()
             await renewal.aclose()
             raise
         self._spawn(self._mailbox.listen(self._on_nudge))
+        self._spawn(self.events.listen())
+        self._spawn(self.events.publish_forever())
         self._spawn(self._every(self._ttl_s / 3, self._renew))
         self._spawn(self._every(max(0.2, self._ttl_s / 4), self._watch))
         return self
@@ -378,6 +383,18 @@ class RedisCoordinator:
                 answer = found
         await self._mailbox.publish(message_id, answer)
 
+    # -- cancelling -----------------------------------------------------------------------
+
+    async def cancel(self, session_id: UUID, run_id: UUID | None = None) -> bool:
+        if self._leases.holds(session_id):
+            return self.queue.cancel(session_id, run_id) is not None
+        node = await self._leases.owner(session_id)
+        if node is None:
+            return False
+        body = {"session_id": str(session_id), "cancel": str(run_id) if run_id else None}
+        await self._leases.tell(node, json.dumps(body))
+        return True
+
     def _on_nudge(self, body: dict[str, Any]) -> None:
         sid = UUID(body["session_id"])
         if not self._leases.holds(sid) or self._closing:
@@ -386,6 +403,10 @@ class RedisCoordinator:
             # A caller elsewhere repeats the idempotency key of one of our messages.
             options = RunOptions.from_json(body["options"])
             self._spawn(self._follow_here(sid, UUID(body["follow"]), body["seq"], options))
+            return
+        if "cancel" in body:
+            run_id = body["cancel"]
+            self.queue.cancel(sid, UUID(run_id) if run_id else None)
             return
         if "message_id" not in body:
             # "Look at the store": a message may have been stored without its caller knowing.
@@ -488,6 +509,7 @@ class RedisCoordinator:
             "runs_in_flight": self.queue.running,
             "leases_held": len(self._leases),
             "callers_waiting_elsewhere": len(self._mailbox),
+            "watchers": len(self.events),
             "repeats_waiting": self._repeats,
             "node": self.node,
         }
@@ -503,5 +525,6 @@ class RedisCoordinator:
         # can take them over at once.
         await self._leases.drop_all()
         await self._mailbox.aclose()
+        await self.events.aclose()
         await self._redis.aclose()
         await self._renewal.aclose()

@@ -146,3 +146,14 @@ local active_key, limit = KEYS[1], tonumber(ARGV[1])
 return redis.call('ZRANGEBYSCORE', active_key, '-inf', now, 'LIMIT', 0, limit)
 """
 )
+
+# Append a run event to its session's log and publish it with its id, in one step so that a
+# watcher that replays the log and then follows the channel sees every event once, in order.
+# KEYS[1] the session's log; ARGV: [1] log length kept (approximately), [2] the event JSON,
+# [3] how long the log outlives its last event (ms), [4] the session's channel.
+PUBLISH_EVENT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[2])
+return id
+"""

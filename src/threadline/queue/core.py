@@ -44,7 +44,7 @@ from typing import Any
 from uuid import UUID
 
 from threadline.config import Strategy
-from threadline.errors import QueueFull, RunFailed, SessionBusy, ShuttingDown
+from threadline.errors import QueueFull, RunCancelled, RunFailed, SessionBusy, ShuttingDown
 from threadline.queue.job import (
     Accept,
     Accepted,
@@ -229,6 +229,22 @@ class TurnQueue:
         self._insert_waiter(state, waiter)
         self._on_arrival(state, waiter)
         return waiter.future
+
+    def cancel(self, session_id: UUID, run_id: UUID | None = None) -> UUID | None:
+        """A client's cancel: stop the session's run in flight (only if it is ``run_id``, when
+        given) and return its id; None if there is no such run or it is past cancelling (in
+        its commit, or already cancelled or superseded). Its callers get ``RunCancelled``;
+        messages that arrived after it are answered by the next run."""
+        state = self._sessions.get(session_id)
+        job = state.job if state is not None else None
+        if state is None or job is None or state.task is None or state.task.done():
+            return None
+        if run_id is not None and job.run_id != run_id:
+            return None
+        if not job.opened or job.committing or job.cancel_reason is not None:
+            return None
+        self._cancel(state, "cancelled")
+        return job.run_id
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Stop intake, give runs in flight ``grace`` seconds, then cancel what is left."""
@@ -458,9 +474,15 @@ class TurnQueue:
         state.task = None
         self._release_slot()
         if task.cancelled():
-            # Superseded: the callers wait for the run that replaces this one. Any other
-            # cancel means we are going down, and the callers are owed a defined error.
-            if job.cancel_reason != "superseded":
+            # Superseded: the callers wait for the run that replaces this one. Cancelled by a
+            # client: the run answered its messages by the cancel. Any other cancel means we
+            # are going down, and the callers are owed a defined error.
+            if job.cancel_reason == "cancelled":
+                covered = [w for w in state.waiters if w.seq <= job.upto_seq]
+                cancelled = RunCancelled("the run was cancelled", job.run_id)
+                closed = tuple(w.message_id for w in covered)
+                self._resolve(state, covered, Outcome(job.run_id, closed, error=cancelled))
+            elif job.cancel_reason != "superseded":
                 covered = [w for w in state.waiters if w.seq <= job.upto_seq]
                 self._fail_waiters(state, covered, ShuttingDown("server shut down mid-run"))
             elif not job.opening and job.prepared is None:

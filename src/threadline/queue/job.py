@@ -16,7 +16,8 @@ from uuid import UUID
 from threadline.errors import ThreadlineError
 from threadline.store.base import Turn
 
-CancelReason = Literal["superseded", "shutdown"]
+# superseded: a newer message merges; shutdown: the server stops; cancelled: a client asked.
+CancelReason = Literal["superseded", "shutdown", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +29,29 @@ class RunOptions:
     user_id: str | None = None
     history_limit: int = 20
     context: Mapping[str, Any] = field(default_factory=dict)
+    # The caller streams: the run that answers this message streams the model's reply.
+    stream: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        raw = {
             "agent": self.agent,
             "user_id": self.user_id,
             "history_limit": self.history_limit,
             "context": dict(self.context),
         }
+        if self.stream:
+            raw["stream"] = True
+        return raw
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> RunOptions:
-        return cls(raw["agent"], raw.get("user_id"), raw["history_limit"], raw.get("context", {}))
+        return cls(
+            raw["agent"],
+            raw.get("user_id"),
+            raw["history_limit"],
+            raw.get("context", {}),
+            bool(raw.get("stream", False)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,9 @@ class Job:
     # got that far has no row, so the next run takes over its id: the run it superseded
     # then names, in ``superseded_by``, a run that exists.
     opening: bool = False
+    # Set by the runner once the run is open in the store (its row names its messages): from
+    # then on a client's cancel answers those messages, so only then may a client cancel it.
+    opened: bool = False
     cancel_reason: CancelReason | None = None
     superseded_by: UUID | None = None
     # Set by the queue: the runner hands its outcome over early through it when it must go

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from threadline.store.base import (
+    FINISHED,
     RUN_CANCELLED,
     DuplicateMessage,
     EndStatus,
@@ -48,6 +49,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 __all__ = [
+    "FINISHED",
     "RUN_CANCELLED",
     "DuplicateMessage",
     "EndStatus",

@@ -279,5 +279,11 @@ WHERE m.session_id = $1 AND m.role = 'user' AND m.seq > s.answered_seq
 ORDER BY m.seq
 """
 GET_RUN = f"SELECT {RUN} FROM runs WHERE id = $1"
+GET_MESSAGE = f"SELECT {MSG} FROM messages WHERE id = $1"
+ACTIVE_RUN = f"""
+SELECT {", ".join(f"r.{c}" for c in RUN.split(", "))}
+FROM sessions s JOIN runs r ON r.id = s.current_run_id
+WHERE s.id = $1 AND r.status IN ('queued', 'running')
+"""
 # The slow path's first statement, in the same transaction as the rerun.
 LOCK_SESSION = "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE"

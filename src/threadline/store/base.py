@@ -226,6 +226,11 @@ class Store(Protocol):
 
     async def get_run(self, run_id: UUID) -> Run | None: ...
 
+    async def get_message(self, message_id: UUID) -> Message | None: ...
+
+    async def active_run(self, session_id: UUID) -> Run | None:
+        """The session's current run (the fence) if it has not ended: the one a cancel stops."""
+
     async def add_user_message(
         self, session_id: UUID, message: NewMessage, *, start: RunStart | None = None
     ) -> tuple[Message, Turn | None]:

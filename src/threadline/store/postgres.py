@@ -212,6 +212,14 @@ class PostgresStore:
         rows = await self._fetch(sql.GET_RUN, run_id)
         return _run(rows[0]) if rows else None
 
+    async def get_message(self, message_id: UUID) -> Message | None:
+        rows = await self._fetch(sql.GET_MESSAGE, message_id)
+        return _message(rows[0]) if rows else None
+
+    async def active_run(self, session_id: UUID) -> Run | None:
+        rows = await self._fetch(sql.ACTIVE_RUN, session_id)
+        return _run(rows[0]) if rows else None
+
     async def add_user_message(
         self, session_id: UUID, message: NewMessage, *, start: RunStart | None = None
     ) -> tuple[Message, Turn | None]:

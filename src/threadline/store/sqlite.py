@@ -186,6 +186,12 @@ class SQLiteStore:
     async def get_run(self, run_id: UUID) -> Run | None:
         return await self._run(_get_run, run_id, transaction=False)
 
+    async def get_message(self, message_id: UUID) -> Message | None:
+        return await self._run(_get_message, message_id, transaction=False)
+
+    async def active_run(self, session_id: UUID) -> Run | None:
+        return await self._run(_active_run, session_id, transaction=False)
+
     async def add_user_message(
         self, session_id: UUID, message: NewMessage, *, start: RunStart | None = None
     ) -> tuple[Message, Turn | None]:
@@ -494,6 +500,20 @@ def _answer_for(db: sqlite3.Connection, message_id: UUID) -> tuple[Run, Message 
 
 def _get_run(db: sqlite3.Connection, run_id: UUID) -> Run | None:
     row = db.execute("SELECT * FROM runs WHERE id = ?", (str(run_id),)).fetchone()
+    return None if row is None else _record(Run, row)
+
+
+def _get_message(db: sqlite3.Connection, message_id: UUID) -> Message | None:
+    row = db.execute("SELECT * FROM messages WHERE id = ?", (str(message_id),)).fetchone()
+    return None if row is None else _message(row)
+
+
+def _active_run(db: sqlite3.Connection, session_id: UUID) -> Run | None:
+    row = db.execute(
+        "SELECT runs.* FROM sessions JOIN runs ON runs.id = sessions.current_run_id"
+        " WHERE sessions.id = ? AND runs.status IN ('queued', 'running')",
+        (str(session_id),),
+    ).fetchone()
     return None if row is None else _record(Run, row)
 
 
