@@ -19,9 +19,11 @@ its database is only used to create and drop the others). With ``--db-latency-ms
 every server reaches PostgreSQL through ``latency_proxy.py``, in a process of its own.
 
 Scenarios: ``main`` (``--db-latency-ms``, one new session per request), ``zero_latency`` (the
-same with the database reached directly) and ``burst`` (each session receives ``--burst K``
-messages at once). The load comes from ``load_client.py`` in its own process. Servers whose
-services are missing are skipped, with the reason printed and written to the JSON.
+same with the database reached directly), ``burst`` (each session receives ``--burst K``
+messages at once) and ``webhook`` (threadline only: background requests, each timed from
+sending it to the load client's receiver getting its signed webhook). The load comes from
+``load_client.py`` in its own process. Servers whose services are missing are skipped, with
+the reason printed and written to the JSON.
 """
 
 from __future__ import annotations
@@ -63,11 +65,14 @@ from services import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling", "ceiling_no_framework")
-SCENARIOS = ("main", "zero_latency", "burst")
+SCENARIOS = ("main", "zero_latency", "burst", "webhook")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 # Burst runs skip the framework-free ceiling: it answers the same way the ceiling does.
 BURST_SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling")
+# Only threadline has background runs and webhooks.
+WEBHOOK_SERVERS = ("threadline", "threadline_w2")
+WEBHOOK_SECRET = "bench-webhook-secret"
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
@@ -96,7 +101,9 @@ class Bench:
     procs: Processes
     logs: Path
 
-    def server_command(self, name: str, port: int, db_url: str) -> tuple[list[str], dict[str, str]]:
+    def server_command(
+        self, name: str, port: int, db_url: str, webhook: bool = False
+    ) -> tuple[list[str], dict[str, str]]:
         args = self.args
         env = python_env()
         common = ["--host", "127.0.0.1", "--port", str(port)]
@@ -111,6 +118,9 @@ class Bench:
             )
             if workers > 1:
                 env["THREADLINE_REDIS_URL"] = args.redis_url
+            if webhook:
+                env["THREADLINE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+                env["THREADLINE_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
             env.update(args.threadline_env)
             return [*threadline_command(), "serve", *common, "--workers", str(workers)], env
         script = "baseline_server.py" if name == "blocking_baseline" else "ceiling_server.py"
@@ -176,7 +186,7 @@ class Bench:
             rtt = Postgres.round_trip_ms(db_url)
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            cmd, env = self.server_command(name, port, db_url)
+            cmd, env = self.server_command(name, port, db_url, scenario.webhook)
             log = self.logs / f"{tag}.log"
             server = self.procs.start(cmd, env, log)
             try:
@@ -225,6 +235,8 @@ class Bench:
             str(out),
         ]
         cmd += ["--requests", str(requests)] if requests else ["--duration", str(duration)]
+        if scenario.webhook:
+            cmd += ["--webhook-secret", WEBHOOK_SECRET]
         if proxy_pid is not None:
             cmd += ["--watch-pid", str(proxy_pid)]
         # A hard bound on the client: the run, the warm-up, the slowest request, and slack.
@@ -420,6 +432,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         scenarios.append(Scenario("zero_latency", 0.0, 1))
     if "burst" in args.scenarios and args.burst > 1:
         scenarios.append(Scenario("burst", args.db_latency_ms, args.burst))
+    if "webhook" in args.scenarios:
+        scenarios.append(Scenario("webhook", args.db_latency_ms, 1, webhook=True))
     return scenarios
 
 
@@ -455,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 names = [n for n in args.servers if n not in skipped]
                 if scenario.burst > 1:
                     names = [n for n in names if n in BURST_SERVERS]
+                if scenario.webhook:
+                    names = [n for n in names if n in WEBHOOK_SERVERS]
                 for name in names:
                     label = f"{scenario.name}/{name}"
                     elapsed = time.monotonic() - started
@@ -483,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "main": f"database +{scenario.db_latency_ms:g} ms per round trip",
             "zero_latency": "database on loopback, no added latency",
             "burst": f"bursts of {scenario.burst} messages per session, "
+            f"database +{scenario.db_latency_ms:g} ms",
+            "webhook": "background requests, latency = request sent to webhook received, "
             f"database +{scenario.db_latency_ms:g} ms",
         }[scenario.name]
         sections.append(f"### {scenario.name}: {title}\n\n")

@@ -15,7 +15,10 @@ echoes its own prompt; anything else is an error, counted by kind. Latencies are
 per-request wall times, never a histogram's estimate.
 
 Modes: one new session per request (the default), or ``--burst K``: ``concurrency // K`` lanes
-each send K messages to one new session at once, as a user typing fast does.
+each send K messages to one new session at once, as a user typing fast does. With
+``--webhook-secret`` every request is a background one (202) naming a webhook receiver that
+runs in this process; its latency is from sending the request to receiving the signed webhook
+that answers it (checked: signature, and a reply that echoes the prompt).
 
 CPU accounting (Linux): with ``--watch-pgid`` / ``--watch-pid`` the client reads /proc before
 and after the measured phase, so the report can say how many milliseconds of CPU each request
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 ROUTE = "/api/v1/agent/echo/run"
 METRIC_READS = 8  # fresh connections, so that with several workers each one is likely read
@@ -62,6 +68,74 @@ class Phase:
             self.error_samples.append(f"{kind}: {detail[:300]}")
 
 
+class Hooks:
+    """The webhook receiver of ``--webhook-secret`` runs: when each message's answer came.
+
+    A webhook may arrive before the 202 that announces its message id has been read, so
+    arrivals are kept until asked for, and a waiter is woken when its arrival comes later.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.url = ""
+        self._arrived: dict[str, tuple[float, str]] = {}
+        self._waiting: dict[str, asyncio.Future[tuple[float, str]]] = {}
+        self.deliveries = 0
+        self.repeats = 0
+        self.bad_signatures = 0
+        self._seen: set[str] = set()
+
+    async def receive(self, request: web.Request) -> web.Response:
+        arrived = time.perf_counter()
+        body = await request.read()
+        stamp = request.headers.get("Threadline-Webhook-Timestamp", "")
+        mac = hmac.new(self.secret, stamp.encode() + b"." + body, hashlib.sha256)
+        sent = request.headers.get("Threadline-Webhook-Signature", "").split()
+        if not any(hmac.compare_digest("v1=" + mac.hexdigest(), s) for s in sent):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        delivery = request.headers.get("Threadline-Webhook-Id", "")
+        if delivery in self._seen:
+            self.repeats += 1  # at least once: a repeat is acknowledged, not counted again
+            return web.Response(status=204)
+        self._seen.add(delivery)
+        self.deliveries += 1
+        event = json.loads(body)
+        text = (event.get("reply") or {}).get("message") or f"error: {event.get('error')}"
+        for message_id in event["message_ids"]:
+            waiter = self._waiting.pop(message_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((arrived, text))
+            else:
+                self._arrived[message_id] = (arrived, text)
+        return web.Response(status=204)
+
+    async def answer(self, message_id: str) -> tuple[float, str]:
+        found = self._arrived.pop(message_id, None)
+        if found is not None:
+            return found
+        waiter = self._waiting[message_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await waiter
+        finally:
+            self._waiting.pop(message_id, None)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> Any:
+        app = web.Application()
+        app.router.add_post("/hook", self.receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
 @dataclass
 class Plan:
     url: str
@@ -71,6 +145,7 @@ class Plan:
     burst: int
     timeout: float
     tag: str
+    hooks: Hooks | None = None
 
 
 def _check(body: Any, prompts: list[str]) -> str | None:
@@ -103,6 +178,8 @@ async def _send(
     prompt: str,
 ) -> str | None:
     """One request; returns the reply text when it passed every check."""
+    if plan.hooks is not None:
+        return await _send_background(client, plan, plan.hooks, phase, origin, session, prompt)
     payload = {"message_content": prompt, "session_name": session, "user_id": "bench"}
     phase.sent += 1
     started = time.perf_counter()
@@ -134,6 +211,52 @@ async def _send(
     phase.finished_s.append(finished - origin)
     phase.ok += 1
     message: str = body["message"]
+    return message
+
+
+async def _send_background(
+    client: aiohttp.ClientSession,
+    plan: Plan,
+    hooks: Hooks,
+    phase: Phase,
+    origin: float,
+    session: str,
+    prompt: str,
+) -> str | None:
+    """One background request, timed until the webhook that answers it arrives."""
+    payload = {
+        "message_content": prompt,
+        "session_name": session,
+        "user_id": "bench",
+        "background": True,
+        "webhook_url": hooks.url,
+    }
+    phase.sent += 1
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(plan.timeout):
+            async with client.post(ROUTE, json=payload) as response:
+                raw = await response.read()
+                status = response.status
+            if status != 202:
+                phase.error(f"status {status}", raw.decode(errors="replace"))
+                return None
+            arrived, message = await hooks.answer(json.loads(raw)["message_id"])
+    except TimeoutError:
+        phase.error("timeout", f"no webhook within {plan.timeout:g}s")
+        return None
+    except aiohttp.ClientError as exc:
+        phase.error(type(exc).__name__, str(exc))
+        return None
+    except (ValueError, KeyError) as exc:
+        phase.error("bad body", repr(exc))
+        return None
+    if prompt not in message:
+        phase.error("bad webhook", f"reply does not echo {prompt!r}: {message!r}")
+        return None
+    phase.latencies_ms.append((arrived - started) * 1000)
+    phase.finished_s.append(arrived - origin)
+    phase.ok += 1
     return message
 
 
@@ -247,19 +370,29 @@ async def run(plan: Plan, warmup_s: float, pgids: list[int], pids: list[int]) ->
     async with aiohttp.ClientSession(
         base_url=plan.url, connector=connector, timeout=aiohttp.ClientTimeout(total=plan.timeout)
     ) as client:
-        warm = Plan(plan.url, plan.concurrency, None, warmup_s, 1, plan.timeout, plan.tag)
+        warm = Plan(
+            plan.url, plan.concurrency, None, warmup_s, 1, plan.timeout, plan.tag, plan.hooks
+        )
         warmup = await _drive(client, warm, "warmup", 1) if warmup_s > 0 else Phase()
         before = await _read_metrics(plan.url, reset=True)
         cpu_before = cpu_snapshot(pgids, pids)
         measured = await _drive(client, plan, "run", plan.burst)
         cpu_after = cpu_snapshot(pgids, pids)
         after = await _read_metrics(plan.url, reset=False)
+    hooks = plan.hooks
     return {
         "warmup": {"sent": warmup.sent, "ok": warmup.ok, "errors": warmup.errors},
         "measured": asdict(measured),
         "metrics_before": before,
         "metrics_after": after,
         "cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after},
+        "webhooks": None
+        if hooks is None
+        else {
+            "deliveries": hooks.deliveries,
+            "repeats": hooks.repeats,
+            "bad_signatures": hooks.bad_signatures,
+        },
     }
 
 
@@ -276,6 +409,10 @@ def main() -> None:
     parser.add_argument("--watch-pgid", type=int, action="append", default=[])
     parser.add_argument("--watch-pid", type=int, action="append", default=[])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--webhook-secret",
+        help="send background requests with a webhook to a receiver here (the server's secret)",
+    )
     args = parser.parse_args()
     if (args.requests is None) == (args.duration is None):
         parser.error("give exactly one of --requests and --duration")
@@ -293,8 +430,16 @@ def main() -> None:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
+
+    async def measure() -> dict[str, Any]:
+        if args.webhook_secret is None:
+            return await run(plan, args.warmup, args.watch_pgid, args.watch_pid)
+        async with Hooks(args.webhook_secret).serving() as hooks:
+            plan.hooks = hooks
+            return await run(plan, args.warmup, args.watch_pgid, args.watch_pid)
+
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        result = runner.run(run(plan, args.warmup, args.watch_pgid, args.watch_pid))
+        result = runner.run(measure())
     args.out.write_text(json.dumps(result))
 
 

@@ -19,6 +19,8 @@ class Scenario:
     name: str
     db_latency_ms: float
     burst: int
+    # Background requests answered by webhook: latency is request sent -> webhook received.
+    webhook: bool = False
 
 
 def _percentile(ordered: list[float], p: float) -> float:

@@ -1,7 +1,8 @@
 """``create_app(settings)``: the FastAPI app and the lifespan that owns every resource.
 
 Order of start-up: agent registry (every model built, every setup run, so a bad configuration
-fails start-up before any I/O) -> store (migrated) -> coordinator -> loop monitor. Shutdown
+fails start-up before any I/O) -> store (migrated) -> webhook sender (when a webhook secret is
+set) -> coordinator -> loop monitor. Shutdown
 runs in reverse through one ``AsyncExitStack``: the coordinator first stops intake and lets
 runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
 """
@@ -12,7 +13,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -30,6 +31,8 @@ from threadline.api.routes import router
 from threadline.config import Settings, load_settings
 from threadline.coordination import Coordinator
 from threadline.coordination.local import LocalCoordinator
+from threadline.delivery.sender import Deliverer
+from threadline.delivery.targets import check_agent_url
 from threadline.errors import ConfigError
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store, open_store
@@ -39,16 +42,23 @@ log = logging.getLogger("threadline")
 
 @contextlib.asynccontextmanager
 async def open_coordinator(
-    settings: Settings, store: Store, registry: AgentRegistry
+    settings: Settings,
+    store: Store,
+    registry: AgentRegistry,
+    on_delivery: Callable[[], None] | None = None,
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
+    alone: LocalCoordinator | None = None
     if settings.redis_url:
         from threadline.coordination.redis import RedisCoordinator
 
-        coordinator = await RedisCoordinator.connect(settings, store, registry)
+        coordinator = await RedisCoordinator.connect(settings, store, registry, on_delivery)
     else:
-        coordinator = LocalCoordinator(store, registry, settings)
+        coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery)
     try:
+        if alone is not None:
+            # With Redis, the watchdog finds a stopped process's sessions (threadline:active).
+            await alone.recover_stranded()
         yield coordinator
     finally:
         await coordinator.aclose(settings.shutdown_grace_s)
@@ -69,11 +79,35 @@ async def open_services(
             echo_delay_s=settings.echo_delay_ms / 1000,
         )
         stack.push_async_callback(registry.aclose)
+        check_webhooks(settings, registry.specs)
         await registry.start()
         store = await stack.enter_async_context(open_store(settings))
-        coordinator = await stack.enter_async_context(open_coordinator(settings, store, registry))
+        deliverer = None
+        if settings.webhook_secret is not None:
+            # Without a secret no delivery can be written (webhook_url is refused), so no
+            # process polls an outbox that stays empty.
+            deliverer = await stack.enter_async_context(Deliverer.running(store, settings))
+        coordinator = await stack.enter_async_context(
+            open_coordinator(settings, store, registry, deliverer.wake if deliverer else None)
+        )
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
-        yield Services(settings, store, registry, coordinator, monitor)
+        yield Services(settings, store, registry, coordinator, monitor, deliverer)
+
+
+def check_webhooks(settings: Settings, specs: Sequence[AgentSpec]) -> None:
+    """An agent's webhook_url must be http(s), and deliveries need a secret to be signed."""
+    for spec in specs:
+        if spec.webhook_url is None:
+            continue
+        try:
+            check_agent_url(spec.name, spec.webhook_url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if settings.webhook_secret is None:
+            raise ConfigError(
+                f"agent {spec.name!r} has a webhook_url but THREADLINE_WEBHOOK_SECRET is unset: "
+                "deliveries are signed with it"
+            )
 
 
 def tune_gc() -> None:
@@ -185,6 +219,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
                 },
                 "agent_inits": services.registry.init_count,
                 "coordinator": services.coordinator.metrics(),
+                "webhooks": services.deliverer.metrics() if services.deliverer else None,
             }
 
         @app.get("/debug/metrics", tags=["ops"], dependencies=guarded)

@@ -7,10 +7,10 @@ build as many differently-configured apps as they like in one process.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from threadline.errors import ConfigError
 
@@ -54,6 +54,22 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=2.0, gt=0)
     redis_max_connections: int = Field(default=64, ge=2)
 
+    # Webhooks (README, "Background runs and webhooks"). Deliveries are signed with the
+    # secret; a request's webhook_url must name one of the allowed hosts ("host" or
+    # "host:port"), so a client cannot point the server at internal addresses.
+    webhook_secret: SecretStr | None = None
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Retries back off exponentially (with jitter) from INITIAL to MAX seconds between
+    # attempts, and stop MAX_AGE after the delivery was written (or last re-sent).
+    webhook_retry_initial_s: float = Field(default=1.0, gt=0)
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_max_age_s: float = Field(default=86_400.0, gt=0)
+    # How often each process looks for due deliveries written elsewhere (its own are sent at
+    # once), and how many it sends at a time.
+    webhook_poll_interval_s: float = Field(default=0.5, gt=0)
+    webhook_concurrency: int = Field(default=8, ge=1)
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -81,6 +97,20 @@ class Settings(BaseSettings):
         # An exported-but-empty variable must not count as a key: it would authenticate
         # nobody while lifting the loopback-only restriction.
         return None if value in ("", None) else value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _blank_secret_is_no_secret(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(str(h).strip().lower() for h in value if str(h).strip())
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

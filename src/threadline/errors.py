@@ -4,12 +4,15 @@ ThreadlineError
 ├── ConfigError            invalid settings at start-up (never reaches HTTP)
 ├── InvalidRequest         400/422: input the domain rejects after schema validation
 │   ├── InvalidIdempotencyKey 422: header and field differ, or no session to scope the key
-│   └── IdempotencyKeyReused  422: the key names a message sent with another body
+│   ├── IdempotencyKeyReused  422: the key names a message sent with another body
+│   ├── WebhookNotAllowed  a webhook_url whose scheme or host is not allowed
+│   └── WebhookSecretUnset a webhook_url while THREADLINE_WEBHOOK_SECRET is unset
 ├── NotFound               404
 │   ├── AgentNotFound
 │   ├── SessionNotFound
 │   ├── RunNotFound
-│   └── MessageNotFound
+│   ├── MessageNotFound
+│   └── DeliveryNotFound
 ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
 ├── RunNotActive           409: a cancel named a run that has ended, or a session with none
 ├── SessionAgentMismatch   409: the session belongs to another agent
@@ -62,6 +65,14 @@ class IdempotencyKeyReused(InvalidRequest):
     code = "idempotency_key_reused"
 
 
+class WebhookNotAllowed(InvalidRequest):
+    code = "webhook_url_not_allowed"
+
+
+class WebhookSecretUnset(InvalidRequest):
+    code = "webhook_secret_unset"
+
+
 class NotFound(ThreadlineError):
     code = "not_found"
 
@@ -80,6 +91,10 @@ class RunNotFound(NotFound):
 
 class MessageNotFound(NotFound):
     code = "message_not_found"
+
+
+class DeliveryNotFound(NotFound):
+    code = "delivery_not_found"
 
 
 class SessionBusy(ThreadlineError):

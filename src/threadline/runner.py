@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -61,7 +62,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from threadline.agents import AgentRegistry, RunDeps
 from threadline.agents.tool_errors import TOOL_ERRORS
+from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
 from threadline.errors import (
+    AgentNotFound,
     AnsweredElsewhere,
     FencedOut,
     ModelError,
@@ -78,6 +81,7 @@ from threadline.queue.job import Job, Outcome, TurnResult
 from threadline.store import (
     RUN_CANCELLED,
     Message,
+    NewDelivery,
     NewMessage,
     Reply,
     Run,
@@ -86,6 +90,7 @@ from threadline.store import (
     Store,
     Turn,
 )
+from threadline.store.base import EndStatus, closes_messages
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +193,15 @@ class TurnRunner:
         *,
         model_timeout_s: float,
         events: EventSink | None = None,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._timeout = model_timeout_s
         self._events = events if events is not None else NoEvents()
+        # Told when a run's ending wrote webhook deliveries, so this process sends them now
+        # rather than at its sender's next poll.
+        self._on_delivery = on_delivery
 
     def _emit(self, job: Job, kind: Kind, **data: Any) -> None:
         self._events.emit(RunEvent(kind, job.session_id, job.run_id, data))
@@ -299,13 +308,15 @@ class TurnRunner:
                 # Plain text replies rebuild from ``content``; only tool traffic needs the payload.
                 payload=ModelMessagesTypeAdapter.dump_json(new) if calls else None,
             )
+            done = turn_result(result.output, reply.id, new, usage)
+            owed = self._deliveries(job, turn, turn.run.message_ids, "run.succeeded", done)
             job.committing = True
-            stored = await self._commit(job, Reply(reply, usage))
+            stored = await self._commit(job, Reply(reply, usage, tuple(owed)))
             if stored is None:
                 error = await self._gone_or(job, FencedOut("a newer run took this session over"))
                 self._failed(job, (), error.code, str(error))
                 return Outcome(job.run_id, (), error=error)
-            done = turn_result(result.output, stored.id, new, usage)
+            self._delivered(owed)
             self._emit(
                 job,
                 "run.completed",
@@ -320,7 +331,7 @@ class TurnRunner:
             return Outcome(job.run_id, turn.run.message_ids, done)
         except asyncio.CancelledError:
             if not job.committing:
-                await self._record_cancel(job, _own_messages(agent_run))
+                await self._record_cancel(job, turn, _own_messages(agent_run))
             raise
         except TimeoutError:
             error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
@@ -378,10 +389,11 @@ class TurnRunner:
             )
         return handoff
 
-    async def _record_cancel(self, job: Job, done: list[ModelMessage]) -> None:
+    async def _record_cancel(self, job: Job, turn: Turn | None, done: list[ModelMessage]) -> None:
         reason = job.cancel_reason
         superseded = reason == "superseded"
         ending = "was superseded" if superseded else "was cancelled"
+        status: EndStatus = "superseded" if superseded else "cancelled"
         error = None
         if reason == "cancelled":
             error = RunError(RUN_CANCELLED, str(RunCancelled("the run was cancelled")))
@@ -392,14 +404,7 @@ class TurnRunner:
             # Shielded: the run row and its side effects must be written even though this task
             # is being cancelled.
             run = await asyncio.shield(
-                self._store.finish_run(
-                    job.session_id,
-                    job.run_id,
-                    "superseded" if superseded else "cancelled",
-                    error=error,
-                    superseded_by=job.superseded_by,
-                    side_effects=_side_effects(job.run_id, done, ending),
-                )
+                self._finish_cancelled(job, turn, status, error, done, ending)
             )
         except StoreUnavailable as exc:
             # The run stays open in the store until the session's next run fences it out and
@@ -413,6 +418,74 @@ class TurnRunner:
             # shutdown's leaves them to the next run: no message ids.
             closed = run.message_ids if run is not None and reason == "cancelled" else ()
             self._failed(job, closed, error.code, error.message)
+
+    async def _finish_cancelled(
+        self,
+        job: Job,
+        turn: Turn | None,
+        status: EndStatus,
+        error: RunError | None,
+        done: list[ModelMessage],
+        ending: str,
+    ) -> Run | None:
+        owed: list[NewDelivery] = []
+        if closes_messages(status, error):
+            # A cancel that answers the messages is delivered like a failure; one that leaves
+            # them for the next run (superseded, shutdown) is not: that run delivers.
+            ids = await self._message_ids(job, turn)
+            owed = self._deliveries(job, turn, ids, "run.cancelled", error=error)
+        run = await self._store.finish_run(
+            job.session_id,
+            job.run_id,
+            status,
+            error=error,
+            superseded_by=job.superseded_by,
+            side_effects=_side_effects(job.run_id, done, ending),
+            deliveries=owed,
+        )
+        if run is not None:
+            self._delivered(owed)
+        return run
+
+    async def _message_ids(self, job: Job, turn: Turn | None) -> tuple[UUID, ...]:
+        if turn is not None:
+            return turn.run.message_ids
+        run = await self._store.get_run(job.run_id)
+        return run.message_ids if run is not None else ()
+
+    def _deliveries(
+        self,
+        job: Job,
+        turn: Turn | None,
+        message_ids: Sequence[UUID],
+        event: Event,
+        result: TurnResult | None = None,
+        error: RunError | None = None,
+    ) -> list[NewDelivery]:
+        """The webhook deliveries this run's ending owes (delivery/payload.py)."""
+        options = job.options
+        assert options is not None
+        try:
+            default = self._registry.spec(options.agent).webhook_url
+        except AgentNotFound:
+            default = None  # an agent removed from the configuration: request URLs only
+        urls = webhook_urls(turn.prompt if turn is not None else (), options, default)
+        if not urls:
+            return []
+        return webhook_deliveries(
+            urls,
+            event,
+            session_id=job.session_id,
+            run_id=job.run_id,
+            agent=options.agent,
+            message_ids=message_ids,
+            result=result,
+            error=error,
+        )
+
+    def _delivered(self, owed: Sequence[NewDelivery]) -> None:
+        if owed and self._on_delivery is not None:
+            self._on_delivery()
 
     def _failed(self, job: Job, closed: tuple[UUID, ...], code: str, message: str) -> None:
         self._emit(
@@ -465,6 +538,11 @@ class TurnRunner:
                 turn = await self._store.start_run(job.session_id, start)
             if turn is None:
                 return None
-        return await self._store.finish_run(
-            job.session_id, job.run_id, "failed", error=error, side_effects=side
+        ids = await self._message_ids(job, turn)
+        owed = self._deliveries(job, turn, ids, "run.failed", error=error)
+        run = await self._store.finish_run(
+            job.session_id, job.run_id, "failed", error=error, side_effects=side, deliveries=owed
         )
+        if run is not None:
+            self._delivered(owed)
+        return run

@@ -52,3 +52,6 @@ class AgentSpec:
     # Expensive initialisation (load an index, warm a client). Runs once per process at
     # start-up, before the server is ready; raising stops start-up.
     setup: Callable[[], Awaitable[None]] | None = None
+    # Where every reply of this agent is POSTed (signed; see the README's webhooks section)
+    # unless the request names its own webhook_url. Needs THREADLINE_WEBHOOK_SECRET.
+    webhook_url: str | None = None

@@ -3,7 +3,8 @@ return, the one error body they all share, and the API key only when one is conf
 
 Routes declare their statuses with ``responses=errors(404, 503)``; the descriptions and the
 body schema live here once. ``install`` then fits the generated document to the settings:
-the ``X-API-Key`` requirement and its 401 appear only when ``THREADLINE_API_KEY`` is set;
+the ``X-API-Key`` requirement and its 401 appear only when ``THREADLINE_API_KEY`` is set, and
+``webhook_url`` admits only the hosts ``THREADLINE_WEBHOOK_ALLOWED_HOSTS`` allows;
 without a key, every route but ``/health`` may answer 403 instead (clients on other machines,
 ``api/access.py``).
 """
@@ -18,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from threadline.api.access import OPEN_PATHS
 from threadline.api.schemas import ErrorBody
 from threadline.config import Settings
+from threadline.delivery.targets import url_schema
 
 _ERRORS: dict[int, str] = {
     400: "The body is not parseable JSON (for example nested too deeply to parse).",
@@ -32,8 +34,10 @@ _ERRORS: dict[int, str] = {
     ),
     413: "The body or `message_content` is over the configured limit.",
     422: (
-        "The request does not match the schema, or holds what no store can keep; or its "
-        "idempotency key names a message sent with another body (`idempotency_key_reused`)."
+        "The request does not match the schema, holds what no store can keep, or names a "
+        "`webhook_url` this server may not call (`webhook_url_not_allowed`, "
+        "`webhook_secret_unset`); or its idempotency key is refused "
+        "(`invalid_idempotency_key`, `idempotency_key_reused`: sent before with another body)."
     ),
     429: "The session already has SESSION_QUEUE_MAX unanswered messages.",
     502: (
@@ -80,6 +84,11 @@ def install(app: FastAPI, settings: Settings) -> None:
                 routes=app.routes,
             )
             app.openapi_schema = _fit(document, keyed=settings.api_key is not None)
+            # Which webhook URLs a request may name depends on the settings too.
+            run_request = document["components"]["schemas"]["RunRequest"]["properties"]
+            run_request["webhook_url"] = url_schema(
+                settings.webhook_allowed_hosts, secret_set=settings.webhook_secret is not None
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

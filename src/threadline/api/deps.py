@@ -13,6 +13,7 @@ from threadline.agents import AgentRegistry
 from threadline.api.errors import Unauthorized
 from threadline.config import Settings
 from threadline.coordination import Coordinator
+from threadline.delivery.sender import Deliverer
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store
 
@@ -24,6 +25,8 @@ class Services:
     registry: AgentRegistry
     coordinator: Coordinator
     monitor: LoopLagMonitor
+    # The webhook outbox sender; None when no webhook secret is set.
+    deliverer: Deliverer | None = None
 
 
 # Both dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def``

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from threadline.api.contract import errors
@@ -21,8 +23,15 @@ from threadline.api.idempotency import (
 )
 from threadline.api.schemas import (
     AgentInfo,
+    BackgroundAccepted,
+    DeliveryOut,
+    DeliveryPage,
     MessageOut,
+    MessageState,
+    ReplyOut,
+    RunErrorOut,
     RunOut,
+    RunPage,
     RunRequest,
     RunResponse,
     SessionDetail,
@@ -39,20 +48,34 @@ from threadline.api.streams import (
 )
 from threadline.api.validation import StorableText, max_page
 from threadline.coordination import TurnRequest
+from threadline.coordination.answers import stored_result
+from threadline.coordination.background import submit_in_background
+from threadline.delivery.targets import check_webhook_url
 from threadline.errors import (
+    DeliveryNotFound,
     MessageNotFound,
     RunNotActive,
     RunNotFound,
     SessionAgentMismatch,
     SessionNotFound,
 )
-from threadline.store import FINISHED, Run, Session, Store
+from threadline.store import FINISHED, Delivery, DeliveryStatus, Run, Session, Store
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)])
 
 # Largest page sizes; ``page`` is bounded so that the offset fits 64 bits (api/validation.py).
 SESSIONS_PER_PAGE = 500
 MESSAGES_PER_PAGE = 1000
+RUNS_PER_PAGE = 500
+DELIVERIES_PER_PAGE = 500
+
+_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": BackgroundAccepted,
+        "description": "`background: true`: the message is stored and will be answered; "
+        "follow it at GET /api/v1/messages/{message_id} (and by webhook).",
+    }
+}
 
 
 async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
@@ -96,6 +119,7 @@ def _wants_stream(body: RunRequest, request: Request) -> bool:
     response_model=RunResponse,
     responses={
         **errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
+        **_ACCEPTED,
         200: {
             "description": "The reply; with `stream`, Server-Sent Events (README, Streaming).",
             "content": {"text/event-stream": {"schema": SSE_EVENT}},
@@ -110,7 +134,7 @@ async def run_agent(
     services: ServicesDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> RunResponse | EventSourceResponse:
+) -> RunResponse | EventSourceResponse | JSONResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
@@ -123,6 +147,12 @@ async def run_agent(
         raise PayloadTooLarge(
             f"message_content has {len(body.message_content)} characters; "
             f"the limit is {settings.max_message_chars}"
+        )
+    if body.webhook_url is not None:
+        check_webhook_url(
+            body.webhook_url,
+            settings.webhook_allowed_hosts,
+            secret_set=settings.webhook_secret is not None,
         )
     if body.session_id is not None:
         session = await store.get_session(body.session_id)
@@ -148,8 +178,13 @@ async def run_agent(
             body.message_limit if body.message_limit is not None else settings.history_limit
         ),
         channel_payload=body.channel_payload,
+        webhook_url=body.webhook_url,
         idempotency_key=key,
     )
+    if body.background:
+        message_id = await submit_in_background(services.coordinator, turn)
+        accepted = BackgroundAccepted(message_id=message_id, session_id=session.id)
+        return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
     if _wants_stream(body, request):
         stream = TurnStream(services.coordinator, turn)
         await stream.start()  # errors before the message is stored are still statuses
@@ -336,3 +371,120 @@ async def _cancel(services: Services, run: Run, response: Response) -> RunOut:
 async def _ended(store: Store, run_id: UUID) -> bool:
     now = await store.get_run(run_id)
     return now is None or now.status in FINISHED
+
+
+@router.get("/sessions/{id_or_name}/runs", response_model=RunPage, responses=errors(404, 422, 503))
+async def list_runs(
+    id_or_name: StorableText,
+    services: ServicesDep,
+    user_id: StorableText | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(RUNS_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=RUNS_PER_PAGE)] = 50,
+) -> RunPage:
+    """The session's runs, oldest first (a session is found as in GET /sessions/{id_or_name})."""
+    session = await _find_session(services.store, id_or_name, user_id)
+    runs, total = await services.store.list_runs(
+        session.id, limit=page_size, offset=(page - 1) * page_size
+    )
+    return RunPage(
+        runs=[RunOut.model_validate(r, from_attributes=True) for r in runs],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.get("/messages/{message_id}", response_model=MessageState, responses=errors(404, 422, 503))
+async def get_message(message_id: UUID, services: ServicesDep) -> MessageState:
+    """A user message's state: pending, or answered (by a reply) or failed, with its run."""
+    store = services.store
+    message = await store.get_message(message_id)
+    if message is None or message.role != "user":
+        raise MessageNotFound(f"user message {str(message_id)!r} not found")
+    found = await store.answer_for(message_id)
+    run = reply = error = None
+    message_ids: list[UUID] = []
+    status: Literal["pending", "answered", "failed"] = "pending"
+    if found is not None:
+        stored_run, stored_reply = found
+        run = RunOut.model_validate(stored_run, from_attributes=True)
+        message_ids = list(stored_run.message_ids)
+        if stored_reply is not None:
+            status = "answered"
+            result = stored_result(stored_reply, stored_run)
+            reply = ReplyOut(
+                message_id=result.reply_message_id,
+                message=result.message,
+                tool_calls=result.tool_calls,
+                tool_outputs=result.tool_outputs,
+                usage=result.usage,
+            )
+        else:
+            status = "failed"
+            error = RunErrorOut(
+                code=stored_run.error_code or "run_failed",
+                message=stored_run.error or "the run failed",
+            )
+    return MessageState(
+        id=message.id,
+        session_id=message.session_id,
+        seq=message.seq,
+        content=message.content,
+        created_at=message.created_at,
+        status=status,
+        message_ids=message_ids,
+        run=run,
+        reply=reply,
+        error=error,
+    )
+
+
+def _delivery_out(delivery: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        id=delivery.id,
+        run_id=delivery.run_id,
+        session_id=delivery.session_id,
+        url=delivery.url,
+        status=delivery.status,
+        attempts=delivery.attempts,
+        next_attempt_at=delivery.next_attempt_at,
+        last_error=delivery.last_error,
+        last_status_code=delivery.last_status_code,
+        created_at=delivery.created_at,
+        delivered_at=delivery.delivered_at,
+        payload=json.loads(delivery.body),
+    )
+
+
+@router.get("/deliveries", response_model=DeliveryPage, responses=errors(422, 503))
+async def list_deliveries(
+    services: ServicesDep,
+    status: DeliveryStatus | None = None,
+    page: Annotated[int, Query(ge=1, le=max_page(DELIVERIES_PER_PAGE))] = 1,
+    page_size: Annotated[int, Query(ge=1, le=DELIVERIES_PER_PAGE)] = 50,
+) -> DeliveryPage:
+    """Webhook deliveries, newest first; ``status`` filters (``failed``: gave up)."""
+    deliveries, total = await services.store.list_deliveries(
+        status=status, limit=page_size, offset=(page - 1) * page_size
+    )
+    return DeliveryPage(
+        deliveries=[_delivery_out(d) for d in deliveries],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.post(
+    "/deliveries/{delivery_id}/redeliver",
+    response_model=DeliveryOut,
+    responses=errors(404, 422, 503),
+)
+async def redeliver(delivery_id: UUID, services: ServicesDep) -> DeliveryOut:
+    """Send a delivery again, now, whatever its status, with a fresh WEBHOOK_MAX_AGE_S."""
+    delivery = await services.store.redeliver(delivery_id)
+    if delivery is None:
+        raise DeliveryNotFound(f"delivery {str(delivery_id)!r} not found")
+    if services.deliverer is not None:
+        services.deliverer.wake()
+    return _delivery_out(delivery)

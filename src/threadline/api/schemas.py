@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -11,6 +11,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     WithJsonSchema,
     field_validator,
 )
@@ -24,6 +25,7 @@ from threadline.api.validation import (
     json_integer,
 )
 from threadline.config import Strategy
+from threadline.store import DeliveryStatus
 
 # Integers are accepted and stored as text (automagik-agents clients send them); the override
 # says so, as the annotation alone would document a string only.
@@ -52,7 +54,12 @@ class RunRequest(BaseModel):
     channel_payload: StorableObject | None = None
     strategy: Strategy | None = None
     # Answer with Server-Sent Events (also when the request accepts only text/event-stream).
-    stream: Annotated[bool, Field(strict=True)] = False
+    stream: StrictBool = False
+    # Answer 202 as soon as the message is stored; the reply comes by webhook and at
+    # GET /messages/{message_id}.
+    background: StrictBool = False
+    # POSTed the reply (signed) once it commits; the host must be in WEBHOOK_ALLOWED_HOSTS.
+    webhook_url: StorableText | None = Field(default=None, min_length=1, max_length=2000)
     idempotency_key: IdempotencyKey | None = None
 
     @field_validator("user_id", mode="before")
@@ -84,6 +91,14 @@ class RunResponse(BaseModel):
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     tool_outputs: list[dict[str, Any]] = Field(default_factory=list)
     usage: dict[str, Any] = Field(default_factory=dict)
+
+
+class BackgroundAccepted(BaseModel):
+    """A background request's 202: the message is stored and will be answered."""
+
+    message_id: UUID
+    session_id: UUID
+    status: Literal["queued"] = "queued"
 
 
 class AgentInfo(BaseModel):
@@ -141,6 +156,67 @@ class RunOut(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+
+
+class RunPage(BaseModel):
+    runs: list[RunOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class ReplyOut(BaseModel):
+    message_id: UUID
+    message: str
+    tool_calls: list[dict[str, Any]]
+    tool_outputs: list[dict[str, Any]]
+    usage: dict[str, Any]
+
+
+class RunErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class MessageState(BaseModel):
+    """A user message and what became of it."""
+
+    id: UUID
+    session_id: UUID
+    seq: int
+    content: str
+    created_at: dt.datetime
+    # pending: no run has answered it yet; answered: a reply did; failed: its run failed (or
+    # was cancelled by a client) and answered it by that failure.
+    status: Literal["pending", "answered", "failed"]
+    # Once answered: every user message the same run answered (this one included).
+    message_ids: list[UUID]
+    run: RunOut | None
+    reply: ReplyOut | None
+    error: RunErrorOut | None
+
+
+class DeliveryOut(BaseModel):
+    id: UUID
+    run_id: UUID
+    session_id: UUID
+    url: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    last_status_code: int | None
+    created_at: dt.datetime
+    delivered_at: dt.datetime | None
+    # The body as sent (parsed); its bytes are what the signature covers.
+    payload: dict[str, Any]
+
+
+class DeliveryPage(BaseModel):
+    deliveries: list[DeliveryOut]
+    total: int
+    page: int
+    page_size: int
 
 
 class ErrorDetail(BaseModel):

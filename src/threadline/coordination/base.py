@@ -30,13 +30,21 @@ class TurnRequest:
     history_limit: int = 20
     channel_payload: dict[str, Any] | None = None
     stream: bool = False
+    webhook_url: str | None = None
     # Names the message within its session: a request repeating it stores nothing and gets
     # the answer of the message stored first (``coordination/replay.py``).
     idempotency_key: str | None = None
 
     @property
     def options(self) -> RunOptions:
-        return RunOptions(self.agent, self.user_id, self.history_limit, self.context, self.stream)
+        return RunOptions(
+            self.agent,
+            self.user_id,
+            self.history_limit,
+            self.context,
+            stream=self.stream,
+            webhook_url=self.webhook_url,
+        )
 
     @property
     def fingerprint(self) -> str:

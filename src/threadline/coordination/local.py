@@ -24,17 +24,28 @@ from threadline.store import DuplicateMessage, Message, NewMessage, RunStart, St
 
 log = logging.getLogger(__name__)
 
+# Sessions with unanswered messages a process takes on when it starts.
+STRANDED_BATCH = 1000
+
 
 def build_queue(
     store: Store,
     registry: AgentRegistry,
     settings: Settings,
-    events: EventSink,
+    events: EventSink | None = None,
     on_idle: Callable[[UUID], None] | None = None,
+    on_delivery: Callable[[], None] | None = None,
 ) -> TurnQueue:
     """The turn queue both coordinators run, configured from settings."""
+    runner = TurnRunner(
+        store,
+        registry,
+        model_timeout_s=settings.model_timeout_s,
+        events=events,
+        on_delivery=on_delivery,
+    )
     return TurnQueue(
-        TurnRunner(store, registry, model_timeout_s=settings.model_timeout_s, events=events),
+        runner,
         max_concurrent=settings.max_concurrent_runs,
         merge_window=settings.merge_window_ms / 1000,
         merge_max_wait=settings.merge_max_wait_ms / 1000,
@@ -118,12 +129,18 @@ async def resolve_handoff(store: Store, answer: Answer) -> Answer:
 
 
 class LocalCoordinator:
-    def __init__(self, store: Store, registry: AgentRegistry, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: AgentRegistry,
+        settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._history_limit = settings.history_limit
         self.events = LocalEvents()
-        self.queue = build_queue(store, registry, settings, self.events)
+        self.queue = build_queue(store, registry, settings, self.events, on_delivery=on_delivery)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
@@ -147,31 +164,52 @@ class LocalCoordinator:
             raise
         return await resolve_handoff(self._store, answer)
 
+    async def recover_stranded(self) -> None:
+        """At start-up: answer what a stopped process left unanswered.
+
+        This coordinator serves its store alone, so every unanswered message at start-up was
+        accepted by a process that stopped before answering it (a shutdown's cancelled run, a
+        crash): without this, it would wait for its session's next message, and a background
+        request's caller, told 202, would never hear of it.
+        """
+        sessions = await self._store.sessions_with_unanswered(STRANDED_BATCH)
+        for session_id in sessions:
+            self._recover(session_id)
+        if sessions:
+            log.info("answering unanswered messages of %d sessions", len(sessions))
+
     async def _replay(
         self, request: TurnRequest, first: Message, on_stored: OnStored | None
     ) -> Answer:
         """Answer a request repeating an idempotency key with the answer of ``first``."""
         replay.check_same_body(request, first)
-        if on_stored is not None:
-            on_stored(first.id)
         self._repeats += 1
         try:
-            return replay.replayed(await self._answer_of(request, first))
+            return replay.replayed(await self._answer_of(request, first, on_stored))
         finally:
             self._repeats -= 1
 
-    async def _answer_of(self, request: TurnRequest, first: Message) -> Answer:
+    async def _answer_of(
+        self, request: TurnRequest, first: Message, on_stored: OnStored | None
+    ) -> Answer:
+        found: Answer | None = None
         future = await self.queue.follow(first.session_id, first.id)
         if future is None:
             found = await stored_answer(self._store, first.id)
-            if found is not None:
-                return found
-            # Stored, unanswered, and no caller of it here: its own caller heard 503 (its
-            # recovery is pending) or this process restarted since. Answer it now.
-            options = replay.options_of(request, first)
-            future = self.queue.adopt(first.session_id, first.id, first.seq, "enqueue", options)
-            # Its answer lands in the history even if this caller goes away meanwhile.
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if found is None:
+                # Stored, unanswered, and no caller of it here: its own caller heard 503 (its
+                # recovery is pending) or its process stopped first. Answer it now.
+                options = replay.options_of(request, first)
+                future = self.queue.adopt(first.session_id, first.id, first.seq, "enqueue", options)
+                # Its answer lands in the history even if this caller goes away meanwhile.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Told only now that the message is on its way to an answer: a caller that stops
+        # waiting once told (a background request) leaves nothing half done.
+        if on_stored is not None:
+            on_stored(first.id)
+        if found is not None:
+            return found
+        assert future is not None
         return await resolve_handoff(self._store, await asyncio.shield(future))
 
     def _recover(self, session_id: UUID) -> None:

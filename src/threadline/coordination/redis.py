@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 # Orphaned sessions one watchdog pass takes on at most; the next pass takes the rest.
 ORPHAN_BATCH = 20
+# Connections for run events: the subscription, the publisher, and replays for joiners.
+EVENT_CONNECTIONS = 8
 
 
 def _client(settings: Settings, max_connections: int) -> Redis:
@@ -104,12 +106,15 @@ class RedisCoordinator:
         self,
         redis: Redis,
         renewal: Redis,
+        watching: Redis,
         store: Store,
         registry: AgentRegistry,
         settings: Settings,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._renewal = renewal
+        self._watching = watching
         self._store = store
         self._registry = registry
         self._settings = settings
@@ -129,8 +134,8 @@ class RedisCoordinator:
             timeout_s=settings.redis_timeout_s,
         )
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
-        self.events = RedisEvents(redis, timeout_s=settings.redis_timeout_s)
-        self.queue = build_queue(store, registry, settings, self.events, self._on_idle)
+        self.events = RedisEvents(watching, timeout_s=settings.redis_timeout_s)
+        self.queue = build_queue(store, registry, settings, self.events, self._on_idle, on_delivery)
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -139,12 +144,19 @@ class RedisCoordinator:
 
     @classmethod
     async def connect(
-        cls, settings: Settings, store: Store, registry: AgentRegistry
+        cls,
+        settings: Settings,
+        store: Store,
+        registry: AgentRegistry,
+        on_delivery: Callable[[], None] | None = None,
     ) -> RedisCoordinator:
         redis = _client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
         renewal = _client(settings, 2)
-        self = cls(redis, renewal, store, registry, settings)
+        # Run events (streams, joiners) on a pool of their own too: a subscription holds a
+        # connection for good, and many joiners replaying must not starve the requests.
+        watching = _client(settings, EVENT_CONNECTIONS)
+        self = cls(redis, renewal, watching, store, registry, settings, on_delivery)
         try:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
@@ -153,6 +165,7 @@ class RedisCoordinator:
         except CoordinatorUnavailable:
             await redis.aclose()
             await renewal.aclose()
+            await watching.aclose()
             raise
         self._spawn(self._mailbox.listen(self._on_nudge))
         self._spawn(self.events.listen())
@@ -264,25 +277,28 @@ class RedisCoordinator:
         to store the key), which the nudge in ``_answer_of`` unlists.
         """
         replay.check_same_body(request, first)
-        if on_stored is not None:
-            on_stored(first.id)
         # Listening before anything can publish the answer, so that no publication is missed.
         self._mailbox.expect(first.session_id, first.id)
         self._repeats += 1
         try:
-            return replay.replayed(await self._answer_of(request, first, token))
+            return replay.replayed(await self._answer_of(request, first, token, on_stored))
         finally:
             self._repeats -= 1
             self._mailbox.forget(first.id)
 
-    async def _answer_of(self, request: TurnRequest, first: Message, token: str | None) -> Answer:
+    async def _answer_of(
+        self,
+        request: TurnRequest,
+        first: Message,
+        token: str | None,
+        on_stored: OnStored | None,
+    ) -> Answer:
         sid = first.session_id
+        found: Answer | None = None
         future = await self.queue.follow(sid, first.id)
-        if future is None:
-            if token is None:
-                found = await stored_answer(self._store, first.id)
-                if found is not None:
-                    return found
+        if future is None and token is None:
+            found = await stored_answer(self._store, first.id)
+        if future is None and found is None:
             # Our queue does not hold it. Its owner publishes the answers of the messages it
             # adopted only, so the nudge names the message: the owner follows it (adopting
             # it if it has not yet) and publishes its answer. A session nobody owned is
@@ -301,6 +317,12 @@ class RedisCoordinator:
             elif self._leases.holds(sid):  # the owner is us: the nudge went nowhere
                 options = replay.options_of(request, first)
                 future = await self._follow_here(sid, first.id, first.seq, options)
+        # Told only now that the message is on its way to an answer: a caller that stops
+        # waiting once told (a background request) leaves nothing half done.
+        if on_stored is not None:
+            on_stored(first.id)
+        if found is not None:
+            return found
         if future is not None:
             answer = await asyncio.shield(future)
             if not isinstance(answer.outcome.error, Handoff):
@@ -528,3 +550,4 @@ class RedisCoordinator:
         await self.events.aclose()
         await self._redis.aclose()
         await self._renewal.aclose()
+        await self._watching.aclose()

@@ -31,6 +31,8 @@ class RunOptions:
     context: Mapping[str, Any] = field(default_factory=dict)
     # The caller streams: the run that answers this message streams the model's reply.
     stream: bool = False
+    # Where to POST the reply (delivery/); None: the agent's default, if it has one.
+    webhook_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         raw = {
@@ -41,6 +43,8 @@ class RunOptions:
         }
         if self.stream:
             raw["stream"] = True
+        if self.webhook_url is not None:
+            raw["webhook_url"] = self.webhook_url
         return raw
 
     @classmethod
@@ -50,7 +54,8 @@ class RunOptions:
             raw.get("user_id"),
             raw["history_limit"],
             raw.get("context", {}),
-            bool(raw.get("stream", False)),
+            stream=bool(raw.get("stream", False)),
+            webhook_url=raw.get("webhook_url"),
         )
 
 

@@ -31,6 +31,16 @@ _INSERT_USER_MESSAGE = (
 )
 # The unique index whose violation means "this key is stored already".
 KEY_INDEX = "messages_idempotency_key"
+DELIVERY = (
+    "id, run_id, session_id, url, body, status, attempts, next_attempt_at, last_error,"
+    " last_status_code, created_at, retry_from, delivered_at, lease_owner, lease_expires_at"
+)
+# The outbox rows a run's ending owes, written only when `source` (the CTE that ended the run)
+# returned the run: a fenced-out commit or an already-finished run writes none.
+_INSERT_DELIVERIES = """
+    INSERT INTO deliveries (id, run_id, session_id, url, body)
+    SELECT e.id, $2::uuid, $1::uuid, e.url, e.body
+    FROM {source}, unnest({params}) AS e (id, url, body)"""
 # Every row of a run-opening statement carries the run's columns, prefixed with r_.
 _TAGGED = (
     ", ".join(f"x.{c}" for c in MSG.split(", "))
@@ -162,13 +172,17 @@ r AS (
     UPDATE runs
     SET status = 'succeeded', reply_message_id = m.id, usage = $8::jsonb, finished_at = now()
     FROM m WHERE runs.id = $2::uuid
+    RETURNING runs.id
+),
+d AS ({_INSERT_DELIVERIES.format(params="$9::uuid[], $10::text[], $11::text[]", source="r")}
 )
 SELECT {MSG} FROM m
 """
 
 # Only an unfinished run can be finished; its side effects take the next seqs. The runs UPDATE
 # reads `s` so that it locks the session row before the run's (see "Lock order" above), and
-# rechecks the status so that a run closed as stale meanwhile keeps that status. A failed run
+# rechecks the status so that a run closed as stale meanwhile keeps that status (and then owes
+# no delivery: `d` reads its RETURNING). A failed run
 # that still holds the fence answers its messages by failure: answered_seq moves past them
 # ($12, ``closes_messages``: also a run a client cancelled).
 FINISH_RUN = f"""
@@ -192,12 +206,18 @@ m AS (
            NULL
     FROM s, unnest($6::uuid[], $7::text[], $8::text[], $9::bytea[], $10::text[])
          WITH ORDINALITY AS e (id, role, content, payload, channel, ord)
+),
+f AS (
+    UPDATE runs SET status = $3::text, error = $4::text, error_code = $11::text,
+                    superseded_by = $5::uuid, finished_at = now()
+    FROM s
+    WHERE runs.id IN (SELECT id FROM target) AND runs.status IN ('queued', 'running')
+    RETURNING {", ".join(f"runs.{c}" for c in RUN.split(", "))}
+),
+d AS ({_INSERT_DELIVERIES.format(params="$13::uuid[], $14::text[], $15::text[]", source="f")}
+    WHERE $12::bool
 )
-UPDATE runs SET status = $3::text, error = $4::text, error_code = $11::text,
-                superseded_by = $5::uuid, finished_at = now()
-FROM s
-WHERE runs.id IN (SELECT id FROM target) AND runs.status IN ('queued', 'running')
-RETURNING {", ".join(f"runs.{c}" for c in RUN.split(", "))}
+SELECT {RUN} FROM f
 """
 
 ADD_MESSAGE = f"""
@@ -279,7 +299,6 @@ WHERE m.session_id = $1 AND m.role = 'user' AND m.seq > s.answered_seq
 ORDER BY m.seq
 """
 GET_RUN = f"SELECT {RUN} FROM runs WHERE id = $1"
-GET_MESSAGE = f"SELECT {MSG} FROM messages WHERE id = $1"
 ACTIVE_RUN = f"""
 SELECT {", ".join(f"r.{c}" for c in RUN.split(", "))}
 FROM sessions s JOIN runs r ON r.id = s.current_run_id
@@ -287,3 +306,80 @@ WHERE s.id = $1 AND r.status IN ('queued', 'running')
 """
 # The slow path's first statement, in the same transaction as the rerun.
 LOCK_SESSION = "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE"
+
+GET_MESSAGE = f"SELECT {MSG} FROM messages WHERE id = $1"
+# last_seq > answered_seq first: a session whose every row is answered costs no probe.
+SESSIONS_WITH_UNANSWERED = """
+SELECT s.id FROM sessions s
+WHERE s.last_seq > s.answered_seq
+  AND EXISTS (SELECT 1 FROM messages m
+              WHERE m.session_id = s.id AND m.role = 'user' AND m.seq > s.answered_seq)
+LIMIT $1
+"""
+LIST_RUNS = f"""
+WITH page AS (
+    SELECT {RUN} FROM runs WHERE session_id = $1
+    ORDER BY created_at, started_at, id LIMIT $2 OFFSET $3
+)
+SELECT t.total, page.*
+FROM (SELECT count(*) AS total FROM runs WHERE session_id = $1) t LEFT JOIN page ON true
+ORDER BY page.created_at, page.started_at, page.id
+"""
+
+# -- the webhook outbox ----------------------------------------------------------------------
+
+# SKIP LOCKED: concurrent senders (other processes) each take different rows instead of
+# queueing behind one another's locks. A row leased to a sender that stopped renewing (killed
+# mid-send) is due again once its lease expires. The attempt is counted here, so a send that
+# killed its process still counts.
+CLAIM_DELIVERIES = f"""
+UPDATE deliveries
+SET status = 'delivering', attempts = attempts + 1, lease_owner = $1::text,
+    lease_expires_at = now() + make_interval(secs => $3::float8)
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE (status = 'pending' AND next_attempt_at <= now())
+       OR (status = 'delivering' AND lease_expires_at < now())
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING {DELIVERY}
+"""
+# Only the lease holder settles: a sender whose lease expired (and was claimed again) must not
+# overwrite what the new holder records. The last error stays visible after a success.
+SETTLE_DELIVERY = """
+UPDATE deliveries
+SET status = CASE
+        WHEN $3::bool THEN 'delivered'
+        WHEN now() + make_interval(secs => $6::float8)
+             > retry_from + make_interval(secs => $7::float8) THEN 'failed'
+        ELSE 'pending' END,
+    delivered_at = CASE WHEN $3::bool THEN now() END,
+    next_attempt_at = CASE WHEN $3::bool THEN next_attempt_at
+                           ELSE now() + make_interval(secs => $6::float8) END,
+    last_status_code = $4::integer,
+    last_error = CASE WHEN $3::bool THEN last_error ELSE $5::text END,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1::uuid AND lease_owner = $2::text AND status = 'delivering'
+RETURNING id
+"""
+GET_DELIVERY = f"SELECT {DELIVERY} FROM deliveries WHERE id = $1"
+REDELIVER = f"""
+UPDATE deliveries
+SET status = 'pending', next_attempt_at = now(), retry_from = now(), delivered_at = NULL,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1::uuid
+RETURNING {DELIVERY}
+"""
+_LIST_DELIVERIES_TEMPLATE = f"""
+WITH page AS (
+    SELECT {DELIVERY} FROM deliveries {{where}}
+    ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2
+)
+SELECT t.total, page.*
+FROM (SELECT count(*) AS total FROM deliveries {{where}}) t LEFT JOIN page ON true
+ORDER BY page.created_at DESC, page.id DESC
+"""
+LIST_DELIVERIES = _LIST_DELIVERIES_TEMPLATE.format(where="")
+LIST_DELIVERIES_BY_STATUS = _LIST_DELIVERIES_TEMPLATE.format(where="WHERE status = $3")

@@ -35,6 +35,7 @@ FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded",
 # ``run_cancelled``) answers them by the cancel, ``cancelled`` by a shutdown leaves them for the
 # session's next run.
 EndStatus = Literal["failed", "superseded", "cancelled"]
+DeliveryStatus = Literal["pending", "delivering", "delivered", "failed"]
 # The error code of a run a client cancelled (POST /runs/{id}/cancel): it closes its messages.
 RUN_CANCELLED = "run_cancelled"
 
@@ -169,11 +170,61 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A webhook delivery to write in the same statement that ends a run (the outbox).
+
+    ``body`` is the exact JSON text that will be signed and sent, built before the statement
+    from what it stores; each distinct URL the run's messages asked for gets one.
+    """
+
+    id: UUID
+    url: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: UUID
+    run_id: UUID
+    session_id: UUID
+    url: str
+    body: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    last_status_code: int | None
+    created_at: dt.datetime
+    # Retries stop ``max_age`` after this: creation, or the last redelivery request.
+    retry_from: dt.datetime
+    delivered_at: dt.datetime | None
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one send of a claimed delivery went, for ``Store.settle_delivery``.
+
+    Not delivered: it is due again in ``retry_in_s``, unless that falls past ``max_age_s``
+    after its ``retry_from``, when it ends ``failed``.
+    """
+
+    delivered: bool
+    status_code: int | None = None
+    error: str | None = None
+    retry_in_s: float = 0.0
+    max_age_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """The outcome of a successful run, stored by ``commit_run``."""
 
     message: NewMessage
     usage: dict[str, Any] = field(default_factory=dict)
+    # Written with the reply, in the same statement (see ``NewDelivery``).
+    deliveries: tuple[NewDelivery, ...] = ()
 
 
 class Store(Protocol):
@@ -273,6 +324,7 @@ class Store(Protocol):
         error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
+        deliveries: list[NewDelivery] | None = None,
     ) -> Run | None:
         """Close a run that will not commit; return it, or None if it had already ended.
 
@@ -282,7 +334,9 @@ class Store(Protocol):
         ``cancelled`` leave them unanswered for the next run. ``side_effects`` are tool rows
         (calls already executed and their results) that must survive so the next run's model
         knows what was done; they get seqs after the existing rows. Releases the fence if this
-        run holds it.
+        run holds it. ``deliveries`` are written in the same statement, only when this call
+        ended the run and the ending closes its messages (never for ``superseded`` or a
+        shutdown's ``cancelled``: the next run answers those messages and delivers).
         """
 
     async def answer_for(self, message_id: UUID) -> tuple[Run, Message | None] | None:
@@ -295,5 +349,37 @@ class Store(Protocol):
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
         """The session's unanswered user messages in seq order."""
+
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        """Up to ``limit`` sessions that hold unanswered user messages (for a process that
+        starts alone: whatever is unanswered was left by a process that stopped)."""
+
+    async def list_runs(
+        self, session_id: UUID, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Run], int]:
+        """A page of the session's runs, oldest first, and the total count."""
+
+    # -- the webhook outbox -----------------------------------------------------------
+
+    async def claim_deliveries(self, owner: str, limit: int, lease_s: float) -> list[Delivery]:
+        """Lease up to ``limit`` deliveries to ``owner`` for ``lease_s`` and count an attempt.
+
+        Claims rows that are due (``pending``, ``next_attempt_at`` passed) and rows whose
+        lease expired (a sender killed mid-send), oldest due first. A row is leased to one
+        claimer at a time, whatever the number of processes.
+        """
+
+    async def settle_delivery(self, delivery_id: UUID, owner: str, attempt: Attempt) -> bool:
+        """Record how the send went; False (nothing written) if ``owner`` lost the lease."""
+
+    async def get_delivery(self, delivery_id: UUID) -> Delivery | None: ...
+
+    async def list_deliveries(
+        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Delivery], int]:
+        """A page of deliveries, newest first, and the total count."""
+
+    async def redeliver(self, delivery_id: UUID) -> Delivery | None:
+        """Make a delivery due now, whatever its status, with a fresh ``max_age``."""
 
     async def aclose(self) -> None: ...

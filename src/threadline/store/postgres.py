@@ -32,9 +32,13 @@ import asyncpg
 from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
 from threadline.store import _pg_sql as sql
 from threadline.store.base import (
+    Attempt,
+    Delivery,
+    DeliveryStatus,
     DuplicateMessage,
     EndStatus,
     Message,
+    NewDelivery,
     NewMessage,
     Reply,
     Run,
@@ -212,10 +216,6 @@ class PostgresStore:
         rows = await self._fetch(sql.GET_RUN, run_id)
         return _run(rows[0]) if rows else None
 
-    async def get_message(self, message_id: UUID) -> Message | None:
-        rows = await self._fetch(sql.GET_MESSAGE, message_id)
-        return _message(rows[0]) if rows else None
-
     async def active_run(self, session_id: UUID) -> Run | None:
         rows = await self._fetch(sql.ACTIVE_RUN, session_id)
         return _run(rows[0]) if rows else None
@@ -271,7 +271,8 @@ class PostgresStore:
     async def commit_run(self, session_id: UUID, run_id: UUID, reply: Reply) -> Message | None:
         m = reply.message
         fields = (m.id, m.role, m.content, m.payload, m.channel_payload, reply.usage)
-        rows = await self._fetch(sql.COMMIT_RUN, session_id, run_id, *fields)
+        outbox = _delivery_columns(reply.deliveries)
+        rows = await self._fetch(sql.COMMIT_RUN, session_id, run_id, *fields, *outbox)
         return _message(rows[0]) if rows else None
 
     async def finish_run(
@@ -283,6 +284,7 @@ class PostgresStore:
         error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
+        deliveries: list[NewDelivery] | None = None,
     ) -> Run | None:
         rows = side_effects or []
         columns = (
@@ -303,6 +305,7 @@ class PostgresStore:
             *columns,
             None if error is None else error.code,
             closes_messages(status, error),
+            *_delivery_columns(deliveries or ()),
         )
         return _run(rows_[0]) if rows_ else None
 
@@ -315,6 +318,54 @@ class PostgresStore:
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
         return [_message(r) for r in await self._fetch(sql.UNANSWERED, session_id)]
+
+    async def get_message(self, message_id: UUID) -> Message | None:
+        rows = await self._fetch(sql.GET_MESSAGE, message_id)
+        return _message(rows[0]) if rows else None
+
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        return [r["id"] for r in await self._fetch(sql.SESSIONS_WITH_UNANSWERED, limit)]
+
+    async def list_runs(
+        self, session_id: UUID, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Run], int]:
+        rows = await self._fetch(sql.LIST_RUNS, session_id, limit, offset)
+        return [_run(r) for r in rows if r["id"] is not None], rows[0]["total"]
+
+    async def claim_deliveries(self, owner: str, limit: int, lease_s: float) -> list[Delivery]:
+        rows = await self._fetch(sql.CLAIM_DELIVERIES, owner, limit, lease_s)
+        return sorted((_delivery(r) for r in rows), key=lambda d: d.next_attempt_at)
+
+    async def settle_delivery(self, delivery_id: UUID, owner: str, attempt: Attempt) -> bool:
+        a = attempt
+        rows = await self._fetch(
+            sql.SETTLE_DELIVERY,
+            delivery_id,
+            owner,
+            a.delivered,
+            a.status_code,
+            a.error,
+            a.retry_in_s,
+            a.max_age_s,
+        )
+        return bool(rows)
+
+    async def get_delivery(self, delivery_id: UUID) -> Delivery | None:
+        rows = await self._fetch(sql.GET_DELIVERY, delivery_id)
+        return _delivery(rows[0]) if rows else None
+
+    async def list_deliveries(
+        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Delivery], int]:
+        if status is None:
+            rows = await self._fetch(sql.LIST_DELIVERIES, limit, offset)
+        else:
+            rows = await self._fetch(sql.LIST_DELIVERIES_BY_STATUS, limit, offset, status)
+        return [_delivery(r) for r in rows if r["id"] is not None], rows[0]["total"]
+
+    async def redeliver(self, delivery_id: UUID) -> Delivery | None:
+        rows = await self._fetch(sql.REDELIVER, delivery_id)
+        return _delivery(rows[0]) if rows else None
 
     async def _fetch(self, query: str, *args: Any, lock: UUID | None = None) -> list[Any]:
         """Run one statement; with ``lock``, first lock that session row in a transaction so
@@ -376,6 +427,18 @@ def _turn(rows: Sequence[Any]) -> tuple[Message | None, Turn | None]:
         if run is None and row["r_id"] is not None:
             run = _run(row, prefix="r_")
     return inserted, (Turn(run=run, history=history, prompt=prompt) if run else None)
+
+
+def _delivery_columns(deliveries: Sequence[NewDelivery]) -> tuple[list[Any], ...]:
+    return (
+        [d.id for d in deliveries],
+        [d.url for d in deliveries],
+        [d.body for d in deliveries],
+    )
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(*(row[c] for c in sql.DELIVERY.split(", ")))
 
 
 def _session(row: Any) -> Session:

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 from uuid import UUID, uuid4
 
@@ -20,9 +20,13 @@ import aiosqlite
 
 from threadline.errors import InvalidRequest, SessionNotFound, StoreUnavailable
 from threadline.store.base import (
+    Attempt,
+    Delivery,
+    DeliveryStatus,
     DuplicateMessage,
     EndStatus,
     Message,
+    NewDelivery,
     NewMessage,
     Reply,
     Run,
@@ -35,7 +39,7 @@ from threadline.store.base import (
 from threadline.store.migrations import apply_sqlite, load_migrations
 
 T = TypeVar("T")
-R = TypeVar("R", Session, Message, Run)
+R = TypeVar("R", Session, Message, Run, Delivery)
 
 _MSG = (
     "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options,"
@@ -186,9 +190,6 @@ class SQLiteStore:
     async def get_run(self, run_id: UUID) -> Run | None:
         return await self._run(_get_run, run_id, transaction=False)
 
-    async def get_message(self, message_id: UUID) -> Message | None:
-        return await self._run(_get_message, message_id, transaction=False)
-
     async def active_run(self, session_id: UUID) -> Run | None:
         return await self._run(_active_run, session_id, transaction=False)
 
@@ -241,6 +242,7 @@ class SQLiteStore:
                 " finished_at = ? WHERE id = ?",
                 (str(stored.id), json.dumps(reply.usage), now, str(run_id)),
             )
+            _insert_deliveries(db, session_id, run_id, reply.deliveries)
             return stored
 
         return await self._run(commit)
@@ -254,6 +256,7 @@ class SQLiteStore:
         error: RunError | None = None,
         superseded_by: UUID | None = None,
         side_effects: list[NewMessage] | None = None,
+        deliveries: list[NewDelivery] | None = None,
     ) -> Run | None:
         def finish(db: sqlite3.Connection) -> Run | None:
             rid, sid = str(run_id), str(session_id)
@@ -272,6 +275,7 @@ class SQLiteStore:
                     " WHERE id = ? AND current_run_id = ?",
                     (unfinished[0], sid, rid),
                 )
+                _insert_deliveries(db, session_id, run_id, deliveries or ())
             db.execute(
                 "UPDATE sessions SET current_run_id = NULL WHERE id = ? AND current_run_id = ?",
                 (sid, rid),
@@ -297,6 +301,139 @@ class SQLiteStore:
 
     async def unanswered(self, session_id: UUID) -> list[Message]:
         return await self._run(_unanswered, session_id, None, transaction=False)
+
+    async def get_message(self, message_id: UUID) -> Message | None:
+        def get(db: sqlite3.Connection) -> Message | None:
+            row = db.execute(
+                f"SELECT {_MSG} FROM messages WHERE id = ?", (str(message_id),)
+            ).fetchone()
+            return _message(row) if row else None
+
+        return await self._run(get, transaction=False)
+
+    async def sessions_with_unanswered(self, limit: int) -> list[UUID]:
+        def find(db: sqlite3.Connection) -> list[UUID]:
+            rows = db.execute(
+                "SELECT s.id FROM sessions s WHERE s.last_seq > s.answered_seq"
+                " AND EXISTS (SELECT 1 FROM messages m WHERE m.session_id = s.id"
+                " AND m.role = 'user' AND m.seq > s.answered_seq) LIMIT ?",
+                (limit,),
+            )
+            return [UUID(r[0]) for r in rows]
+
+        return await self._run(find, transaction=False)
+
+    async def list_runs(
+        self, session_id: UUID, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Run], int]:
+        def page(db: sqlite3.Connection) -> tuple[list[Run], int]:
+            sid = str(session_id)
+            total = db.execute("SELECT count(*) FROM runs WHERE session_id = ?", (sid,))
+            rows = db.execute(
+                "SELECT * FROM runs WHERE session_id = ?"
+                " ORDER BY created_at, started_at, rowid LIMIT ? OFFSET ?",
+                (sid, limit, offset),
+            )
+            return [_record(Run, r) for r in rows], total.fetchone()[0]
+
+        return await self._run(page)
+
+    # -- the webhook outbox (see PostgresStore for the rules) ----------------------------
+
+    async def claim_deliveries(self, owner: str, limit: int, lease_s: float) -> list[Delivery]:
+        def claim(db: sqlite3.Connection) -> list[Delivery]:
+            now = dt.datetime.now(dt.UTC)
+            rows = db.execute(
+                "UPDATE deliveries SET status = 'delivering', attempts = attempts + 1,"
+                " lease_owner = ?, lease_expires_at = ?"
+                " WHERE id IN (SELECT id FROM deliveries"
+                "  WHERE (status = 'pending' AND next_attempt_at <= ?)"
+                "   OR (status = 'delivering' AND lease_expires_at < ?)"
+                "  ORDER BY next_attempt_at LIMIT ?)"
+                " RETURNING *",
+                (
+                    owner,
+                    _stamp(now + dt.timedelta(seconds=lease_s)),
+                    _stamp(now),
+                    _stamp(now),
+                    limit,
+                ),
+            ).fetchall()
+            return sorted((_record(Delivery, r) for r in rows), key=lambda d: d.next_attempt_at)
+
+        return await self._run(claim)
+
+    async def settle_delivery(self, delivery_id: UUID, owner: str, attempt: Attempt) -> bool:
+        def settle(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT retry_from FROM deliveries WHERE id = ? AND lease_owner = ?"
+                " AND status = 'delivering'",
+                (str(delivery_id), owner),
+            ).fetchone()
+            if row is None:
+                return False
+            now = dt.datetime.now(dt.UTC)
+            due = now + dt.timedelta(seconds=attempt.retry_in_s)
+            give_up = dt.datetime.fromisoformat(row[0]) + dt.timedelta(seconds=attempt.max_age_s)
+            if attempt.delivered:
+                db.execute(
+                    "UPDATE deliveries SET status = 'delivered', delivered_at = ?,"
+                    " last_status_code = ?, lease_owner = NULL, lease_expires_at = NULL"
+                    " WHERE id = ?",
+                    (_stamp(now), attempt.status_code, str(delivery_id)),
+                )
+            else:
+                db.execute(
+                    "UPDATE deliveries SET status = ?, next_attempt_at = ?, last_status_code = ?,"
+                    " last_error = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
+                    (
+                        "failed" if due > give_up else "pending",
+                        _stamp(due),
+                        attempt.status_code,
+                        attempt.error,
+                        str(delivery_id),
+                    ),
+                )
+            return True
+
+        return await self._run(settle)
+
+    async def get_delivery(self, delivery_id: UUID) -> Delivery | None:
+        def get(db: sqlite3.Connection) -> Delivery | None:
+            row = db.execute("SELECT * FROM deliveries WHERE id = ?", (str(delivery_id),))
+            found = row.fetchone()
+            return _record(Delivery, found) if found else None
+
+        return await self._run(get, transaction=False)
+
+    async def list_deliveries(
+        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Delivery], int]:
+        where, args = ("WHERE status = ?", (status,)) if status is not None else ("", ())
+
+        def page(db: sqlite3.Connection) -> tuple[list[Delivery], int]:
+            total = db.execute(f"SELECT count(*) FROM deliveries {where}", args).fetchone()[0]
+            rows = db.execute(
+                f"SELECT * FROM deliveries {where}"
+                " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            )
+            return [_record(Delivery, r) for r in rows], total
+
+        return await self._run(page)
+
+    async def redeliver(self, delivery_id: UUID) -> Delivery | None:
+        def reset(db: sqlite3.Connection) -> Delivery | None:
+            now = _now()
+            row = db.execute(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, retry_from = ?,"
+                " delivered_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE id = ? RETURNING *",
+                (now, now, str(delivery_id)),
+            ).fetchone()
+            return _record(Delivery, row) if row else None
+
+        return await self._run(reset)
 
     async def _run(self, fn: Callable[..., T], *args: Any, transaction: bool = True) -> T:
         """Run ``fn(db, *args)`` in aiosqlite's worker thread: exactly one hop.
@@ -355,8 +492,12 @@ def _configure(db: sqlite3.Connection) -> None:
 
 
 def _now() -> str:
+    return _stamp(dt.datetime.now(dt.UTC))
+
+
+def _stamp(moment: dt.datetime) -> str:
     # Fixed width, always UTC: text order is time order.
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def _insert_session(
@@ -425,6 +566,20 @@ def _find_message(db: sqlite3.Connection, session_id: UUID, key: str) -> Message
         (str(session_id), key),
     ).fetchone()
     return _message(row) if row else None
+
+
+def _insert_deliveries(
+    db: sqlite3.Connection, session_id: UUID, run_id: UUID, deliveries: Sequence[NewDelivery]
+) -> None:
+    now = _now()
+    db.executemany(
+        "INSERT INTO deliveries (id, run_id, session_id, url, body, next_attempt_at, created_at,"
+        " retry_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (str(d.id), str(run_id), str(session_id), d.url, d.body, now, now, now)
+            for d in deliveries
+        ],
+    )
 
 
 def _unanswered(db: sqlite3.Connection, session_id: UUID, upto: int | None) -> list[Message]:
@@ -503,11 +658,6 @@ def _get_run(db: sqlite3.Connection, run_id: UUID) -> Run | None:
     return None if row is None else _record(Run, row)
 
 
-def _get_message(db: sqlite3.Connection, message_id: UUID) -> Message | None:
-    row = db.execute("SELECT * FROM messages WHERE id = ?", (str(message_id),)).fetchone()
-    return None if row is None else _message(row)
-
-
 def _active_run(db: sqlite3.Connection, session_id: UUID) -> Run | None:
     row = db.execute(
         "SELECT runs.* FROM sessions JOIN runs ON runs.id = sessions.current_run_id"
@@ -534,7 +684,17 @@ _PARSE: dict[str, Callable[[Any], Any]] = {
     **dict.fromkeys(("id", "session_id", "run_id", "reply_message_id", "superseded_by"), UUID),
     **dict.fromkeys(("metadata", "channel_payload", "usage", "options"), json.loads),
     **dict.fromkeys(
-        ("created_at", "updated_at", "started_at", "finished_at"), dt.datetime.fromisoformat
+        (
+            "created_at",
+            "updated_at",
+            "started_at",
+            "finished_at",
+            "next_attempt_at",
+            "retry_from",
+            "delivered_at",
+            "lease_expires_at",
+        ),
+        dt.datetime.fromisoformat,
     ),
     "message_ids": _uuids,
 }
