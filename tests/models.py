@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pydantic_ai.exceptions import ModelHTTPError
@@ -15,7 +16,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from threadline.agents.echo import last_prompt
+from threadline.agents.echo import chunks, last_prompt
 
 
 @dataclass
@@ -85,3 +86,56 @@ class ToolThenHangModel:
 
     def model(self) -> FunctionModel:
         return FunctionModel(self, model_name="tool-then-hang")
+
+
+@dataclass
+class StreamGate:
+    """Replies ``echo: <prompt>`` in word chunks when streamed: the first chunk at once, the
+    rest once ``release`` is set or at once when the prompt holds every ``expect`` text.
+
+    A call left waiting is what a superseded or cancelled run looks like: it counts in
+    ``cancelled`` when it is cancelled. Not streamed, it answers like ``GatedModel``.
+    """
+
+    expect: tuple[str, ...] = ()
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    streaming: asyncio.Event = field(default_factory=asyncio.Event)
+    called: asyncio.Event = field(default_factory=asyncio.Event)
+    started: int = 0
+    completed: int = 0
+    cancelled: int = 0
+
+    def _ready(self, prompt: str) -> bool:
+        return bool(self.expect) and all(text in prompt for text in self.expect)
+
+    async def _wait(self, prompt: str) -> None:
+        if self._ready(prompt):
+            return
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _answer(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = last_prompt(messages)
+        self.started += 1
+        self.called.set()
+        await self._wait(prompt)
+        self.completed += 1
+        return ModelResponse(parts=[TextPart(f"echo: {prompt}")])
+
+    async def _stream(self, messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        prompt = last_prompt(messages)
+        self.started += 1
+        self.called.set()
+        first, *rest = chunks(f"echo: {prompt}")
+        yield first
+        self.streaming.set()
+        await self._wait(prompt)
+        for piece in rest:
+            yield piece
+        self.completed += 1
+
+    def model(self) -> FunctionModel:
+        return FunctionModel(self._answer, stream_function=self._stream, model_name="stream-gate")

@@ -20,8 +20,11 @@ every server reaches PostgreSQL through ``latency_proxy.py``, in a process of it
 
 Scenarios: ``main`` (``--db-latency-ms``, one new session per request), ``zero_latency`` (the
 same with the database reached directly), ``burst`` (each session receives ``--burst K``
-messages at once) and ``webhook`` (threadline only: background requests, each timed from
-sending it to the load client's receiver getting its signed webhook). The load comes from
+messages at once), ``webhook`` (threadline only: background requests, each timed from
+sending it to the load client's receiver getting its signed webhook) and ``stream``
+(threadline only: SSE requests, timed to the final event, with the time to the first
+``text.delta``; the echo model streams its reply in chunks over ``--model-delay-ms``). The
+load comes from
 ``load_client.py`` in its own process. Servers whose services are missing are skipped, with
 the reason printed and written to the JSON.
 """
@@ -65,13 +68,15 @@ from services import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling", "ceiling_no_framework")
-SCENARIOS = ("main", "zero_latency", "burst", "webhook")
+SCENARIOS = ("main", "zero_latency", "burst", "webhook", "stream")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 # Burst runs skip the framework-free ceiling: it answers the same way the ceiling does.
 BURST_SERVERS = ("threadline", "threadline_w2", "blocking_baseline", "ceiling")
 # Only threadline has background runs and webhooks.
 WEBHOOK_SERVERS = ("threadline", "threadline_w2")
+# Nor do the baselines stream.
+STREAM_SERVERS = WEBHOOK_SERVERS
 WEBHOOK_SECRET = "bench-webhook-secret"
 
 
@@ -237,6 +242,8 @@ class Bench:
         cmd += ["--requests", str(requests)] if requests else ["--duration", str(duration)]
         if scenario.webhook:
             cmd += ["--webhook-secret", WEBHOOK_SECRET]
+        if scenario.stream:
+            cmd.append("--stream")
         if proxy_pid is not None:
             cmd += ["--watch-pid", str(proxy_pid)]
         # A hard bound on the client: the run, the warm-up, the slowest request, and slack.
@@ -434,6 +441,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         scenarios.append(Scenario("burst", args.db_latency_ms, args.burst))
     if "webhook" in args.scenarios:
         scenarios.append(Scenario("webhook", args.db_latency_ms, 1, webhook=True))
+    if "stream" in args.scenarios:
+        scenarios.append(Scenario("stream", args.db_latency_ms, 1, stream=True))
     return scenarios
 
 
@@ -471,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                     names = [n for n in names if n in BURST_SERVERS]
                 if scenario.webhook:
                     names = [n for n in names if n in WEBHOOK_SERVERS]
+                if scenario.stream:
+                    names = [n for n in names if n in STREAM_SERVERS]
                 for name in names:
                     label = f"{scenario.name}/{name}"
                     elapsed = time.monotonic() - started
@@ -501,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             "burst": f"bursts of {scenario.burst} messages per session, "
             f"database +{scenario.db_latency_ms:g} ms",
             "webhook": "background requests, latency = request sent to webhook received, "
+            f"database +{scenario.db_latency_ms:g} ms",
+            "stream": "streamed requests (SSE), latency = request sent to the final event, "
             f"database +{scenario.db_latency_ms:g} ms",
         }[scenario.name]
         sections.append(f"### {scenario.name}: {title}\n\n")

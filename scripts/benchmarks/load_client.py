@@ -18,7 +18,10 @@ Modes: one new session per request (the default), or ``--burst K``: ``concurrenc
 each send K messages to one new session at once, as a user typing fast does. With
 ``--webhook-secret`` every request is a background one (202) naming a webhook receiver that
 runs in this process; its latency is from sending the request to receiving the signed webhook
-that answers it (checked: signature, and a reply that echoes the prompt).
+that answers it (checked: signature, and a reply that echoes the prompt). With ``--stream``
+every request asks for Server-Sent Events: the latency is to the final event (a
+``run.completed`` whose body passes the same checks), and the time to the first
+``text.delta`` is kept too (events parsed with httpx-sse's decoder).
 
 CPU accounting (Linux): with ``--watch-pgid`` / ``--watch-pid`` the client reads /proc before
 and after the measured phase, so the report can say how many milliseconds of CPU each request
@@ -42,6 +45,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from httpx_sse._decoders import SSEDecoder
 
 ROUTE = "/api/v1/agent/echo/run"
 METRIC_READS = 8  # fresh connections, so that with several workers each one is likely read
@@ -50,6 +54,8 @@ METRIC_READS = 8  # fresh connections, so that with several workers each one is 
 @dataclass
 class Phase:
     latencies_ms: list[float] = field(default_factory=list)
+    # ``--stream``: time from sending to the first text.delta, per successful request.
+    first_delta_ms: list[float] = field(default_factory=list)
     # When each successful request finished, in seconds from the start of the phase.
     finished_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
@@ -146,6 +152,7 @@ class Plan:
     timeout: float
     tag: str
     hooks: Hooks | None = None
+    stream: bool = False
 
 
 def _check(body: Any, prompts: list[str]) -> str | None:
@@ -180,6 +187,8 @@ async def _send(
     """One request; returns the reply text when it passed every check."""
     if plan.hooks is not None:
         return await _send_background(client, plan, plan.hooks, phase, origin, session, prompt)
+    if plan.stream:
+        return await _send_streaming(client, plan, phase, origin, session, prompt)
     payload = {"message_content": prompt, "session_name": session, "user_id": "bench"}
     phase.sent += 1
     started = time.perf_counter()
@@ -208,6 +217,60 @@ async def _send(
         phase.error("bad body", problem)
         return None
     phase.latencies_ms.append(latency)
+    phase.finished_s.append(finished - origin)
+    phase.ok += 1
+    message: str = body["message"]
+    return message
+
+
+async def _send_streaming(
+    client: aiohttp.ClientSession,
+    plan: Plan,
+    phase: Phase,
+    origin: float,
+    session: str,
+    prompt: str,
+) -> str | None:
+    """One streamed request: timed to its first text.delta and to its final event."""
+    payload = {"message_content": prompt, "session_name": session, "user_id": "bench"}
+    payload["stream"] = True
+    phase.sent += 1
+    started = time.perf_counter()
+    first: float | None = None
+    final = None
+    decoder = SSEDecoder()
+    try:
+        async with asyncio.timeout(plan.timeout), client.post(ROUTE, json=payload) as response:
+            if response.status != 200:
+                raw = await response.read()
+                phase.error(f"status {response.status}", raw.decode(errors="replace"))
+                return None
+            async for line in response.content:
+                event = decoder.decode(line.decode().rstrip("\r\n"))
+                if event is None:
+                    continue
+                if event.event == "text.delta" and first is None:
+                    first = time.perf_counter()
+                elif event.event in ("run.completed", "run.failed"):
+                    final = event
+    except TimeoutError:
+        phase.error("timeout", f"no answer within {plan.timeout:g}s")
+        return None
+    except aiohttp.ClientError as exc:
+        phase.error(type(exc).__name__, str(exc))
+        return None
+    finished = time.perf_counter()
+    if final is None or final.event != "run.completed":
+        phase.error("no run.completed", final.data if final is not None else "stream ended")
+        return None
+    body = json.loads(final.data)
+    problem = _check(body, [prompt]) or (None if first is not None else "no text.delta")
+    if problem is not None:
+        phase.error("bad stream", problem)
+        return None
+    assert first is not None
+    phase.first_delta_ms.append((first - started) * 1000)
+    phase.latencies_ms.append((finished - started) * 1000)
     phase.finished_s.append(finished - origin)
     phase.ok += 1
     message: str = body["message"]
@@ -371,7 +434,15 @@ async def run(plan: Plan, warmup_s: float, pgids: list[int], pids: list[int]) ->
         base_url=plan.url, connector=connector, timeout=aiohttp.ClientTimeout(total=plan.timeout)
     ) as client:
         warm = Plan(
-            plan.url, plan.concurrency, None, warmup_s, 1, plan.timeout, plan.tag, plan.hooks
+            plan.url,
+            plan.concurrency,
+            None,
+            warmup_s,
+            1,
+            plan.timeout,
+            plan.tag,
+            plan.hooks,
+            plan.stream,
         )
         warmup = await _drive(client, warm, "warmup", 1) if warmup_s > 0 else Phase()
         before = await _read_metrics(plan.url, reset=True)
@@ -413,6 +484,9 @@ def main() -> None:
         "--webhook-secret",
         help="send background requests with a webhook to a receiver here (the server's secret)",
     )
+    parser.add_argument(
+        "--stream", action="store_true", help="ask for SSE; also time the first text.delta"
+    )
     args = parser.parse_args()
     if (args.requests is None) == (args.duration is None):
         parser.error("give exactly one of --requests and --duration")
@@ -424,6 +498,7 @@ def main() -> None:
         max(1, args.burst),
         args.timeout,
         args.tag,
+        stream=args.stream,
     )
     loop_factory = None
     with contextlib.suppress(ImportError):

@@ -21,6 +21,8 @@ class Scenario:
     burst: int
     # Background requests answered by webhook: latency is request sent -> webhook received.
     webhook: bool = False
+    # Streamed requests (SSE): latency to the final event, plus time to the first delta.
+    stream: bool = False
 
 
 def _percentile(ordered: list[float], p: float) -> float:
@@ -106,6 +108,12 @@ def summarize(raw: dict[str, Any], scenario: Scenario, duration: float | None) -
         "machine_cpu": machine,
         "warmup": raw["warmup"],
     }
+    if scenario.stream:
+        first = sorted(measured["first_delta_ms"])
+        result.update(
+            first_delta_p50_ms=round(_percentile(first, 50), 1) if first else None,
+            first_delta_p99_ms=round(_percentile(first, 99), 1) if first else None,
+        )
     if scenario.burst > 1:
         result.update(
             bursts=measured["bursts"],
@@ -151,6 +159,8 @@ def markdown(scenario: Scenario, results: dict[str, Any], skipped: dict[str, str
     ]
     if burst:
         head += ["bursts answered", "model calls/burst"]
+    if scenario.stream:
+        head += ["first delta p50 / p99 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         cpu = r["cpu_ms_per_request"]
@@ -170,6 +180,8 @@ def markdown(scenario: Scenario, results: dict[str, Any], skipped: dict[str, str
         ]
         if burst:
             row += [f"{r['bursts_answered']}/{r['bursts']}", _fmt(r["model_calls_per_burst"])]
+        if scenario.stream:
+            row += [f"{_fmt(r['first_delta_p50_ms'])} / {_fmt(r['first_delta_p99_ms'])}"]
         lines.append("| " + " | ".join(row) + " |")
     for name, reason in skipped.items():
         lines.append(f"| `{name}` | skipped: {reason} |" + " |" * (len(head) - 2))
