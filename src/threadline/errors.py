@@ -3,6 +3,8 @@
 ThreadlineError
 ├── ConfigError            invalid settings at start-up (never reaches HTTP)
 ├── InvalidRequest         400/422: input the domain rejects after schema validation
+│   ├── InvalidIdempotencyKey 422: header and field differ, or no session to scope the key
+│   ├── IdempotencyKeyReused  422: the key names a message sent with another body
 │   ├── WebhookNotAllowed  a webhook_url whose scheme or host is not allowed
 │   └── WebhookSecretUnset a webhook_url while THREADLINE_WEBHOOK_SECRET is unset
 ├── NotFound               404
@@ -21,6 +23,7 @@ ThreadlineError
 │   ├── AgentUnavailable   an agent's lazy setup failed; retried after a back-off
 │   ├── ShuttingDown
 │   └── AnswerPending      the message is stored, its answer could not be had here
+├── DuplicateMessage       the session holds a message with this idempotency key (store/base.py)
 └── RunFailed              502: the run that was to answer the caller failed
     ├── ModelError         502: the model provider failed
     ├── ModelTimeout       504: the model did not answer within MODEL_TIMEOUT_S
@@ -30,9 +33,11 @@ ThreadlineError
         ├── AnsweredElsewhere  another run had already answered these messages
         └── FencedOut          a newer run (another owner) took the session over mid-run
 
-A ``Handoff`` never reaches a client: the coordinator resolves it into the answer of the run
-that did answer (``Mailbox``/``Store.answer_for``). A run that fails for a store error reports
-``StoreUnavailable`` (503) and a session deleted mid-run reports ``SessionNotFound`` (404).
+A ``DuplicateMessage`` never reaches a client: its caller gets the answer of the message the
+key names (``coordination/replay.py``). Nor does a ``Handoff``: the coordinator resolves it into
+the answer of the run that did answer (``Mailbox``/``Store.answer_for``). A run that fails for
+a store error reports ``StoreUnavailable`` (503) and a session deleted mid-run reports
+``SessionNotFound`` (404).
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ class ConfigError(ThreadlineError):
 
 class InvalidRequest(ThreadlineError):
     code = "invalid_request"
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    code = "invalid_idempotency_key"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    code = "idempotency_key_reused"
 
 
 class WebhookNotAllowed(InvalidRequest):

@@ -116,6 +116,7 @@ async def test_a_stream_tells_accepted_started_deltas_and_the_blocking_reply(
     run_id = started.data["run_id"]
     assert final.data["run_id"] == run_id
     assert final.data["message_ids"] == [message_id]
+    assert final.data["message_id"] == message_id
     assert final.data["message"] == "echo: tell me a story"
     # The deltas are the reply, in order, in more than one piece.
     assert text_of(events, run_id) == final.data["message"]
@@ -130,6 +131,7 @@ async def test_a_stream_tells_accepted_started_deltas_and_the_blocking_reply(
         "session_id",
         "run_id",
         "message_ids",
+        "message_id",
         "success",
         "superseded",
         "tool_calls",

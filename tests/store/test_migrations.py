@@ -31,7 +31,7 @@ async def test_sqlite_migrations_are_idempotent(tmp_path: Any) -> None:
     first = await SQLiteStore.connect(url)
     second = await SQLiteStore.connect(url)
     try:
-        assert await first.migrate() == [1, 2, 4]
+        assert await first.migrate() == [1, 2, 3, 4]
         assert await first.migrate() == []
         assert await second.migrate() == []
 
@@ -41,6 +41,7 @@ async def test_sqlite_migrations_are_idempotent(tmp_path: Any) -> None:
         assert await second._run(applied, transaction=False) == [
             (1, "001_init.sql"),
             (2, "002_failure_semantics.sql"),
+            (3, "003_idempotency_keys.sql"),
             (4, "004_deliveries.sql"),
         ]
     finally:
@@ -64,7 +65,7 @@ async def fresh_pg_database(pg_url: str) -> Any:
 async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) -> None:
     results = await asyncio.gather(*(migrate_postgres(fresh_pg_database) for _ in range(5)))
 
-    assert sorted(results) == [[], [], [], [], [1, 2, 3, 5]]
+    assert sorted(results) == [[], [], [], [], [1, 2, 3, 4, 5]]
     assert await migrate_postgres(fresh_pg_database) == []
     conn = await asyncpg.connect(fresh_pg_database)
     try:
@@ -81,7 +82,8 @@ async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) 
         (1, "001_init.sql"),
         (2, "002_runs_message_ids.sql"),
         (3, "003_failure_semantics.sql"),
+        (4, "004_idempotency_keys.sql"),
         (5, "005_deliveries.sql"),
     ]
     assert {r["tablename"] for r in tables} == TABLES
-    assert "runs_message_ids" in {r["indexname"] for r in indexes}
+    assert {"runs_message_ids", "messages_idempotency_key"} <= {r["indexname"] for r in indexes}

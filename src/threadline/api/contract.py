@@ -36,7 +36,8 @@ _ERRORS: dict[int, str] = {
     422: (
         "The request does not match the schema, holds what no store can keep, or names a "
         "`webhook_url` this server may not call (`webhook_url_not_allowed`, "
-        "`webhook_secret_unset`)."
+        "`webhook_secret_unset`); or its idempotency key is refused "
+        "(`invalid_idempotency_key`, `idempotency_key_reused`: sent before with another body)."
     ),
     429: "The session already has SESSION_QUEUE_MAX unanswered messages.",
     502: (

@@ -15,6 +15,12 @@ from sse_starlette import EventSourceResponse
 from threadline.api.contract import errors
 from threadline.api.deps import Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
+from threadline.api.idempotency import (
+    REPLAYED_HEADER,
+    REPLAYED_HEADERS,
+    IdempotencyKeyHeader,
+    request_key,
+)
 from threadline.api.schemas import (
     AgentInfo,
     BackgroundAccepted,
@@ -117,6 +123,7 @@ def _wants_stream(body: RunRequest, request: Request) -> bool:
         200: {
             "description": "The reply; with `stream`, Server-Sent Events (README, Streaming).",
             "content": {"text/event-stream": {"schema": SSE_EVENT}},
+            "headers": REPLAYED_HEADERS,
         },
     },
 )
@@ -125,10 +132,17 @@ async def run_agent(
     body: RunRequest,
     request: Request,
     services: ServicesDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> RunResponse | EventSourceResponse | JSONResponse:
     settings, store = services.settings, services.store
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
+    key = request_key(
+        body.idempotency_key,
+        idempotency_key,
+        has_session=body.session_id is not None or body.session_name is not None,
+    )
     if len(body.message_content) > settings.max_message_chars:
         raise PayloadTooLarge(
             f"message_content has {len(body.message_content)} characters; "
@@ -165,6 +179,7 @@ async def run_agent(
         ),
         channel_payload=body.channel_payload,
         webhook_url=body.webhook_url,
+        idempotency_key=key,
     )
     if body.background:
         message_id = await submit_in_background(services.coordinator, turn)
@@ -175,6 +190,8 @@ async def run_agent(
         await stream.start()  # errors before the message is stored are still statuses
         return stream.response()
     answer = await services.coordinator.submit(turn)
+    if answer.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     if answer.outcome.error is not None:
         raise answer.outcome.error
     return reply(answer, session.id)

@@ -16,6 +16,7 @@ from pydantic import (
     field_validator,
 )
 
+from threadline.api.idempotency import IdempotencyKey
 from threadline.api.validation import (
     NOT_BLANK,
     NUL_FREE,
@@ -59,6 +60,7 @@ class RunRequest(BaseModel):
     background: StrictBool = False
     # POSTed the reply (signed) once it commits; the host must be in WEBHOOK_ALLOWED_HOSTS.
     webhook_url: StorableText | None = Field(default=None, min_length=1, max_length=2000)
+    idempotency_key: IdempotencyKey | None = None
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -80,6 +82,10 @@ class RunResponse(BaseModel):
     session_id: UUID
     run_id: UUID
     message_ids: list[UUID]
+    # The message this request stored, or, when it repeated an idempotency key, the one the
+    # key names; ``message_ids`` are every message the run answered. None only in a run's
+    # own events (``GET /runs/{id}/events``), which no one message owns.
+    message_id: UUID | None = None
     success: bool = True
     superseded: bool = False
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)

@@ -54,6 +54,7 @@ def reply(answer: Answer, session_id: UUID) -> RunResponse:
         session_id=session_id,
         run_id=outcome.run_id,
         message_ids=list(outcome.message_ids),
+        message_id=answer.message_id,
         superseded=answer.superseded,
         tool_calls=result.tool_calls,
         tool_outputs=result.tool_outputs,

@@ -7,6 +7,8 @@ every caller with the ``Answer`` of the run that answered its message.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +31,9 @@ class TurnRequest:
     channel_payload: dict[str, Any] | None = None
     stream: bool = False
     webhook_url: str | None = None
+    # Names the message within its session: a request repeating it stores nothing and gets
+    # the answer of the message stored first (``coordination/replay.py``).
+    idempotency_key: str | None = None
 
     @property
     def options(self) -> RunOptions:
@@ -40,6 +45,16 @@ class TurnRequest:
             stream=self.stream,
             webhook_url=self.webhook_url,
         )
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two requests with one idempotency key the same message: what the
+        message says and whose it is (agent, content, user, context, channel payload). How
+        to answer it (strategy, history window) is left out: a retry may ask differently,
+        and the message is answered once, the first request's way."""
+        body = [self.agent, self.content, self.user_id, self.context, self.channel_payload]
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # Told the stored message's id as soon as the insert committed, before any run answers it

@@ -11,6 +11,7 @@ from uuid import UUID
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
+from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
 from threadline.coordination.events import LocalEvents
@@ -19,7 +20,7 @@ from threadline.events import EventSink
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
 from threadline.runner import TurnRunner, until_the_store_answers
-from threadline.store import NewMessage, RunStart, Store
+from threadline.store import DuplicateMessage, Message, NewMessage, RunStart, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def build_queue(
 
 
 def user_message(request: TurnRequest) -> NewMessage:
+    keyed = request.idempotency_key is not None
     return NewMessage(
         id=uuid.uuid4(),
         role="user",
@@ -61,6 +63,8 @@ def user_message(request: TurnRequest) -> NewMessage:
         channel_payload=request.channel_payload,
         # Stored with the message: whichever process runs it runs it the way it was asked.
         options=request.options.to_json(),
+        idempotency_key=request.idempotency_key,
+        fingerprint=request.fingerprint if keyed else None,
     )
 
 
@@ -138,14 +142,20 @@ class LocalCoordinator:
         self.events = LocalEvents()
         self.queue = build_queue(store, registry, settings, self.events, on_delivery=on_delivery)
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
+        self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         loaded = await self._registry.get(request.agent)
+        first = await replay.original(self._store, request)
+        if first is not None:
+            return await self._replay(request, first, on_stored)
         accept = storing(self._store, request, loaded.model_name, on_stored)
         try:
             answer = await self.queue.submit(
                 request.session_id, request.strategy, accept, request.options
             )
+        except DuplicateMessage as duplicate:  # a request with the same key stored first
+            return await self._replay(request, duplicate.existing, on_stored)
         except StoreUnavailable:
             # The insert may have committed with its reply lost on the way back: a message
             # stored, whose caller heard 503, that no run would answer until the session's
@@ -167,6 +177,40 @@ class LocalCoordinator:
             self._recover(session_id)
         if sessions:
             log.info("answering unanswered messages of %d sessions", len(sessions))
+
+    async def _replay(
+        self, request: TurnRequest, first: Message, on_stored: OnStored | None
+    ) -> Answer:
+        """Answer a request repeating an idempotency key with the answer of ``first``."""
+        replay.check_same_body(request, first)
+        self._repeats += 1
+        try:
+            return replay.replayed(await self._answer_of(request, first, on_stored))
+        finally:
+            self._repeats -= 1
+
+    async def _answer_of(
+        self, request: TurnRequest, first: Message, on_stored: OnStored | None
+    ) -> Answer:
+        found: Answer | None = None
+        future = await self.queue.follow(first.session_id, first.id)
+        if future is None:
+            found = await stored_answer(self._store, first.id)
+            if found is None:
+                # Stored, unanswered, and no caller of it here: its own caller heard 503 (its
+                # recovery is pending) or its process stopped first. Answer it now.
+                options = replay.options_of(request, first)
+                future = self.queue.adopt(first.session_id, first.id, first.seq, "enqueue", options)
+                # Its answer lands in the history even if this caller goes away meanwhile.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Told only now that the message is on its way to an answer: a caller that stops
+        # waiting once told (a background request) leaves nothing half done.
+        if on_stored is not None:
+            on_stored(first.id)
+        if found is not None:
+            return found
+        assert future is not None
+        return await resolve_handoff(self._store, await asyncio.shield(future))
 
     def _recover(self, session_id: UUID) -> None:
         if session_id in self._recovering:
@@ -201,6 +245,7 @@ class LocalCoordinator:
             "sessions_in_memory": self.queue.session_count,
             "runs_in_flight": self.queue.running,
             "watchers": len(self.events),
+            "repeats_waiting": self._repeats,
         }
 
     async def aclose(self, grace: float = 0.0) -> None:

@@ -48,6 +48,7 @@ from redis.driver_info import DriverInfo
 
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
+from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
 from threadline.coordination.events import RedisEvents
@@ -71,7 +72,7 @@ from threadline.errors import (
 )
 from threadline.queue.job import Answer, RunOptions
 from threadline.runner import until_the_store_answers
-from threadline.store import Store
+from threadline.store import DuplicateMessage, Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class RedisCoordinator:
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     @classmethod
     async def connect(
@@ -178,15 +180,21 @@ class RedisCoordinator:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
         loaded = await self._registry.get(request.agent)
+        first = await replay.original(self._store, request)
+        if first is not None:
+            return await self._replay(request, first, on_stored)
         token = await self._leases.claim_to_store(request.session_id)
-        if token is None:
-            try:
-                return await self._submit_local(request, loaded.model_name, on_stored)
-            except StoreUnavailable:
-                # The insert may have committed with its reply lost: see ``_recover``.
-                self._recover(request.session_id)
-                raise
-        return await self._submit_remote(request, token, on_stored)
+        try:
+            if token is None:
+                try:
+                    return await self._submit_local(request, loaded.model_name, on_stored)
+                except StoreUnavailable:
+                    # The insert may have committed with its reply lost: see ``_recover``.
+                    self._recover(request.session_id)
+                    raise
+            return await self._submit_remote(request, token, on_stored)
+        except DuplicateMessage as duplicate:  # a request with the same key stored first
+            return await self._replay(request, duplicate.existing, on_stored, token)
 
     async def _submit_local(
         self, request: TurnRequest, model_name: str, on_stored: OnStored | None
@@ -253,6 +261,84 @@ class RedisCoordinator:
             # The owner released the session between our two calls: it is ours now.
             await self.take_over(sid)
         return stored.id
+
+    # -- requests repeating an idempotency key -----------------------------------------
+
+    async def _replay(
+        self,
+        request: TurnRequest,
+        first: Message,
+        on_stored: OnStored | None,
+        token: str | None = None,
+    ) -> Answer:
+        """Answer a request repeating an idempotency key with the answer of ``first``.
+
+        ``token``: the claim that listed this request's insert in flight (it lost the race
+        to store the key), which the nudge in ``_answer_of`` unlists.
+        """
+        replay.check_same_body(request, first)
+        # Listening before anything can publish the answer, so that no publication is missed.
+        self._mailbox.expect(first.session_id, first.id)
+        self._repeats += 1
+        try:
+            return replay.replayed(await self._answer_of(request, first, token, on_stored))
+        finally:
+            self._repeats -= 1
+            self._mailbox.forget(first.id)
+
+    async def _answer_of(
+        self,
+        request: TurnRequest,
+        first: Message,
+        token: str | None,
+        on_stored: OnStored | None,
+    ) -> Answer:
+        sid = first.session_id
+        found: Answer | None = None
+        future = await self.queue.follow(sid, first.id)
+        if future is None and token is None:
+            found = await stored_answer(self._store, first.id)
+        if future is None and found is None:
+            # Our queue does not hold it. Its owner publishes the answers of the messages it
+            # adopted only, so the nudge names the message: the owner follows it (adopting
+            # it if it has not yet) and publishes its answer. A session nobody owned is
+            # ours now: answer every unanswered message, as a takeover does.
+            nudge = json.dumps(
+                {
+                    "session_id": str(sid),
+                    "follow": str(first.id),
+                    "seq": first.seq,
+                    "options": replay.options_of(request, first).to_json(),
+                }
+            )
+            if await self._leases.nudge(sid, nudge, token):
+                await self.take_over(sid)
+                future = await self.queue.follow(sid, first.id)
+            elif self._leases.holds(sid):  # the owner is us: the nudge went nowhere
+                options = replay.options_of(request, first)
+                future = await self._follow_here(sid, first.id, first.seq, options)
+        # Told only now that the message is on its way to an answer: a caller that stops
+        # waiting once told (a background request) leaves nothing half done.
+        if on_stored is not None:
+            on_stored(first.id)
+        if found is not None:
+            return found
+        if future is not None:
+            answer = await asyncio.shield(future)
+            if not isinstance(answer.outcome.error, Handoff):
+                return answer
+        return await self._mailbox.wait(sid, first.id)
+
+    async def _follow_here(
+        self, sid: UUID, message_id: UUID, seq: int, options: RunOptions
+    ) -> asyncio.Future[Answer]:
+        """The answer of a message of a session we own, adopting it if our queue does not
+        hold it (its nudge is on its way, or never comes); published when done."""
+        future = await self.queue.follow(sid, message_id)
+        if future is None:
+            future = self.queue.adopt(sid, message_id, seq, "enqueue", options)
+        self._publish_when_done(message_id, future)
+        return future
 
     def _recover(self, sid: UUID) -> None:
         """A message of ``sid`` may be stored that no run will answer: its caller heard 503
@@ -335,6 +421,11 @@ class RedisCoordinator:
         sid = UUID(body["session_id"])
         if not self._leases.holds(sid) or self._closing:
             return  # the sender's watchdog takes the session over once our lease is gone
+        if "follow" in body:
+            # A caller elsewhere repeats the idempotency key of one of our messages.
+            options = RunOptions.from_json(body["options"])
+            self._spawn(self._follow_here(sid, UUID(body["follow"]), body["seq"], options))
+            return
         if "cancel" in body:
             run_id = body["cancel"]
             self.queue.cancel(sid, UUID(run_id) if run_id else None)
@@ -441,6 +532,7 @@ class RedisCoordinator:
             "leases_held": len(self._leases),
             "callers_waiting_elsewhere": len(self._mailbox),
             "watchers": len(self.events),
+            "repeats_waiting": self._repeats,
             "node": self.node,
         }
 

@@ -27,6 +27,9 @@ Fast path: when a message reaches an idle session with no debounce window and a 
 queue hands ``accept`` a run id so the store can insert the message *and* open the run in one
 write; the run then starts with that prepared turn (once no other insert of the session is in
 flight: a run never starts covering a message whose ``accept`` has not returned).
+
+Following: a request repeating an idempotency key stores nothing; its caller ``follow``s the
+stored message's answer. That is no arrival: it never changes what runs or when.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class _Session:
     timer_due: float = 0.0
     last_arrival: float = 0.0
     next_run_id: UUID | None = None
+    # ``follow`` callers waiting for the session's inserts in flight to come back.
+    landing: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
     def idle(self) -> bool:
@@ -168,6 +173,29 @@ class TurnQueue:
         fast_run_id = self._claim_fast_path(state)
         task = self._spawn(self._accept_and_wait(state, strategy, accept, fast_run_id, options))
         return await asyncio.shield(task)
+
+    async def follow(self, session_id: UUID, message_id: UUID) -> asyncio.Future[Answer] | None:
+        """The answer of a message this queue holds, for one more caller of it (a request
+        repeating its idempotency key); None if the queue does not hold the message.
+
+        Following changes nothing about what runs or when: the message is not a new arrival,
+        so it never supersedes a run, and it is answered by the run that answers it anyway.
+        While inserts of the session are in flight the message may be one of them, stored but
+        not yet back from the store: wait for them before saying None. Await the returned
+        future through ``asyncio.shield``: it is the message's own caller's too.
+        """
+        while True:
+            state = self._sessions.get(session_id)
+            if state is None:
+                return None
+            for waiter in state.waiters:
+                if waiter.message_id == message_id:
+                    return waiter.future
+            if not state.reserved:
+                return None
+            landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            state.landing.append(landed)
+            await landed
 
     def adopt(
         self,
@@ -279,6 +307,7 @@ class TurnQueue:
             accepted = await accept(fast_run_id)
         except BaseException:
             state.reserved -= 1
+            self._landed(state)
             if fast_run_id is not None:
                 state.starting = False
                 self._release_slot()
@@ -302,7 +331,16 @@ class TurnQueue:
         else:
             self._on_arrival(state, waiter)
         self._start_prepared(state)
+        self._landed(state)
         return await waiter.future
+
+    @staticmethod
+    def _landed(state: _Session) -> None:
+        """An insert came back (stored or not): ``follow`` callers look again."""
+        landing, state.landing = state.landing, []
+        for landed in landing:
+            if not landed.done():
+                landed.set_result(None)
 
     def _start_prepared(self, state: _Session) -> None:
         # An insert that overtook the fast one may hold a seq the opened run covers: starting

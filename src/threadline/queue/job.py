@@ -134,6 +134,9 @@ class Answer:
     message_id: UUID
     outcome: Outcome
     superseded: bool
+    # The caller repeated an idempotency key: nothing was stored for it, and this is the
+    # answer of the message the key names.
+    replayed: bool = False
 
 
 class Runner(Protocol):

@@ -9,7 +9,10 @@ locks in opposite orders.
 
 from __future__ import annotations
 
-MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options"
+MSG = (
+    "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options,"
+    " idempotency_key, fingerprint"
+)
 SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
 RUN = (
     "id, session_id, agent, status, message_ids, upto_seq, reply_message_id, superseded_by,"
@@ -19,6 +22,15 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages"
     " (id, session_id, seq, role, content, run_id, payload, channel_payload, options)"
 )
+# A user message may carry an idempotency key. No ON CONFLICT: a key the session holds makes
+# the whole statement fail on the unique index (messages_idempotency_key), so that nothing of
+# it lands (last_seq, the run it would open); ``PostgresStore`` then reads the stored message.
+_INSERT_USER_MESSAGE = (
+    "INSERT INTO messages (id, session_id, seq, role, content, run_id, payload, channel_payload,"
+    " options, idempotency_key, fingerprint)"
+)
+# The unique index whose violation means "this key is stored already".
+KEY_INDEX = "messages_idempotency_key"
 DELIVERY = (
     "id, run_id, session_id, url, body, status, attempts, next_attempt_at, last_error,"
     " last_status_code, created_at, retry_from, delivered_at, lease_owner, lease_expires_at"
@@ -79,7 +91,7 @@ history AS (
     ) newest
 )"""
 
-# Hot path, round-trip 1. Extra parameters: $7.. $13 the message. The new row is invisible to
+# Hot path, round-trip 1. Extra parameters: $7.. $15 the message. The new row is invisible to
 # the statement's own snapshot, so `prompt` unions it in from the INSERT's RETURNING.
 ADD_MESSAGE_AND_START = f"""
 WITH snap AS (
@@ -96,9 +108,9 @@ s AS (
     RETURNING sessions.last_seq AS seq, snap.upto
 ),
 m AS (
-    {_INSERT_MESSAGE}
+    {_INSERT_USER_MESSAGE}
     SELECT $7::uuid, $1::uuid, s.seq, $8::text, $9::text, $10::uuid, $11::bytea, $12::jsonb,
-           $13::jsonb
+           $13::jsonb, $14::text, $15::text
     FROM s
     RETURNING {MSG}
 ),
@@ -213,12 +225,14 @@ WITH s AS (
     UPDATE sessions SET last_seq = last_seq + 1, updated_at = now()
     WHERE id = $1::uuid RETURNING last_seq
 )
-{_INSERT_MESSAGE}
+{_INSERT_USER_MESSAGE}
 SELECT $2::uuid, $1::uuid, s.last_seq, $3::text, $4::text, $5::uuid, $6::bytea, $7::jsonb,
-       $8::jsonb
+       $8::jsonb, $9::text, $10::text
 FROM s
 RETURNING {MSG}
 """
+
+FIND_MESSAGE = f"SELECT {MSG} FROM messages WHERE session_id = $1 AND idempotency_key = $2"
 
 # The run answering a message: succeeded with its reply, or failed (no reply). Served by the
 # GIN index on runs.message_ids (migration 002); at most one run answers a message, as the

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
+from threadline.errors import ThreadlineError
+
 Role = Literal["user", "assistant", "tool"]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "superseded", "cancelled"]
 FINISHED: frozenset[RunStatus] = frozenset({"succeeded", "failed", "superseded", "cancelled"})
@@ -71,6 +73,10 @@ class Message:
     created_at: dt.datetime
     # User messages: the run options their caller asked for (``RunOptions`` as JSON).
     options: dict[str, Any] | None = None
+    # User messages sent with an idempotency key: the key (unique within the session) and the
+    # hash of the body it was sent with.
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,25 @@ class NewMessage:
     payload: bytes | None = None
     channel_payload: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+
+
+class DuplicateMessage(ThreadlineError):
+    """``add_user_message`` refused a message: its session holds one with the same
+    idempotency key (``existing``). Nothing was written.
+
+    Never reaches a client: the coordinator answers the caller with ``existing``'s answer.
+    """
+
+    code = "duplicate_message"
+
+    def __init__(self, existing: Message) -> None:
+        super().__init__(
+            f"session {str(existing.session_id)!r} already holds message "
+            f"{str(existing.id)!r} with idempotency key {existing.idempotency_key!r}"
+        )
+        self.existing = existing
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +290,15 @@ class Store(Protocol):
         With ``start``, this is the first of the hot path's two round-trips: the run answers
         every unanswered message up to the new one and the returned ``Turn`` carries the history
         window. Raises ``SessionNotFound`` if the session is gone.
+
+        A message whose ``idempotency_key`` the session already holds is not stored: this
+        raises ``DuplicateMessage`` naming the stored one, and writes nothing (no run opened,
+        ``last_seq`` unchanged). The unique constraint on (session, key) decides between two
+        concurrent inserts of one key, on any number of processes.
         """
+
+    async def find_message(self, session_id: UUID, idempotency_key: str) -> Message | None:
+        """The session's message stored with ``idempotency_key``, if any."""
 
     async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
         """Open a run for the unanswered messages up to ``start.upto_seq``.

@@ -35,6 +35,7 @@ from threadline.store.base import (
     Attempt,
     Delivery,
     DeliveryStatus,
+    DuplicateMessage,
     EndStatus,
     Message,
     NewDelivery,
@@ -225,21 +226,38 @@ class PostgresStore:
         if message.role != "user":
             raise ValueError(f"add_user_message expects role 'user', got {message.role!r}")
         m = message
-        fields = (m.id, m.role, m.content, m.run_id, m.payload, m.channel_payload, m.options)
-        if start is None:
-            rows = await self._fetch(sql.ADD_MESSAGE, session_id, *fields)
-            if not rows:
-                raise SessionNotFound(f"session {str(session_id)!r} not found")
-            return _message(rows[0]), None
-        args = (*_start_args(session_id, start), *fields)
-        rows = await self._fetch(sql.ADD_MESSAGE_AND_START, *args)
-        if not rows:  # a concurrent writer, or no such session
-            rows = await self._fetch(sql.ADD_MESSAGE_AND_START, *args, lock=session_id)
+        fields = (
+            *(m.id, m.role, m.content, m.run_id, m.payload, m.channel_payload, m.options),
+            *(m.idempotency_key, m.fingerprint),
+        )
+        try:
+            if start is None:
+                rows = await self._fetch(sql.ADD_MESSAGE, session_id, *fields)
+                if not rows:
+                    raise SessionNotFound(f"session {str(session_id)!r} not found")
+                return _message(rows[0]), None
+            args = (*_start_args(session_id, start), *fields)
+            rows = await self._fetch(sql.ADD_MESSAGE_AND_START, *args)
+            if not rows:  # a concurrent writer, or no such session
+                rows = await self._fetch(sql.ADD_MESSAGE_AND_START, *args, lock=session_id)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != sql.KEY_INDEX or m.idempotency_key is None:
+                raise
+            # The statement wrote nothing. The violation is reported only once the other
+            # insert committed, so the message it stored is visible to our next statement.
+            stored = await self.find_message(session_id, m.idempotency_key)
+            if stored is None:  # deleted since, with its session
+                raise SessionNotFound(f"session {str(session_id)!r} not found") from None
+            raise DuplicateMessage(stored) from None
         if not rows:
             raise SessionNotFound(f"session {str(session_id)!r} not found")
         inserted, turn = _turn(rows)
         assert inserted is not None
         return inserted, turn
+
+    async def find_message(self, session_id: UUID, idempotency_key: str) -> Message | None:
+        rows = await self._fetch(sql.FIND_MESSAGE, session_id, idempotency_key)
+        return _message(rows[0]) if rows else None
 
     async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
         if start.upto_seq is None:

@@ -23,6 +23,7 @@ from threadline.store.base import (
     Attempt,
     Delivery,
     DeliveryStatus,
+    DuplicateMessage,
     EndStatus,
     Message,
     NewDelivery,
@@ -40,10 +41,13 @@ from threadline.store.migrations import apply_sqlite, load_migrations
 T = TypeVar("T")
 R = TypeVar("R", Session, Message, Run, Delivery)
 
-_MSG = "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options"
+_MSG = (
+    "id, session_id, seq, role, content, run_id, payload, channel_payload, created_at, options,"
+    " idempotency_key, fingerprint"
+)
 _SESSION = "id, name, agent, user_id, metadata, created_at, updated_at"
 _INSERT_MESSAGE = (
-    f"INSERT INTO messages ({_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG}"
+    f"INSERT INTO messages ({_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG}"
 )
 _BY_NAME = "COALESCE(user_id, '') = COALESCE(?, '') AND name = ?"
 # Primary result codes meaning "the database cannot serve now", not "this statement is wrong":
@@ -196,6 +200,12 @@ class SQLiteStore:
             raise ValueError(f"add_user_message expects role 'user', got {message.role!r}")
 
         def add(db: sqlite3.Connection) -> tuple[Message, Turn | None]:
+            if message.idempotency_key is not None:
+                # Under BEGIN IMMEDIATE nothing else writes between this look and the insert;
+                # the unique index only backs it up.
+                stored = _find_message(db, session_id, message.idempotency_key)
+                if stored is not None:
+                    raise DuplicateMessage(stored)
             (inserted,) = _insert_messages(db, session_id, [message], run_id=message.run_id)
             if start is None:
                 return inserted, None
@@ -203,6 +213,9 @@ class SQLiteStore:
             return inserted, _open_run(db, session_id, start, upto)
 
         return await self._run(add)
+
+    async def find_message(self, session_id: UUID, idempotency_key: str) -> Message | None:
+        return await self._run(_find_message, session_id, idempotency_key, transaction=False)
 
     async def start_run(self, session_id: UUID, start: RunStart) -> Turn | None:
         if start.upto_seq is None:
@@ -540,9 +553,19 @@ def _insert_messages(
             channel,
             now,
             options,
+            m.idempotency_key,
+            m.fingerprint,
         )
         stored.append(_message(db.execute(_INSERT_MESSAGE, values).fetchone()))
     return stored
+
+
+def _find_message(db: sqlite3.Connection, session_id: UUID, key: str) -> Message | None:
+    row = db.execute(
+        f"SELECT {_MSG} FROM messages WHERE session_id = ? AND idempotency_key = ?",
+        (str(session_id), key),
+    ).fetchone()
+    return _message(row) if row else None
 
 
 def _insert_deliveries(
