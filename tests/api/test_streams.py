@@ -309,7 +309,9 @@ async def test_joining_a_message_follows_it_to_its_answer(make_server: AppFactor
 
     assert joined[-1].kind == "run.completed"
     assert joined[-1].data["message"] == "echo: follow me"
+    assert joined[-1].data["message_id"] == message_id
     assert [e.kind for e in after_end] == ["message.accepted", "run.completed"]
+    assert after_end[-1].data["message_id"] == message_id
     assert_error(unknown, 404, "message_not_found")
 
 

@@ -66,11 +66,18 @@ def _sse(kind: str, data: dict[str, Any], event_id: str) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, default=str), event=kind, id=event_id)
 
 
-def _final(answer: Answer, session_id: UUID, event_id: str) -> ServerSentEvent:
+def _final(
+    answer: Answer, session_id: UUID, event_id: str, *, of_run: bool = False
+) -> ServerSentEvent:
+    """The final event from an answer; ``of_run``: for a run's stream, which follows no
+    single message (``message_id`` null, as in the bus's ``run.completed``)."""
     outcome = answer.outcome
     if outcome.error is not None:
         return _failed(outcome.run_id, outcome.message_ids, error_body(outcome.error), event_id)
-    return _sse("run.completed", reply(answer, session_id).model_dump(mode="json"), event_id)
+    body = reply(answer, session_id)
+    if of_run:
+        body.message_id = None
+    return _sse("run.completed", body.model_dump(mode="json"), event_id)
 
 
 def _failed(
@@ -80,8 +87,9 @@ def _failed(
     return _sse("run.failed", data, event_id)
 
 
-def _public(event: RunEvent) -> ServerSentEvent:
-    """A bus event as clients see it; ``run.completed`` in the blocking reply's shape."""
+def _public(event: RunEvent, message_id: UUID | None = None) -> ServerSentEvent:
+    """A bus event as clients see it; ``run.completed`` in the blocking reply's shape (with
+    the followed message's id, if the stream follows one)."""
     data = {"run_id": str(event.run_id), **event.data}
     if event.kind == "run.completed":
         data = RunResponse(
@@ -89,6 +97,7 @@ def _public(event: RunEvent) -> ServerSentEvent:
             session_id=event.session_id,
             run_id=event.run_id,
             message_ids=event.data["message_ids"],
+            message_id=message_id,
             tool_calls=event.data["tool_calls"],
             tool_outputs=event.data["tool_outputs"],
             usage=event.data["usage"],
@@ -245,7 +254,7 @@ async def message_events(
                 return
             while (event := await watch.next(within=RECHECK_S)) is not None:
                 if follower.accept(event) and event_key(event.id) > resume:
-                    yield _public(event)
+                    yield _public(event, message_id)
                 if follower.done:
                     return
 
@@ -278,7 +287,8 @@ async def _run_end(store: Store, run: Run, event_id: str) -> ServerSentEvent:
     if run.status == "succeeded" and run.message_ids:
         answer = await stored_answer(store, run.message_ids[0])
         if answer is not None and answer.outcome.run_id == run.id:
-            return _final(dataclasses.replace(answer, superseded=False), run.session_id, event_id)
+            answer = dataclasses.replace(answer, superseded=False)
+            return _final(answer, run.session_id, event_id, of_run=True)
     closed = run.message_ids if run.status in ("failed", "cancelled") else ()
     if run.status == "cancelled" and run.error_code != "run_cancelled":
         closed = ()  # a shutdown: the messages went to the next run
