@@ -91,8 +91,7 @@ async def test_a_duplicate_of_a_message_a_run_answered_opens_nothing(
 async def session_lock(store: Store, store_url: str) -> AsyncIterator[Any]:
     """PostgreSQL only: hold a session's row lock from a connection of our own, so that
     inserts queue behind it and race for the key once it is let go."""
-    if not isinstance(store, PostgresStore):
-        pytest.skip("SQLite serialises every write on one connection: there is no race")
+    assert isinstance(store, PostgresStore)
     conn = await asyncpg.connect(store_url)
     try:
         yield conn
@@ -113,6 +112,8 @@ async def blocked_behind(store: Store, count: int) -> None:
         await asyncio.sleep(0.005)  # polls another connection's state; the timeout bounds it
 
 
+# PostgreSQL only: SQLite serialises every write on one connection, so there is no race.
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 @pytest.mark.parametrize("path", PATHS)
 async def test_two_concurrent_inserts_of_one_key_store_one_message(
     store: Store, make_session: MakeSession, session_lock: Any, path: str
