@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # in FIFO order, costing nothing). Size it as target turns/s x model latency.
     max_concurrent_runs: int = Field(default=32, ge=1)
     echo_delay_ms: int = Field(default=0, ge=0)
+    # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
+    stream_heartbeat_s: float = Field(default=15.0, gt=0)
 
     queue_strategy: Strategy = "merge"
     merge_window_ms: int = Field(default=0, ge=0)

@@ -388,3 +388,21 @@ async def test_the_echo_model_streams_in_chunks_with_zero_set_up(make_server: Ap
     deltas = [e for e in events if e.kind == "text.delta"]
     assert len(deltas) > 3
     assert "".join(e.data["delta"] for e in deltas) == events[-1].data["message"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_an_idle_stream_gets_heartbeats(make_server: AppFactory) -> None:
+    gate = StreamGate()
+    spec = AgentSpec(name="gate", model=gate.model())
+    async with make_server(agents=[spec], stream_heartbeat_s=0.05) as (client, _):
+        body = {"message_content": "wait", "session_name": f"s-{uuid.uuid4()}", "stream": True}
+        async with client.stream("POST", RUN.format(agent="gate"), json=body) as response:
+            lines = response.aiter_lines()
+            # The run holds after its first chunk: only keep-alive comments come meanwhile.
+            while not (line := await anext(lines)).startswith(": ping"):
+                pass
+            while not (line := await anext(lines)).startswith(": ping"):
+                pass
+            gate.release.set()
+            rest = [line async for line in lines]
+    assert "event: run.completed" in rest

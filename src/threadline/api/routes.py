@@ -39,7 +39,6 @@ from threadline.api.schemas import (
     SessionPage,
 )
 from threadline.api.streams import (
-    HEARTBEAT_S,
     RECHECK_S,
     TurnStream,
     message_events,
@@ -188,7 +187,7 @@ async def run_agent(
     if _wants_stream(body, request):
         stream = TurnStream(services.coordinator, turn)
         await stream.start()  # errors before the message is stored are still statuses
-        return stream.response()
+        return stream.response(settings.stream_heartbeat_s)
     answer = await services.coordinator.submit(turn)
     if answer.replayed:
         response.headers[REPLAYED_HEADER] = "true"
@@ -283,7 +282,7 @@ async def run_event_stream(
     streamed so far (after ``Last-Event-ID``), then live until it ends."""
     run = await _find_run(services.store, run_id)
     events = run_events(services.coordinator, services.store, run, last_event_id)
-    return EventSourceResponse(events, ping=HEARTBEAT_S)
+    return EventSourceResponse(events, ping=services.settings.stream_heartbeat_s)
 
 
 @router.get(
@@ -304,7 +303,7 @@ async def message_event_stream(
     events = message_events(
         services.coordinator, services.store, message.session_id, message.id, last_event_id
     )
-    return EventSourceResponse(events, ping=HEARTBEAT_S)
+    return EventSourceResponse(events, ping=services.settings.stream_heartbeat_s)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut, responses=errors(404, 409, 422, 503))

@@ -36,8 +36,6 @@ from threadline.events import RunEvent, event_key
 from threadline.queue.job import Answer
 from threadline.store import Run, Store
 
-# Seconds between keep-alive comments, so proxies keep an idle stream open.
-HEARTBEAT_S = 15.0
 # A joiner that heard nothing for this long asks the store whether its run or message ended.
 RECHECK_S = 5.0
 # The id of the event a stream starts with; bus ids are all greater.
@@ -169,9 +167,9 @@ class TurnStream:
             await self.aclose()
             raise
 
-    def response(self) -> EventSourceResponse:
+    def response(self, heartbeat_s: float) -> EventSourceResponse:
         return EventSourceResponse(
-            self.events(), ping=HEARTBEAT_S, headers={"X-Session-Id": str(self._request.session_id)}
+            self.events(), ping=heartbeat_s, headers={"X-Session-Id": str(self._request.session_id)}
         )
 
     async def events(self) -> AsyncIterator[ServerSentEvent]:
