@@ -399,9 +399,9 @@ async def test_an_idle_stream_gets_heartbeats(make_server: AppFactory) -> None:
         async with client.stream("POST", RUN.format(agent="gate"), json=body) as response:
             lines = response.aiter_lines()
             # The run holds after its first chunk: only keep-alive comments come meanwhile.
-            while not (line := await anext(lines)).startswith(": ping"):
+            while not (await anext(lines)).startswith(": ping"):
                 pass
-            while not (line := await anext(lines)).startswith(": ping"):
+            while not (await anext(lines)).startswith(": ping"):
                 pass
             gate.release.set()
             rest = [line async for line in lines]
