@@ -27,6 +27,7 @@ from threadline.api import errors as api_errors
 from threadline.api.access import LoopbackOnly
 from threadline.api.deps import Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge, error_response
+from threadline.api.openai import router as openai_router
 from threadline.api.routes import router
 from threadline.config import Settings, load_settings
 from threadline.coordination import Coordinator
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     api_errors.install(app)
     contract.install(app, settings)
     app.include_router(router)
+    app.include_router(openai_router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key is None:
         # Added last, so it runs first: a refused peer costs no body reading.

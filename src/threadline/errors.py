@@ -3,6 +3,8 @@
 ThreadlineError
 ├── ConfigError            invalid settings at start-up (never reaches HTTP)
 ├── InvalidRequest         400/422: input the domain rejects after schema validation
+├── BadParameter           400: an OpenAI-compatible request the server cannot honour
+│   └── UnsupportedParameter   a field it does not support (named in ``param``)
 │   ├── InvalidIdempotencyKey 422: header and field differ, or no session to scope the key
 │   ├── IdempotencyKeyReused  422: the key names a message sent with another body
 │   ├── WebhookNotAllowed  a webhook_url whose scheme or host is not allowed
@@ -71,6 +73,21 @@ class WebhookNotAllowed(InvalidRequest):
 
 class WebhookSecretUnset(InvalidRequest):
     code = "webhook_secret_unset"
+
+
+class BadParameter(ThreadlineError):
+    code = "invalid_value"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameter(BadParameter):
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, why: str = "") -> None:
+        super().__init__(f"{param!r} is not supported by this server{why}", param)
 
 
 class NotFound(ThreadlineError):

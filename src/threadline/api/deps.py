@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from threadline.agents import AgentRegistry
 from threadline.api.errors import Unauthorized
@@ -42,12 +42,28 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-async def require_api_key(
-    services: ServicesDep, key: Annotated[str | None, Depends(_api_key_header)]
-) -> None:
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _check_key(services: Services, key: str | None, what: str) -> None:
     expected = services.settings.api_key
     if expected is None:
         return
     # Constant-time comparison: the key must not leak through response timing.
     if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("missing or invalid X-API-Key header")
+        raise Unauthorized(f"missing or invalid {what}")
+
+
+async def require_api_key(
+    services: ServicesDep, key: Annotated[str | None, Depends(_api_key_header)]
+) -> None:
+    _check_key(services, key, "X-API-Key header")
+
+
+async def require_openai_key(
+    services: ServicesDep,
+    key: Annotated[str | None, Depends(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """The API key as OpenAI's clients send it (``Authorization: Bearer``), or X-API-Key."""
+    _check_key(services, key or (bearer.credentials if bearer else None), "API key")

@@ -1,4 +1,9 @@
-"""The one place where errors become HTTP responses: ``{"error": {"code", "message", ...}}``."""
+"""The one place where errors become HTTP responses: ``{"error": {"code", "message", ...}}``.
+
+Under ``/v1`` (the OpenAI-compatible API) the same errors take OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, and a request the schema refuses is 400
+there, as OpenAI answers it, not 422.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from starlette.routing import Match
 
 from threadline.errors import (
     AgentUnavailable,
+    BadParameter,
     CoordinatorUnavailable,
     InvalidRequest,
     ModelError,
@@ -32,6 +38,7 @@ from threadline.errors import (
 log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[ThreadlineError], int]] = [
+    (BadParameter, 400),
     (InvalidRequest, 422),
     (NotFound, 404),
     (SessionBusy, 409),
@@ -66,14 +73,68 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _openai_type(status: int) -> str:
+    return _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def openai_error_body(exc: BaseException) -> dict[str, Any]:
+    """An error as an OpenAI stream tells it, once the response has begun."""
+    body = error_body(exc)
+    status = next((s for kind, s in STATUS if isinstance(exc, kind)), 500)
+    return {
+        "message": body["message"],
+        "type": _openai_type(status),
+        "param": None,
+        "code": body["code"],
+    }
+
+
+def openai_error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error in OpenAI's shape; the type follows the status as OpenAI's do."""
+    body = {"message": message, "type": _openai_type(status), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _respond(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(status, code, message, headers, extra.get("param"))
+    return error_response(status, code, message, headers, **extra)
+
+
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ThreadlineError)
     if isinstance(exc, PayloadTooLarge):
-        return error_response(413, exc.code, str(exc))
+        return _respond(request, 413, exc.code, str(exc))
     if isinstance(exc, Unauthorized):
-        return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "X-API-Key"})
+        return _respond(request, 401, exc.code, str(exc), {"WWW-Authenticate": "X-API-Key"})
     if isinstance(exc, Forbidden):
-        return error_response(403, exc.code, str(exc))
+        return _respond(request, 403, exc.code, str(exc))
     status = next((s for kind, s in STATUS if isinstance(exc, kind)), 500)
     headers = None
     extra: dict[str, Any] = {}
@@ -88,7 +149,9 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         # The driver's words (hosts, states, SQL errors) go to the log, not to the client.
         log.warning("%s on %s %s: %s", exc.code, request.method, request.url.path, exc)
         message = _UNAVAILABLE_MESSAGE[exc.code]
-    return error_response(status, exc.code, message, headers, **extra)
+    if isinstance(exc, BadParameter):
+        extra["param"] = exc.param
+    return _respond(request, status, exc.code, message, headers, **extra)
 
 
 _UNAVAILABLE_MESSAGE = {
@@ -117,7 +180,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     first = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"] if p != "body")
-    return error_response(422, "validation_error", f"{where}: {first['msg']}", details=details)
+    message = f"{where}: {first['msg']}"
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(400, "invalid_value", message, param=where or None)
+    return error_response(422, "validation_error", message, details=details)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -130,7 +196,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette lists the methods of the first route whose path matched; a path served by
         # several routes (GET and DELETE /sessions/{id}) allows the methods of all of them.
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    return error_response(exc.status_code, code, str(exc.detail), headers)
+    return _respond(request, exc.status_code, code, str(exc.detail), headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -150,8 +216,8 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     if isinstance(exc, OSError | ConnectionError):
-        return error_response(503, "unavailable", "a dependency is unreachable")
-    return error_response(500, "internal_error", "internal server error")
+        return _respond(request, 503, "unavailable", "a dependency is unreachable")
+    return _respond(request, 500, "internal_error", "internal server error")
 
 
 def install(app: FastAPI) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -172,19 +172,19 @@ class TurnStream:
             self.events(), ping=heartbeat_s, headers={"X-Session-Id": str(self._request.session_id)}
         )
 
-    async def events(self) -> AsyncIterator[ServerSentEvent]:
+    async def follow(self) -> AsyncGenerator[RunEvent | Answer | Exception, None]:
+        """The message's run events as they come, then its answer (or what failed it): the
+        body of every kind of stream (native SSE here, OpenAI's chunks in ``api/openai``)."""
         assert self._watch is not None
         assert self._submit is not None
         assert self.message_id is not None
-        watch, submit, sid = self._watch, self._submit, self._request.session_id
+        watch, submit = self._watch, self._submit
         follower = MessageFollower(self.message_id)
         try:
-            accepted = {"message_id": str(self.message_id), "session_id": str(sid)}
-            yield _sse("message.accepted", accepted, ACCEPTED_ID)
             while not submit.done():
                 event = await watch.next()
                 if event is not None and follower.accept(event) and not follower.done:
-                    yield _public(event)
+                    yield event
             # The answer is in, but it may have overtaken the run's events: the runner emits
             # them before it answers, and a publishing task (in this process or another)
             # takes them to the bus. Take what the log has, then wait for the event that
@@ -199,18 +199,39 @@ class TurnStream:
                 event = await watch.next(within=remaining)
                 if event is not None:
                     if follower.accept(event) and not follower.done:
-                        yield _public(event)
+                        yield event
                 elif remaining == 0:
                     break
-            last = watch.last_id or ACCEPTED_ID
             try:
-                answer = submit.result()
+                yield submit.result()
             except Exception as exc:
-                yield _failed(None, (), error_body(exc), last)
-            else:
-                yield _final(answer, sid, last)
+                yield exc
         finally:
             await self.aclose()
+
+    @property
+    def session_id(self) -> UUID:
+        return self._request.session_id
+
+    @property
+    def last_id(self) -> str:
+        """The id of the last bus event ``follow`` read (the final event's id)."""
+        return (self._watch.last_id if self._watch is not None else "") or ACCEPTED_ID
+
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The native SSE body (README, Streaming)."""
+        assert self.message_id is not None
+        sid = self._request.session_id
+        accepted = {"message_id": str(self.message_id), "session_id": str(sid)}
+        yield _sse("message.accepted", accepted, ACCEPTED_ID)
+        async with contextlib.aclosing(self.follow()) as items:
+            async for item in items:
+                if isinstance(item, RunEvent):
+                    yield _public(item)
+                elif isinstance(item, Answer):
+                    yield _final(item, sid, self.last_id)
+                else:
+                    yield _failed(None, (), error_body(item), self.last_id)
 
     async def aclose(self) -> None:
         if self._submit is not None and not self._submit.done():

@@ -383,3 +383,18 @@ ORDER BY page.created_at DESC, page.id DESC
 """
 LIST_DELIVERIES = _LIST_DELIVERIES_TEMPLATE.format(where="")
 LIST_DELIVERIES_BY_STATUS = _LIST_DELIVERIES_TEMPLATE.format(where="WHERE status = $3")
+
+# Only into a session that has no message yet: the UPDATE's WHERE decides, under the row lock.
+SEED_HISTORY = f"""
+WITH s AS (
+    UPDATE sessions
+    SET last_seq = cardinality($2::uuid[]), answered_seq = cardinality($2::uuid[]),
+        updated_at = now()
+    WHERE id = $1::uuid AND last_seq = 0
+    RETURNING id
+)
+{_INSERT_MESSAGE}
+SELECT e.id, s.id, e.ord, e.role, e.content, NULL, NULL, NULL, NULL
+FROM s, unnest($2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY AS e (id, role, content, ord)
+RETURNING seq
+"""

@@ -279,6 +279,12 @@ class Store(Protocol):
 
     async def get_message(self, message_id: UUID) -> Message | None: ...
 
+    async def seed_history(self, session_id: UUID, rows: list[NewMessage]) -> bool:
+        """Give a session with no messages a history it did not live (a client that brings
+        its own conversation): ``rows`` take seqs 1..n and count as answered, so they are
+        context for the next run and never prompted. False, writing nothing, if the session
+        has messages already."""
+
     async def active_run(self, session_id: UUID) -> Run | None:
         """The session's current run (the fence) if it has not ended: the one a cancel stops."""
 

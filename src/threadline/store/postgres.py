@@ -216,6 +216,16 @@ class PostgresStore:
         rows = await self._fetch(sql.GET_RUN, run_id)
         return _run(rows[0]) if rows else None
 
+    async def seed_history(self, session_id: UUID, rows: list[NewMessage]) -> bool:
+        if not rows:
+            return True
+        ids, roles, contents = (
+            [r.id for r in rows],
+            [r.role for r in rows],
+            [r.content for r in rows],
+        )
+        return bool(await self._fetch(sql.SEED_HISTORY, session_id, ids, roles, contents))
+
     async def active_run(self, session_id: UUID) -> Run | None:
         rows = await self._fetch(sql.ACTIVE_RUN, session_id)
         return _run(rows[0]) if rows else None

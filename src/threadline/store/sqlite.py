@@ -190,6 +190,25 @@ class SQLiteStore:
     async def get_run(self, run_id: UUID) -> Run | None:
         return await self._run(_get_run, run_id, transaction=False)
 
+    async def seed_history(self, session_id: UUID, rows: list[NewMessage]) -> bool:
+        def seed(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT last_seq FROM sessions WHERE id = ?", (str(session_id),)
+            ).fetchone()
+            if row is None:
+                raise SessionNotFound(f"session {str(session_id)!r} not found")
+            if row[0] != 0:
+                return False
+            _insert_messages(db, session_id, rows, run_id=None)
+            db.execute(
+                "UPDATE sessions SET answered_seq = last_seq WHERE id = ?", (str(session_id),)
+            )
+            return True
+
+        if not rows:
+            return True
+        return await self._run(seed)
+
     async def active_run(self, session_id: UUID) -> Run | None:
         return await self._run(_active_run, session_id, transaction=False)
 
