@@ -76,7 +76,7 @@ class WebhookSecretUnset(InvalidRequest):
 
 
 class BadParameter(ThreadlineError):
-    code = "invalid_value"
+    code = "invalid_input"
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

@@ -23,7 +23,7 @@ import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from threadline.api.errors import Forbidden, error_response
+from threadline.api.errors import Forbidden, error_for_path
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -56,7 +56,8 @@ class LoopbackOnly:
             # Closing before accepting refuses the handshake; the server answers it with 403.
             await send({"type": "websocket.close", "code": 1008})
             return
-        response = error_response(
+        response = error_for_path(
+            scope["path"],
             403,
             Forbidden.code,
             "THREADLINE_API_KEY is unset, so this server answers only clients on its own "

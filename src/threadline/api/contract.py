@@ -11,13 +11,14 @@ without a key, every route but ``/health`` may answer 403 instead (clients on ot
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from threadline.api.access import OPEN_PATHS
-from threadline.api.schemas import ErrorBody
+from threadline.api.schemas import ErrorBody, OpenAIErrorBody
 from threadline.config import Settings
 from threadline.delivery.targets import url_schema
 
@@ -64,8 +65,13 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: _response(status) for status in statuses}
 
 
-def _response(status: int) -> dict[str, Any]:
-    response: dict[str, Any] = {"model": ErrorBody, "description": _ERRORS[status]}
+def openai_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a /v1 route: the same statuses, in OpenAI's error shape."""
+    return {status: _response(status, OpenAIErrorBody) for status in statuses}
+
+
+def _response(status: int, model: type[Any] = ErrorBody) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": model, "description": _ERRORS.get(status, "")}
     if status in _HEADERS:
         response["headers"] = _HEADERS[status]
     return response
@@ -96,11 +102,15 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
     components = document.setdefault("components", {})
-    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-    unauthorized = {"description": _ERRORS[401], "headers": _HEADERS[401], "content": body}
-    forbidden = {"description": _ERRORS[403], "content": body}
     for route, path in document.get("paths", {}).items():
+        schema = "OpenAIErrorBody" if route.startswith("/v1/") else "ErrorBody"
+        body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        unauthorized = {"description": _ERRORS[401], "headers": _HEADERS[401], "content": body}
+        forbidden = {"description": _ERRORS[403], "content": body}
         for operation in path.values():
+            if route.startswith("/v1/"):
+                # OpenAI's API refuses invalid requests with 400, never 422 (api/errors.py).
+                operation["responses"].pop("422", None)
             if not keyed and route not in OPEN_PATHS:
                 operation["responses"]["403"] = forbidden
             if "security" not in operation:
@@ -111,4 +121,8 @@ def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
                 del operation["security"]
     if not keyed:
         components.pop("securitySchemes", None)
+    if "#/components/schemas/HTTPValidationError" not in json.dumps(document["paths"]):
+        # FastAPI's own 422 body, declared only for the 422s removed above.
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
     return document

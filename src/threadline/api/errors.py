@@ -114,6 +114,15 @@ def openai_error(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def error_for_path(
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the shape of the API that ``path`` belongs to (for middleware)."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error(status, code, message, headers)
+    return error_response(status, code, message, headers)
+
+
 def _respond(
     request: Request,
     status: int,
@@ -182,6 +191,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     message = f"{where}: {first['msg']}"
     if request.url.path.startswith(OPENAI_PREFIX):
+        if first.get("type") == "extra_forbidden":
+            message = f"{where!r} is not supported by this server"
+            return openai_error(400, "unsupported_parameter", message, param=where)
         return openai_error(400, "invalid_value", message, param=where or None)
     return error_response(422, "validation_error", message, details=details)
 

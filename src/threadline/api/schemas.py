@@ -233,3 +233,16 @@ class ErrorBody(BaseModel):
     """Every error response, whatever its status."""
 
     error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error response under /v1, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail

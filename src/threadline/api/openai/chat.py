@@ -26,6 +26,7 @@ from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from threadline.api.contract import openai_errors
 from threadline.api.deps import Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, openai_error_body
 from threadline.api.openai.conversation import Turn, find_session, seed
@@ -60,13 +61,14 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # A field not declared here is refused (400 ``unsupported_parameter`` naming it).
+    model_config = ConfigDict(extra="forbid")
 
     model: StorableText
     messages: list[ChatMessage] = Field(min_length=1)
@@ -76,12 +78,6 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[StorableText, StorableText] | None = None
     # OpenAI's "store the completion": threadline stores every conversation anyway.
     store: StrictBool | None = None
-
-
-def unsupported(body: BaseModel, where: str = "") -> None:
-    """400 naming the first field the server does not support."""
-    for name in body.model_extra or {}:
-        raise UnsupportedParameter(f"{where}{name}")
 
 
 def text_of(message: ChatMessage, where: str) -> str:
@@ -139,7 +135,7 @@ def metadata(answer: Answer, session_id: UUID) -> dict[str, str]:
     }
 
 
-@router.get("/models")
+@router.get("/models", responses=openai_errors(503))
 async def list_models(services: ServicesDep) -> dict[str, Any]:
     """The agents, as OpenAI lists models."""
     return {
@@ -151,7 +147,7 @@ async def list_models(services: ServicesDep) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=openai_errors(404, 503))
 async def get_model(model: str, services: ServicesDep) -> dict[str, Any]:
     await services.registry.get(model)  # 404 agent_not_found
     return {"id": model, "object": "model", "created": CREATED, "owned_by": "threadline"}
@@ -186,16 +182,17 @@ async def turn_request(
     )
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses=openai_errors(400, 404, 409, 413, 429, 502, 503, 504),
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     response: Response,
     services: ServicesDep,
     x_session_id: Annotated[StorableText | None, Header()] = None,
 ) -> dict[str, Any] | EventSourceResponse:
-    unsupported(body)
-    if body.stream_options is not None:
-        unsupported(body.stream_options, "stream_options.")
     named = x_session_id or (body.metadata or {}).get("session_id")
     request = await turn_request(
         services, body.model, conversation(body.messages), named, body.user, body.stream
