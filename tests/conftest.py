@@ -21,7 +21,7 @@ pytest_plugins = ["tests.apps"]
 REQUIRE_SERVICES = os.environ.get("THREADLINE_REQUIRE_SERVICES") == "1"
 
 
-def _service_url(var: str) -> str:
+def service_url(var: str) -> str:
     url = os.environ.get(var)
     if url:
         return url
@@ -32,12 +32,12 @@ def _service_url(var: str) -> str:
 
 @pytest.fixture
 def pg_url() -> str:
-    return _service_url("THREADLINE_TEST_DATABASE_URL")
+    return service_url("THREADLINE_TEST_DATABASE_URL")
 
 
 @pytest.fixture
 def redis_url() -> str:
-    return _service_url("THREADLINE_TEST_REDIS_URL")
+    return service_url("THREADLINE_TEST_REDIS_URL")
 
 
 @pytest.fixture(autouse=True)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.apps import AppFactory
 from tests.multiprocess.conftest import free_port
+from tests.serving import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_PER_OPERATION = 15
@@ -61,27 +60,13 @@ def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log)
+        wait_healthy(url, process, log)
         yield url
     finally:
         process.terminate()
         process.wait(20)
     # A fault the fuzzer provoked but the response hid would still be in the log.
     assert "Traceback" not in log.read_text(), log.read_text()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polls another process; bounded by the deadline
-    pytest.fail(f"server did not answer within {STARTUP_S}s:\n{log.read_text()}")
 
 
 @pytest.mark.allow_blocking

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
-from tests.conftest import REQUIRE_SERVICES, _service_url
+from tests.conftest import REQUIRE_SERVICES, service_url
 from threadline.store import PostgresStore, Session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -331,12 +331,12 @@ def assert_one_runner(found: list[asyncpg.Record], winner: str) -> None:
 
 @pytest.fixture(scope="module")
 def pg_dsn() -> str:
-    return _service_url("THREADLINE_TEST_DATABASE_URL")
+    return service_url("THREADLINE_TEST_DATABASE_URL")
 
 
 @pytest.fixture(scope="module")
 def redis_dsn() -> str:
-    return _service_url("THREADLINE_TEST_REDIS_URL")
+    return service_url("THREADLINE_TEST_REDIS_URL")
 
 
 @pytest.fixture(scope="module")

@@ -376,3 +376,24 @@ async def test_unreachable_postgres_is_store_unavailable() -> None:
 async def test_unopenable_sqlite_is_store_unavailable(tmp_path: Any) -> None:
     with pytest.raises(StoreUnavailable, match="cannot open SQLite"):
         await SQLiteStore.connect(f"sqlite:///{tmp_path}/missing-dir/db.sqlite")
+
+
+async def test_a_seeded_history_is_context_never_a_prompt(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = await make_session()
+    brought = [
+        NewMessage(id=uuid4(), role="user", content="my name is Ada"),
+        NewMessage(id=uuid4(), role="assistant", content="hello Ada"),
+    ]
+    assert await store.seed_history(session.id, brought)
+    assert await store.unanswered(session.id) == []
+    # Only into a session without messages: a second seed writes nothing.
+    assert not await store.seed_history(session.id, [NewMessage(uuid4(), "user", "again")])
+
+    message, turn = await store.add_user_message(session.id, user("who am I?"), start=starting())
+
+    assert message.seq == 3
+    assert turn is not None
+    assert [m.content for m in turn.history] == ["my name is Ada", "hello Ada"]
+    assert [m.content for m in turn.prompt] == ["who am I?"]
