@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from threadline import __version__
+from threadline import __version__, web
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
 from threadline.api import contract
@@ -185,11 +186,13 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
             )
             yield
 
-    app = FastAPI(title="threadline", version=__version__, lifespan=lifespan)
+    # /docs and /redoc with their assets served from a package, not a CDN: they work offline.
+    app = FastAPIOffline(title="threadline", version=__version__, lifespan=lifespan)
     api_errors.install(app)
     contract.install(app, settings)
     app.include_router(router)
     app.include_router(openai_router)
+    web.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key is None:
         # Added last, so it runs first: a refused peer costs no body reading.
