@@ -14,6 +14,7 @@ ThreadlineError
 │   ├── SessionNotFound
 │   ├── RunNotFound
 │   ├── MessageNotFound
+│   │   └── ResponseNotFound   an OpenAI response id (a user message) that names none
 │   └── DeliveryNotFound
 ├── SessionBusy            409: strategy ``reject`` and the session has a turn in flight
 ├── RunNotActive           409: a cancel named a run that has ended, or a session with none
@@ -108,6 +109,10 @@ class RunNotFound(NotFound):
 
 class MessageNotFound(NotFound):
     code = "message_not_found"
+
+
+class ResponseNotFound(MessageNotFound):
+    code = "response_not_found"
 
 
 class DeliveryNotFound(NotFound):

@@ -290,6 +290,8 @@ class TurnRunner:
                     prompt,
                     message_history=to_model_messages(turn.history),
                     deps=deps,
+                    # The newest answered message's caller's, appended to the agent's own.
+                    instructions=options.instructions,
                     capabilities=[TOOL_ERRORS],
                 ) as agent_run,
             ):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -12,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import errors
 from threadline.api.deps import Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
@@ -39,7 +38,6 @@ from threadline.api.schemas import (
     SessionPage,
 )
 from threadline.api.streams import (
-    RECHECK_S,
     TurnStream,
     message_events,
     reply,
@@ -104,8 +102,6 @@ EVENT_STREAM: dict[int | str, dict[str, Any]] = {
         "content": {"text/event-stream": {"schema": SSE_EVENT}},
     }
 }
-# A cancel waits this long for the run to end before it answers with the run as it is.
-CANCEL_WAIT_S = 10.0
 
 
 def _wants_stream(body: RunRequest, request: Request) -> bool:
@@ -340,36 +336,10 @@ async def _find_run(store: Store, run_id: UUID) -> Run:
 
 
 async def _cancel(services: Services, run: Run, response: Response) -> RunOut:
-    if run.status in FINISHED:
-        raise RunNotActive(f"run {str(run.id)!r} has ended: {run.status}")
-    coordinator = services.coordinator
-    async with coordinator.events.watch(run.session_id) as watch:
-        if not await coordinator.cancel(run.session_id, run.id):
-            now = await services.store.get_run(run.id)
-            if now is None or now.status in FINISHED:
-                return RunOut.model_validate(now or run, from_attributes=True)
-            # Owned here, open in the store, but not cancellable: it is committing, or not
-            # started yet. Either way it ends without us.
-            raise RunNotActive(f"run {str(run.id)!r} is finishing and can no longer be cancelled")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CANCEL_WAIT_S):
-                while True:
-                    event = await watch.next(within=RECHECK_S)
-                    if event is not None and event.run_id == run.id and event.terminal:
-                        break
-                    if event is None and await _ended(services.store, run.id):
-                        break
-    now = await services.store.get_run(run.id)
-    if now is None:
-        raise RunNotFound(f"run {str(run.id)!r} was deleted with its session")
+    now = await cancel_and_wait(services, run)
     if now.status not in FINISHED:
         response.status_code = 202
     return RunOut.model_validate(now, from_attributes=True)
-
-
-async def _ended(store: Store, run_id: UUID) -> bool:
-    now = await store.get_run(run_id)
-    return now is None or now.status in FINISHED
 
 
 @router.get("/sessions/{id_or_name}/runs", response_model=RunPage, responses=errors(404, 422, 503))

@@ -34,6 +34,9 @@ class TurnRequest:
     # Names the message within its session: a request repeating it stores nothing and gets
     # the answer of the message stored first (``coordination/replay.py``).
     idempotency_key: str | None = None
+    # Added to the agent's instructions by the run that answers this message, when this is the
+    # newest message that run answers (``RunOptions``).
+    instructions: str | None = None
 
     @property
     def options(self) -> RunOptions:
@@ -44,6 +47,7 @@ class TurnRequest:
             self.context,
             stream=self.stream,
             webhook_url=self.webhook_url,
+            instructions=self.instructions,
         )
 
     @property

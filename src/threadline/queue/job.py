@@ -33,6 +33,10 @@ class RunOptions:
     stream: bool = False
     # Where to POST the reply (delivery/); None: the agent's default, if it has one.
     webhook_url: str | None = None
+    # Added to the agent's own instructions for this run (OpenAI's ``instructions``). A run
+    # that answers several messages takes the newest one's options (``Job.options``), so the
+    # instructions of the newest message apply.
+    instructions: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         raw = {
@@ -45,6 +49,8 @@ class RunOptions:
             raw["stream"] = True
         if self.webhook_url is not None:
             raw["webhook_url"] = self.webhook_url
+        if self.instructions is not None:
+            raw["instructions"] = self.instructions
         return raw
 
     @classmethod
@@ -56,6 +62,7 @@ class RunOptions:
             raw.get("context", {}),
             stream=bool(raw.get("stream", False)),
             webhook_url=raw.get("webhook_url"),
+            instructions=raw.get("instructions"),
         )
 
 

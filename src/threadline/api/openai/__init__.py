@@ -10,9 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from threadline.api.deps import require_openai_key
-from threadline.api.openai import chat
+from threadline.api.openai import chat, responses
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_openai_key)], tags=["openai"])
 router.include_router(chat.router)
+router.include_router(responses.router)
 
 __all__ = ["router"]
