@@ -21,7 +21,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.conftest import _service_url
+from tests.conftest import service_url
 from tests.multiprocess.conftest import free_port, server_env
 from tests.openai_api.agents import AGENT_INSTRUCTIONS, WAITING
 
@@ -32,8 +32,8 @@ POLL_S = 0.02
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A ``threadline serve`` process with the built-in agents and those of ``agents.py``."""
-    database = _service_url("THREADLINE_TEST_DATABASE_URL")
-    redis = _service_url("THREADLINE_TEST_REDIS_URL")
+    database = service_url("THREADLINE_TEST_DATABASE_URL")
+    redis = service_url("THREADLINE_TEST_REDIS_URL")
     port = free_port()
     env = server_env(database, redis, agents_module="tests.openai_api.agents", port=port)
     log = tmp_path_factory.mktemp("responses") / "server.log"
