@@ -30,6 +30,8 @@ def serving(log: Path, **settings: str) -> Iterator[str]:
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    # Agents modules of the tests (THREADLINE_AGENTS_MODULE=tests....) import from here.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(THREADLINE_PORT=str(port), THREADLINE_GC_TUNING="0", **settings)
     with log.open("wb") as out:
         process = subprocess.Popen(

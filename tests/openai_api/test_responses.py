@@ -8,12 +8,9 @@ model call per burst" independent of timing.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,51 +19,26 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from tests.conftest import service_url
-from tests.multiprocess.conftest import free_port, server_env
 from tests.openai_api.agents import AGENT_INSTRUCTIONS, WAITING
+from tests.serving import serving
 
-STARTUP_S = 30.0
 POLL_S = 0.02
 
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A ``threadline serve`` process with the built-in agents and those of ``agents.py``."""
-    database = service_url("THREADLINE_TEST_DATABASE_URL")
-    redis = service_url("THREADLINE_TEST_REDIS_URL")
-    port = free_port()
-    env = server_env(database, redis, agents_module="tests.openai_api.agents", port=port)
     log = tmp_path_factory.mktemp("responses") / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "serve"],
-            cwd=log.parent,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process, log)
+    with serving(
+        log,
+        THREADLINE_DATABASE_URL=service_url("THREADLINE_TEST_DATABASE_URL"),
+        THREADLINE_REDIS_URL=service_url("THREADLINE_TEST_REDIS_URL"),
+        THREADLINE_AGENTS_MODULE="tests.openai_api.agents",
+        THREADLINE_POOL_MAX_SIZE="5",
+        THREADLINE_SHUTDOWN_GRACE_S="1",
+    ) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(20)
     assert "Traceback" not in log.read_text(), log.read_text()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polls another process; bounded by the deadline
-    pytest.fail(f"server did not answer within {STARTUP_S}s:\n{log.read_text()}")
 
 
 @pytest.fixture
