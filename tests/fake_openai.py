@@ -33,6 +33,8 @@ def words(text: str) -> list[str]:
 @dataclass
 class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # Each request's headers, names lower-cased: what the client sent the host it was given.
+    headers: list[dict[str, str]] = field(default_factory=list)
     held: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -51,6 +53,7 @@ class FakeOpenAI:
                 break
         body = json.loads(raw)
         self.requests.append(body)
+        self.headers.append({k.decode().lower(): v.decode() for k, v in scope["headers"]})
         last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
         text = last["content"] if isinstance(last["content"], str) else json.dumps(last["content"])
         if body.get("stream"):

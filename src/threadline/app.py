@@ -14,7 +14,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
@@ -39,6 +39,9 @@ from threadline.errors import ConfigError
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store, open_store
 
+if TYPE_CHECKING:
+    from threadline.tracing import Tracing
+
 log = logging.getLogger("threadline")
 
 
@@ -48,15 +51,18 @@ async def open_coordinator(
     store: Store,
     registry: AgentRegistry,
     on_delivery: Callable[[], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
     alone: LocalCoordinator | None = None
     if settings.redis_url:
         from threadline.coordination.redis import RedisCoordinator
 
-        coordinator = await RedisCoordinator.connect(settings, store, registry, on_delivery)
+        coordinator = await RedisCoordinator.connect(
+            settings, store, registry, on_delivery, tracing
+        )
     else:
-        coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery)
+        coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery, tracing)
     try:
         if alone is not None:
             # With Redis, the watchdog finds a stopped process's sessions (threadline:active).
@@ -68,17 +74,22 @@ async def open_coordinator(
 
 @contextlib.asynccontextmanager
 async def open_services(
-    settings: Settings, agents: Sequence[AgentSpec] = ()
+    settings: Settings, agents: Sequence[AgentSpec] = (), tracing: Tracing | None = None
 ) -> AsyncIterator[Services]:
     """Every resource the server needs, opened in order and closed in reverse.
 
     ``agents`` adds (or overrides by name) specs besides the built-in and the user's module.
+    With ``tracing``, asyncpg, Redis and the agents are traced (``tracing.py``).
     """
     async with contextlib.AsyncExitStack() as stack:
+        if tracing is not None:
+            # First in, last out: the store's and Redis's last statements are traced too.
+            await stack.enter_async_context(tracing.instrumenting())
         registry = AgentRegistry(
             [*load_specs(settings.agents_module), *agents],
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
+            instrument=tracing.agents if tracing is not None else None,
         )
         stack.push_async_callback(registry.aclose)
         check_webhooks(settings, registry.specs)
@@ -90,10 +101,25 @@ async def open_services(
             # process polls an outbox that stays empty.
             deliverer = await stack.enter_async_context(Deliverer.running(store, settings))
         coordinator = await stack.enter_async_context(
-            open_coordinator(settings, store, registry, deliverer.wake if deliverer else None)
+            open_coordinator(
+                settings, store, registry, deliverer.wake if deliverer else None, tracing
+            )
         )
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
         yield Services(settings, store, registry, coordinator, monitor, deliverer)
+
+
+def build_tracing(settings: Settings) -> Tracing:
+    """OTLP tracing from the environment; imported only here, so that a server without
+    tracing loads no OpenTelemetry code of ours."""
+    try:
+        from threadline.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            "tracing is on (THREADLINE_OTEL or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry "
+            f"is not installed: pip install 'threadline[otel]' ({exc})"
+        ) from exc
+    return Tracing.from_settings(settings)
 
 
 def check_webhooks(settings: Settings, specs: Sequence[AgentSpec]) -> None:
@@ -157,8 +183,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = ()) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    agents: Sequence[AgentSpec] = (),
+    tracing: Tracing | None = None,
+) -> FastAPI:
+    """The app; ``tracing`` (tests pass one with an in-memory exporter) defaults to OTLP when
+    the settings turn tracing on, and to none otherwise."""
     settings = settings if settings is not None else load_settings()
+    if tracing is None and settings.tracing:
+        tracing = build_tracing(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,7 +203,7 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
             )
         async with contextlib.AsyncExitStack() as stack:
             try:
-                services = await stack.enter_async_context(open_services(settings, agents))
+                services = await stack.enter_async_context(open_services(settings, agents, tracing))
             except ConfigError as exc:
                 # One readable line ahead of the server's traceback of the failed start-up.
                 log.error("start-up failed: %s", exc)
@@ -197,6 +231,8 @@ def create_app(settings: Settings | None = None, agents: Sequence[AgentSpec] = (
     if settings.api_key is None:
         # Added last, so it runs first: a refused peer costs no body reading.
         app.add_middleware(LoopbackOnly)
+    if tracing is not None:
+        tracing.instrument_app(app)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from threadline.errors import ConfigError
@@ -72,6 +79,15 @@ class Settings(BaseSettings):
     webhook_poll_interval_s: float = Field(default=0.5, gt=0)
     webhook_concurrency: int = Field(default=8, ge=1)
 
+    # Tracing (threadline/tracing.py): on with OTEL=1 or when the standard
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set (unprefixed: the exporter reads it too). Prompts,
+    # replies and tool arguments go into spans only with OTEL_INCLUDE_CONTENT.
+    otel: bool = False
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    otel_include_content: bool = False
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -119,6 +135,10 @@ class Settings(BaseSettings):
         if self.pool_min_size > self.pool_max_size:
             raise ValueError("POOL_MIN_SIZE must not exceed POOL_MAX_SIZE")
         return self
+
+    @property
+    def tracing(self) -> bool:
+        return self.otel or bool(self.otel_exporter_otlp_endpoint)
 
     @property
     def backend(self) -> Literal["sqlite", "postgres"]:

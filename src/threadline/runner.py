@@ -37,7 +37,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from pydantic_ai import Agent
@@ -91,6 +91,9 @@ from threadline.store import (
     Turn,
 )
 from threadline.store.base import EndStatus, closes_messages
+
+if TYPE_CHECKING:
+    from threadline.tracing import RunSpan, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,11 @@ class TurnRunner:
         model_timeout_s: float,
         events: EventSink | None = None,
         on_delivery: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
+        # None: not traced, and nothing of OpenTelemetry is imported (``tracing.py``).
+        self._tracing = tracing
         self._registry = registry
         self._timeout = model_timeout_s
         self._events = events if events is not None else NoEvents()
@@ -249,6 +255,14 @@ class TurnRunner:
                             )
 
     async def __call__(self, job: Job) -> Outcome:
+        if self._tracing is None:
+            return await self._run(job)
+        with self._tracing.running(job) as span:
+            outcome = await self._run(job, span)
+            span.ended(outcome)
+            return outcome
+
+    async def _run(self, job: Job, span: RunSpan | None = None) -> Outcome:
         job.started = True
         options = job.options
         assert options is not None, "every job carries its callers' run options"
@@ -275,6 +289,8 @@ class TurnRunner:
                 )
                 return Outcome(job.run_id, (), error=error)
             job.opened = True
+            if span is not None:
+                span.opened(turn)
             self._emit(
                 job,
                 "run.started",

@@ -46,6 +46,53 @@ async def test_openai_compatible_provider_path(make_app: AppFactory) -> None:
     ]
 
 
+async def ask(make_app: AppFactory, model: str) -> dict[str, str]:
+    """The headers the fake endpoint saw for one run of an agent on ``model``."""
+    async with running_fake_openai() as fake:
+        spec = AgentSpec(name="remote", model=model.replace("URL", fake.base_url))
+        async with make_app(agents=[spec]) as (client, _):
+            reply = await client.post("/api/v1/agent/remote/run", json={"message_content": "hi"})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["message"] == "fake: hi"
+    [headers] = fake.headers
+    return headers
+
+
+@pytest.fixture
+def openai_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's own credentials in the environment, as on a machine that also uses OpenAI."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-openai")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-openai")
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-secret")
+
+
+def sent_secrets(headers: dict[str, str]) -> list[str]:
+    return [v for v in headers.values() if "openai" in v or "secret" in v]
+
+
+@pytest.mark.usefixtures("openai_environment")
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_compatible_endpoint_gets_no_key_by_default(make_app: AppFactory) -> None:
+    headers = await ask(make_app, "openai-compat:fake-model@URL")
+    assert "authorization" not in headers
+    assert "openai-organization" not in headers
+    assert "openai-project" not in headers
+    assert sent_secrets(headers) == []
+
+
+@pytest.mark.usefixtures("openai_environment")
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_compatible_endpoint_gets_only_the_key_its_model_string_names(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_ENDPOINT_KEY", "sk-endpoint")
+    headers = await ask(make_app, "openai-compat:fake-model@URL#FAKE_ENDPOINT_KEY")
+    assert headers["authorization"] == "Bearer sk-endpoint"
+    assert "openai-organization" not in headers
+    assert sent_secrets(headers) == []
+
+
 async def read_events(client: httpx.AsyncClient, url: str, **kwargs: Any) -> list[Event]:
     """Every event of one SSE response, its ``data`` parsed."""
     async with aconnect_sse(client, "POST", url, **kwargs) as source:

@@ -131,6 +131,12 @@ async def test_a_lazy_setup_failing_at_run_time_is_503_and_stores_nothing(
     [
         ("openai:gpt-4o", "agent 'bad': model 'openai:gpt-4o' needs OPENAI_API_KEY"),
         ("openai-compat:llama3", "agent 'bad': expected openai-compat:MODEL@BASE_URL"),
+        ("openai-compat:m@http://h/v1#", "agent 'bad': expected openai-compat:MODEL@BASE_URL"),
+        ("openai-compat:m@http://h/v1#A-B", "agent 'bad': expected openai-compat:MODEL@BASE_URL"),
+        (
+            "openai-compat:m@http://h/v1#TL_UNSET_KEY",
+            "agent 'bad': model endpoint 'http://h/v1' needs TL_UNSET_KEY",
+        ),
         ("nope:x", "agent 'bad': cannot use model 'nope:x'"),
     ],
 )
@@ -138,6 +144,7 @@ async def test_a_model_that_cannot_be_built_fails_start_up(
     make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, model: str, message: str
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("TL_UNSET_KEY", raising=False)
     with pytest.raises(ConfigError) as failed:
         async with make_app(agents=[AgentSpec(name="bad", model=model)]):
             pass

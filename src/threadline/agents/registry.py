@@ -23,10 +23,12 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, Omit
 from pydantic_ai import Agent
 from pydantic_ai.models import Model, infer_model
+from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from threadline.agents.builtin import BUILTIN_AGENTS
 from threadline.agents.echo import MODEL_NAME as ECHO_MODEL
@@ -37,6 +39,9 @@ from threadline.errors import AgentNotFound, AgentUnavailable, ConfigError
 log = logging.getLogger(__name__)
 
 OPENAI_COMPAT = "openai-compat:"
+# "openai-compat:MODEL@BASE_URL#KEY_VAR": the endpoint's key is read from KEY_VAR, and only
+# from there. A base URL never has a fragment, so "#" cannot be part of one.
+_KEY_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # pydantic-ai's wording for a provider without its key: "Set the `OPENAI_API_KEY` environment
 # variable or pass it via ...".
 _MISSING_KEY = re.compile(r"Set the `(\w+)` environment variable")
@@ -76,6 +81,7 @@ class AgentRegistry:
         stats: ModelCallStats | None = None,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        instrument: InstrumentationSettings | None = None,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._default_model = default_model
@@ -93,6 +99,9 @@ class AgentRegistry:
         self._failures: dict[str, float] = {}
         self._retry_after_s = retry_after_s
         self._clock = clock
+        # Tracing's (``tracing.py``); None leaves pydantic-ai's default (not instrumented
+        # unless the application called ``Agent.instrument_all``).
+        self._instrument = instrument
         self.init_count = 0
 
     @property
@@ -175,6 +184,8 @@ class AgentRegistry:
             model_settings=spec.model_settings,
             name=spec.name,
         )
+        if self._instrument is not None:
+            agent.instrument = self._instrument
         return LoadedAgent(spec, agent, model_name)
 
     def _model(self, model: str | Model | None) -> tuple[Model, str]:
@@ -190,15 +201,11 @@ class AgentRegistry:
         if name == ECHO_MODEL:
             return echo_model(self._echo_delay_s, self.stats)
         if name.startswith(OPENAI_COMPAT):
-            # "openai-compat:MODEL@BASE_URL" for Ollama, vLLM, LM Studio and friends.
             from pydantic_ai.models.openai import OpenAIChatModel
             from pydantic_ai.providers.openai import OpenAIProvider
 
-            model_name, sep, base_url = name[len(OPENAI_COMPAT) :].partition("@")
-            if not sep or not model_name or not base_url:
-                raise ConfigError(f"expected {OPENAI_COMPAT}MODEL@BASE_URL, got {name!r}")
-            api_key = os.environ.get("OPENAI_API_KEY", "not-needed")
-            client = AsyncOpenAI(base_url=base_url, api_key=api_key)
+            model_name, base_url, key_var = parse_openai_compat(name)
+            client = compat_client(base_url, key_var)
             self._clients.append(client)
             provider = OpenAIProvider(openai_client=client)
             return OpenAIChatModel(model_name, provider=provider)
@@ -210,3 +217,50 @@ class AgentRegistry:
             if missing:
                 raise ConfigError(f"model {name!r} needs {missing[1]}") from exc
             raise ConfigError(f"cannot use model {name!r}: {exc}") from exc
+
+
+def parse_openai_compat(name: str) -> tuple[str, str, str | None]:
+    """``openai-compat:MODEL@BASE_URL[#KEY_VAR]`` (Ollama, vLLM, LM Studio and friends) as
+    (model, base URL, the variable holding the endpoint's key or None)."""
+    model_name, sep, rest = name[len(OPENAI_COMPAT) :].partition("@")
+    base_url, hashed, key_var = rest.partition("#")
+    if not sep or not model_name or not base_url or (hashed and not _KEY_VAR.fullmatch(key_var)):
+        raise ConfigError(
+            f"expected {OPENAI_COMPAT}MODEL@BASE_URL or {OPENAI_COMPAT}MODEL@BASE_URL#KEY_VAR "
+            f"(KEY_VAR an environment variable's name), got {name!r}"
+        )
+    return model_name, base_url, key_var or None
+
+
+def compat_client(base_url: str, key_var: str | None) -> AsyncOpenAI:
+    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any.
+
+    Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
+    ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
+    names: OpenAI's key to a local model server, or to whoever runs the URL. Every credential
+    and identifier is therefore given explicitly, and the headers they would fill are omitted.
+    """
+    key = ""
+    if key_var is not None:
+        key = os.environ.get(key_var, "")
+        if not key:
+            raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
+    # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
+    omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
+    client_class = AsyncOpenAI if key else _KeylessOpenAI
+    return client_class(
+        base_url=base_url,
+        api_key=key,
+        # Not None, or the SDK would read OPENAI_ADMIN_KEY; never sent on chat requests.
+        admin_api_key="",
+        default_headers=omitted,
+    )
+
+
+class _KeylessOpenAI(AsyncOpenAI):
+    """An OpenAI client that sends no ``Authorization`` header: a local model server needs
+    none. (With an empty key the SDK leaves the header out, then refuses to send a request
+    without it unless each request omits it explicitly; this skips that check.)"""
+
+    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
+        return None

@@ -37,6 +37,8 @@ class TurnRequest:
     # Added to the agent's instructions by the run that answers this message, when this is the
     # newest message that run answers (``RunOptions``).
     instructions: str | None = None
+    # Set by the coordinator when tracing is on (``RunOptions.trace``).
+    trace: dict[str, str] | None = None
 
     @property
     def options(self) -> RunOptions:
@@ -48,6 +50,7 @@ class TurnRequest:
             stream=self.stream,
             webhook_url=self.webhook_url,
             instructions=self.instructions,
+            trace=self.trace,
         )
 
     @property

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from threadline.agents import AgentRegistry
@@ -22,6 +23,9 @@ from threadline.queue.job import RunOptions
 from threadline.runner import TurnRunner, until_the_store_answers
 from threadline.store import DuplicateMessage, Message, NewMessage, RunStart, Store
 
+if TYPE_CHECKING:
+    from threadline.tracing import Tracing
+
 log = logging.getLogger(__name__)
 
 # Sessions with unanswered messages a process takes on when it starts.
@@ -35,6 +39,7 @@ def build_queue(
     events: EventSink | None = None,
     on_idle: Callable[[UUID], None] | None = None,
     on_delivery: Callable[[], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> TurnQueue:
     """The turn queue both coordinators run, configured from settings."""
     runner = TurnRunner(
@@ -43,6 +48,7 @@ def build_queue(
         model_timeout_s=settings.model_timeout_s,
         events=events,
         on_delivery=on_delivery,
+        tracing=tracing,
     )
     return TurnQueue(
         runner,
@@ -52,6 +58,14 @@ def build_queue(
         session_queue_max=settings.session_queue_max,
         on_idle=on_idle,
     )
+
+
+def traced(request: TurnRequest, tracing: Tracing | None) -> TurnRequest:
+    """The request with its caller's trace context stamped into its run options, so the run
+    that answers it joins the caller's trace wherever it runs (``tracing.py``)."""
+    if tracing is None:
+        return request
+    return dataclasses.replace(request, trace=tracing.stamp())
 
 
 def user_message(request: TurnRequest) -> NewMessage:
@@ -135,16 +149,21 @@ class LocalCoordinator:
         registry: AgentRegistry,
         settings: Settings,
         on_delivery: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._history_limit = settings.history_limit
+        self._tracing = tracing
         self.events = LocalEvents()
-        self.queue = build_queue(store, registry, settings, self.events, on_delivery=on_delivery)
+        self.queue = build_queue(
+            store, registry, settings, self.events, on_delivery=on_delivery, tracing=tracing
+        )
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
+        request = traced(request, self._tracing)
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
         if first is not None:

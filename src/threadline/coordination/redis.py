@@ -37,7 +37,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from redis import __version__ as redis_version
@@ -57,6 +57,7 @@ from threadline.coordination.local import (
     adopt_unanswered,
     build_queue,
     storing,
+    traced,
     user_message,
 )
 from threadline.coordination.mailbox import Mailbox
@@ -73,6 +74,9 @@ from threadline.errors import (
 from threadline.queue.job import Answer, RunOptions
 from threadline.runner import until_the_store_answers
 from threadline.store import DuplicateMessage, Message, Store
+
+if TYPE_CHECKING:
+    from threadline.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +115,10 @@ class RedisCoordinator:
         registry: AgentRegistry,
         settings: Settings,
         on_delivery: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._redis = redis
+        self._tracing = tracing
         self._renewal = renewal
         self._watching = watching
         self._store = store
@@ -135,7 +141,9 @@ class RedisCoordinator:
         )
         self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
         self.events = RedisEvents(watching, timeout_s=settings.redis_timeout_s)
-        self.queue = build_queue(store, registry, settings, self.events, self._on_idle, on_delivery)
+        self.queue = build_queue(
+            store, registry, settings, self.events, self._on_idle, on_delivery, tracing
+        )
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -149,6 +157,7 @@ class RedisCoordinator:
         store: Store,
         registry: AgentRegistry,
         on_delivery: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> RedisCoordinator:
         redis = _client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
@@ -156,7 +165,7 @@ class RedisCoordinator:
         # Run events (streams, joiners) on a pool of their own too: a subscription holds a
         # connection for good, and many joiners replaying must not starve the requests.
         watching = _client(settings, EVENT_CONNECTIONS)
-        self = cls(redis, renewal, watching, store, registry, settings, on_delivery)
+        self = cls(redis, renewal, watching, store, registry, settings, on_delivery, tracing)
         try:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
@@ -179,6 +188,7 @@ class RedisCoordinator:
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
+        request = traced(request, self._tracing)
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
         if first is not None:

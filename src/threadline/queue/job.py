@@ -37,6 +37,9 @@ class RunOptions:
     # that answers several messages takes the newest one's options (``Job.options``), so the
     # instructions of the newest message apply.
     instructions: str | None = None
+    # The caller's trace context (W3C ``traceparent``) and when its message was accepted, when
+    # tracing is on: the run answering the message joins that trace (``tracing.py``).
+    trace: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         raw = {
@@ -51,6 +54,8 @@ class RunOptions:
             raw["webhook_url"] = self.webhook_url
         if self.instructions is not None:
             raw["instructions"] = self.instructions
+        if self.trace is not None:
+            raw["trace"] = dict(self.trace)
         return raw
 
     @classmethod
@@ -63,6 +68,7 @@ class RunOptions:
             stream=bool(raw.get("stream", False)),
             webhook_url=raw.get("webhook_url"),
             instructions=raw.get("instructions"),
+            trace=raw.get("trace"),
         )
 
 

@@ -1,0 +1,215 @@
+"""OpenTelemetry tracing through the SDK's in-memory exporter: one request, one trace, with
+its queue wait, run, model and tool calls and statements; a merged run in the newest
+request's trace, linked from the others; nothing of OpenTelemetry loaded when it is off."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.apps import _settings, services
+from threadline.agents import AgentSpec
+from threadline.app import create_app
+from threadline.config import Settings
+from threadline.tracing import Tracing
+
+Started = contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, FastAPI]]
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    found = InMemorySpanExporter()
+    yield found
+    found.shutdown()
+
+
+@pytest.fixture
+def traced_app(
+    database_url: str, coordinator_url: str | None, exporter: InMemorySpanExporter
+) -> Any:
+    @contextlib.asynccontextmanager
+    async def start(
+        agents: Sequence[AgentSpec] = (), **overrides: Any
+    ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+        tracing = Tracing(SimpleSpanProcessor(exporter))
+        settings = _settings(database_url, coordinator_url, **overrides)
+        app = create_app(settings, agents, tracing=tracing)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://threadline", timeout=30
+            ) as client:
+                yield client, app
+
+    return start
+
+
+def by_trace(spans: Sequence[ReadableSpan]) -> dict[int, list[ReadableSpan]]:
+    traces: dict[int, list[ReadableSpan]] = {}
+    for span in spans:
+        assert span.context is not None
+        traces.setdefault(span.context.trace_id, []).append(span)
+    return traces
+
+
+def named(spans: Sequence[ReadableSpan], prefix: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name.startswith(prefix)]
+
+
+def parent_of(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    assert span.parent is not None, span.name
+    [parent] = [
+        s for s in spans if s.context is not None and s.context.span_id == span.parent.span_id
+    ]
+    return parent
+
+
+@pytest.mark.parametrize("backend", ["postgres", "postgres+redis"], indirect=True)
+async def test_one_request_is_one_trace_from_http_to_tool_call(
+    traced_app: Any, exporter: InMemorySpanExporter, backend: str
+) -> None:
+    async with traced_app() as (client, _):
+        exporter.clear()  # start-up's statements (migrations) are not the request's
+        reply = await client.post(
+            "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}"}
+        )
+        assert reply.status_code == 200, reply.text
+        assert "[current_time -> " in reply.json()["message"]
+    traces = by_trace(exporter.get_finished_spans())
+    [spans] = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    [http] = named(spans, "POST /api/v1/agent/{name}/run")
+    assert http.parent is None
+    [wait] = named(spans, "threadline.queue_wait")
+    [run] = named(spans, "threadline.run")
+    assert parent_of(wait, spans) is http
+    assert parent_of(run, spans) is http
+    assert run.attributes is not None
+    assert run.attributes["threadline.run_id"] == reply.json()["run_id"]
+    assert run.attributes["threadline.run.ending"] == "succeeded"
+    assert (
+        wait.links[0].context.span_id == run.context.span_id
+    )  # the wait names the run that ended it
+    assert wait.end_time is not None
+    assert run.start_time is not None
+    assert wait.end_time <= run.start_time
+    [agent] = named(spans, "invoke_agent echo")
+    assert parent_of(agent, spans) is run
+    models = named(spans, "chat threadline:echo")
+    assert len(models) == 2  # the tool call, then the reply
+    [tool] = named(spans, "execute_tool current_time")
+    assert {parent_of(s, spans).name for s in [*models, tool]} == {"invoke_agent echo"}
+    systems = {s.attributes.get("db.system") for s in spans if s.attributes is not None}
+    assert "postgresql" in systems
+    sql = [s for s in spans if s.attributes and s.attributes.get("db.system") == "postgresql"]
+    # The insert under the request, the commit under the run.
+    assert {parent_of(s, spans).name for s in sql} >= {http.name, "threadline.run"}
+    if backend.endswith("+redis"):
+        assert "redis" in systems
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_merged_run_is_in_the_newest_requests_trace_and_linked_from_the_others(
+    traced_app: Any, exporter: InMemorySpanExporter
+) -> None:
+    # A debounce window: the run starts from a timer, in no request's context at all.
+    async with traced_app(merge_window_ms=300) as (client, app):
+        store = services(app).store
+        sid = (await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")).id
+        first = asyncio.create_task(
+            client.post(
+                "/api/v1/agent/echo/run",
+                json={"message_content": "one", "session_id": str(sid)},
+                headers={"x-test": "first"},
+            )
+        )
+        while not await store.unanswered(sid):
+            await asyncio.sleep(0.01)  # the first message is stored before the second is sent
+        second = await client.post(
+            "/api/v1/agent/echo/run", json={"message_content": "two", "session_id": str(sid)}
+        )
+        first_reply = await first
+    assert first_reply.json()["run_id"] == second.json()["run_id"]
+    spans = exporter.get_finished_spans()
+    traces = by_trace(spans)
+    requests = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    assert len(requests) == 2
+    [run] = named(spans, "threadline.run")
+    assert run.context is not None
+    newest = traces[run.context.trace_id]
+    [older] = [t for t in requests if t is not newest]
+    # The newest request's trace holds the run, the model call, and its own wait.
+    assert parent_of(run, newest).kind.name == "SERVER"
+    assert named(newest, "chat threadline:echo")
+    assert len(named(newest, "threadline.queue_wait")) == 1
+    # The older request's trace holds its wait, linked to the run; the run links back.
+    [older_http] = named(older, "POST /api/v1/agent")
+    [older_wait] = named(older, "threadline.queue_wait")
+    assert parent_of(older_wait, older) is older_http
+    assert older_wait.links[0].context.span_id == run.context.span_id
+    assert [link.context.trace_id for link in run.links] == [older_http.context.trace_id]
+    assert run.attributes is not None
+    assert run.attributes["threadline.messages"] == 2
+
+
+def test_tracing_is_on_with_the_standard_endpoint_or_threadline_otel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("THREADLINE_OTEL", raising=False)
+    assert not Settings(_env_file=None).tracing  # type: ignore[call-arg]
+    monkeypatch.setenv("THREADLINE_OTEL", "1")
+    assert Settings(_env_file=None).tracing  # type: ignore[call-arg]
+    monkeypatch.delenv("THREADLINE_OTEL")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert Settings(_env_file=None).tracing  # type: ignore[call-arg]
+
+
+UNTRACED = """
+import asyncio, sys, httpx
+from threadline.app import create_app
+from threadline.config import Settings
+
+async def main():
+    app = create_app(Settings(_env_file=None, database_url=sys.argv[1], gc_tuning=False))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            reply = await client.post("/api/v1/agent/echo/run", json={"message_content": "hi"})
+            assert reply.status_code == 200, reply.text
+    # (pydantic-ai imports parts of the OpenTelemetry API and SDK itself.)
+    ours = ("threadline.tracing", "opentelemetry.instrumentation", "opentelemetry.exporter")
+    loaded = sorted(m for m in sys.modules if m.startswith(ours))
+    print(loaded)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.allow_blocking
+def test_without_tracing_no_opentelemetry_code_is_loaded(tmp_path: Any) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k != "THREADLINE_OTEL" and not k.startswith("OTEL_")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", UNTRACED, f"sqlite:///{tmp_path}/untraced.db"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
