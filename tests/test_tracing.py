@@ -164,6 +164,53 @@ async def test_a_merged_run_is_in_the_newest_requests_trace_and_linked_from_the_
     assert run.attributes["threadline.messages"] == 2
 
 
+@pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
+async def test_a_run_in_another_process_joins_the_trace_of_the_request_it_answers(
+    traced_app: Any, exporter: InMemorySpanExporter
+) -> None:
+    # Two servers on one PostgreSQL and Redis. The owner runs the first message slowly; the
+    # second reaches the other server, which stores it and nudges the owner: the owner's
+    # new run (superseding its first) answers both, in the second request's trace.
+    async with (
+        traced_app(echo_delay_ms=400) as (owner, app),
+        traced_app() as (other, other_app),
+    ):
+        store = services(app).store
+        sid = (await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")).id
+        first = asyncio.create_task(
+            owner.post(
+                "/api/v1/agent/echo/run", json={"message_content": "one", "session_id": str(sid)}
+            )
+        )
+        while not (await store.list_runs(sid))[0]:
+            await asyncio.sleep(0.01)  # the owner's first run is open
+        second = await other.post(
+            "/api/v1/agent/echo/run", json={"message_content": "two", "session_id": str(sid)}
+        )
+        first_reply = await first
+        assert services(other_app).registry.stats.started == 0  # every run was the owner's
+    assert second.status_code == 200, second.text
+    assert first_reply.json()["run_id"] == second.json()["run_id"]
+    spans = exporter.get_finished_spans()
+    traces = by_trace(spans)
+    runs = named(spans, "threadline.run")
+    endings = {s.attributes["threadline.run.ending"]: s for s in runs if s.attributes}
+    assert set(endings) == {"superseded", "succeeded"}
+    answered, superseded = endings["succeeded"], endings["superseded"]
+    assert answered.context is not None
+    assert superseded.context is not None
+    newest = traces[answered.context.trace_id]
+    [http] = named(newest, "POST /api/v1/agent")
+    assert parent_of(answered, newest) is http
+    assert named(newest, "chat threadline:echo")
+    assert named(newest, "threadline.queue_wait")
+    # The superseded run was in the first request's trace, which the answering run links to.
+    older = traces[superseded.context.trace_id]
+    assert older is not newest
+    assert named(older, "POST /api/v1/agent")
+    assert [link.context.trace_id for link in answered.links] == [superseded.context.trace_id]
+
+
 def test_tracing_is_on_with_the_standard_endpoint_or_threadline_otel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
