@@ -117,3 +117,64 @@ def test_serve_stops_when_an_agent_setup_fails(tmp_path: Path) -> None:
         "start-up failed: agent 'indexed': setup failed: RuntimeError('index file missing')"
         in result.stderr
     )
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    from threadline.keyfile import hash_key, read_keys
+
+    path = tmp_path / "keys.toml"
+    env = {"THREADLINE_API_KEYS_FILE": str(path)}
+    created = run_cli("keys", "create", "--user", "alice", "--rate", "60", "--name", "a1", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("tl_")
+    assert "shown only now" in created.stderr
+    admin = run_cli("keys", "create", "--admin", "--file", str(path), env={})
+    assert admin.returncode == 0, admin.stderr
+    [alice, root] = read_keys(path)
+    # The file holds the hash, never the key.
+    assert (alice.name, alice.role, alice.user_id, alice.rate_limit_per_min) == (
+        "a1", "user", "alice", 60
+    )  # fmt: skip
+    assert alice.hash == hash_key(key)
+    assert key not in path.read_text()
+    assert root.role == "admin"
+    assert root.user_id is None
+    listed = run_cli("keys", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "a1\tuser alice, 60/min" in listed.stdout
+    assert f"{root.name}\tadmin, no rate limit" in listed.stdout
+    assert key not in listed.stdout
+    revoked = run_cli("keys", "revoke", "a1", env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert [k.name for k in read_keys(path)] == [root.name]
+    again = run_cli("keys", "revoke", "a1", env=env)
+    assert again.returncode == 2
+    assert "no key named 'a1'" in again.stderr
+
+
+def test_keys_create_refuses_what_it_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    env = {"THREADLINE_API_KEYS_FILE": str(path)}
+    for args in ((), ("--user", "u", "--admin")):
+        refused = run_cli("keys", "create", *args, env=env)
+        assert refused.returncode == 2
+        assert "exactly one of --user ID and --admin" in refused.stderr
+    assert run_cli("keys", "create", "--user", "u", "--name", "k", env=env).returncode == 0
+    duplicate = run_cli("keys", "create", "--user", "v", "--name", "k", env=env)
+    assert duplicate.returncode == 2
+    assert "a key named 'k' exists already" in duplicate.stderr
+    nowhere = run_cli("keys", "list", env={"THREADLINE_API_KEYS_FILE": ""})
+    assert nowhere.returncode == 2
+    assert "--file PATH or THREADLINE_API_KEYS_FILE" in nowhere.stderr
+
+
+def test_keys_file_may_be_json(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "keys.json"
+    created = run_cli("keys", "create", "--user", "u", "--file", str(path), env={})
+    assert created.returncode == 0, created.stderr
+    [entry] = json.loads(path.read_text())["keys"]
+    assert entry["user_id"] == "u"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

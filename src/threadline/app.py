@@ -2,7 +2,8 @@
 
 Order of start-up: agent registry (every model built, every setup run, so a bad configuration
 fails start-up before any I/O) -> store (migrated) -> webhook sender (when a webhook secret is
-set) -> coordinator -> loop monitor. Shutdown
+set) -> coordinator -> loop monitor -> key gate (keys read, rate limiter; when keys are
+configured). Shutdown
 runs in reverse through one ``AsyncExitStack``: the coordinator first stops intake and lets
 runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
 """
@@ -25,9 +26,10 @@ from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
 from threadline.api import contract
 from threadline.api import errors as api_errors
-from threadline.api.access import LoopbackOnly
-from threadline.api.deps import Services, ServicesDep, require_api_key
+from threadline.api.access import KeyRequired, LoopbackOnly
+from threadline.api.deps import Services, ServicesDep, require_admin
 from threadline.api.errors import PayloadTooLarge, error_response
+from threadline.api.gate import open_gate
 from threadline.api.openai import router as openai_router
 from threadline.api.routes import router
 from threadline.config import Settings, load_settings
@@ -106,7 +108,8 @@ async def open_services(
             )
         )
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
-        yield Services(settings, store, registry, coordinator, monitor, deliverer)
+        gate = await stack.enter_async_context(open_gate(settings)) if settings.keyed else None
+        yield Services(settings, store, registry, coordinator, monitor, deliverer, gate)
 
 
 def build_tracing(settings: Settings) -> Tracing:
@@ -196,10 +199,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.api_key is None:
+        if not settings.keyed:
             log.warning(
-                "THREADLINE_API_KEY is unset: requests are not authenticated, so clients "
-                "from other machines get 403 (loopback only, /health excepted)"
+                "THREADLINE_API_KEY and THREADLINE_API_KEYS_FILE are unset: requests are not "
+                "authenticated, so clients from other machines get 403 (loopback only, "
+                "/health excepted)"
             )
         async with contextlib.AsyncExitStack() as stack:
             try:
@@ -228,9 +232,8 @@ def create_app(
     app.include_router(openai_router)
     web.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    if settings.api_key is None:
-        # Added last, so it runs first: a refused peer costs no body reading.
-        app.add_middleware(LoopbackOnly)
+    # Added last, so it runs first: a refused request costs no body reading.
+    app.add_middleware(KeyRequired if settings.keyed else LoopbackOnly)
     if tracing is not None:
         tracing.instrument_app(app)
 
@@ -245,8 +248,8 @@ def create_app(
         return {"status": "ready", "store": services.settings.backend}
 
     if settings.debug_metrics:
-        # Same rule as /api/v1: the API key when one is set (the loopback rule otherwise).
-        guarded = [Depends(require_api_key)]
+        # Admin keys only (the loopback rule without keys): the counters are the server's.
+        guarded = [Depends(require_admin)]
 
         def snapshot(services: Services) -> dict[str, Any]:
             stats = services.registry.stats

@@ -1,4 +1,4 @@
-"""``threadline serve | migrate | run``."""
+"""``threadline serve | migrate | run | keys``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from threadline.config import Settings, load_settings
 from threadline.errors import ConfigError, SessionAgentMismatch, ThreadlineError
@@ -90,6 +91,47 @@ async def _run_once(settings: Settings, agent: str, message: str, session: str |
     return 0
 
 
+def _keys(args: argparse.Namespace) -> None:
+    """``keys create | list | revoke`` on the key file (``threadline/keyfile.py``)."""
+    from threadline import keyfile as keys
+
+    path: Path | None = args.file or load_settings().api_keys_file
+    if path is None:
+        raise ConfigError("name the key file: --file PATH or THREADLINE_API_KEYS_FILE")
+    if args.keys_command == "create":
+        if args.admin == (args.user is not None):
+            raise ConfigError("give exactly one of --user ID and --admin")
+        key, entry = keys.create_key(
+            path,
+            role="admin" if args.admin else "user",
+            user_id=args.user,
+            rate_limit_per_min=args.rate,
+            name=args.name,
+        )
+        # The key goes to stdout alone (scripts capture it); it is not stored anywhere.
+        print(key)
+        print(
+            f"created key {entry.name!r} ({_describe(entry)}) in {str(path)!r}; "
+            "it is shown only now",
+            file=sys.stderr,
+        )
+    elif args.keys_command == "list":
+        for entry in keys.read_keys(path):
+            print(f"{entry.name}\t{_describe(entry)}\tcreated {entry.created_at or '?'}")
+    else:
+        entry = keys.revoke_key(path, args.name)
+        print(f"revoked key {entry.name!r} ({_describe(entry)})", file=sys.stderr)
+
+
+def _describe(entry: object) -> str:
+    from threadline.keyfile import ApiKey
+
+    assert isinstance(entry, ApiKey)
+    who = "admin" if entry.role == "admin" else f"user {entry.user_id}"
+    rate = f"{entry.rate_limit_per_min}/min" if entry.rate_limit_per_min else "no rate limit"
+    return f"{who}, {rate}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="threadline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +145,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("agent")
     run.add_argument("message")
     run.add_argument("--session", help="session name to continue (created if absent)")
+    keys = commands.add_parser("keys", help="create, list or revoke API keys (a key file)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    file_help = "the key file (default: THREADLINE_API_KEYS_FILE)"
+    create = keys_commands.add_parser("create", help="add a key; prints it once")
+    create.add_argument("--user", help="the user_id the key acts for (a user key)")
+    create.add_argument("--admin", action="store_true", help="an admin key: every user's data")
+    create.add_argument("--rate", type=int, default=0, help="requests per minute (0: no limit)")
+    create.add_argument("--name", help="a unique name (default: USER-xxxxxx)")
+    create.add_argument("--file", type=Path, help=file_help)
+    listing = keys_commands.add_parser("list", help="the keys in the file (never the keys)")
+    listing.add_argument("--file", type=Path, help=file_help)
+    revoke = keys_commands.add_parser("revoke", help="remove a key by name")
+    revoke.add_argument("name")
+    revoke.add_argument("--file", type=Path, help=file_help)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -114,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             _serve(load_settings(**overrides), args.reload)
         elif args.command == "migrate":
             asyncio.run(_migrate(load_settings()))
+        elif args.command == "keys":
+            _keys(args)
         else:
             sys.exit(
                 asyncio.run(_run_once(load_settings(), args.agent, args.message, args.session))

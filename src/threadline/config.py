@@ -7,6 +7,7 @@ build as many differently-configured apps as they like in one process.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./threadline.db"
     redis_url: str | None = None
     api_key: SecretStr | None = None
+    # Several keys, admin or bound to a user, with rate limits (threadline/keyfile.py); re-read
+    # when it changes, checked at most every API_KEYS_RELOAD_S.
+    api_keys_file: Path | None = None
+    api_keys_reload_s: float = Field(default=5.0, ge=0)
     model: str = "threadline:echo"
     agents_module: str | None = None
 
@@ -116,6 +121,11 @@ class Settings(BaseSettings):
         # nobody while lifting the loopback-only restriction.
         return None if value in ("", None) else value
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _blank_file_is_no_file(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
     @field_validator("webhook_secret", mode="before")
     @classmethod
     def _blank_secret_is_no_secret(cls, value: object) -> object:
@@ -141,15 +151,20 @@ class Settings(BaseSettings):
         return self.otel or bool(self.otel_exporter_otlp_endpoint)
 
     @property
+    def keyed(self) -> bool:
+        """Whether requests authenticate (a key, or a key file); else loopback only."""
+        return self.api_key is not None or self.api_keys_file is not None
+
+    @property
     def backend(self) -> Literal["sqlite", "postgres"]:
         return "sqlite" if self.database_url.startswith("sqlite://") else "postgres"
 
     def check_serving(self) -> None:
         """Refuse configurations that are unsafe or cannot work once several processes serve."""
-        if self.api_key is None and self.host not in LOOPBACK_HOSTS:
+        if not self.keyed and self.host not in LOOPBACK_HOSTS:
             raise ConfigError(
-                f"THREADLINE_HOST={self.host!r} is not loopback and THREADLINE_API_KEY is unset: "
-                "set an API key before exposing the server"
+                f"THREADLINE_HOST={self.host!r} is not loopback and neither THREADLINE_API_KEY "
+                "nor THREADLINE_API_KEYS_FILE is set: set an API key before exposing the server"
             )
         if self.workers > 1 and (self.backend != "postgres" or self.redis_url is None):
             raise ConfigError(

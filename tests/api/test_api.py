@@ -203,8 +203,11 @@ async def test_api_key_is_required_when_configured(make_app: AppFactory) -> None
         assert ok.status_code == 200
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/ready")).status_code == 200
-        assert (await client.get("/openapi.json")).status_code == 200
-        assert (await client.get("/docs")).status_code == 200
+        # The API's description needs a key too (any key: admin or user).
+        assert_error(await client.get("/openapi.json"), 401, "unauthorized")
+        key = {"X-API-Key": "s3cret"}
+        assert (await client.get("/openapi.json", headers=key)).status_code == 200
+        assert (await client.get("/docs", headers=key)).status_code == 200
 
 
 async def test_health_and_ready(make_app: AppFactory, backend: str) -> None:

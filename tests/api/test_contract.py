@@ -98,7 +98,8 @@ async def test_the_document_declares_errors_and_the_key_only_when_set(
     async with make_app() as (client, _):
         open_doc = (await client.get("/openapi.json")).json()
     async with make_app(api_key="s3cret") as (client, _):
-        keyed_doc = (await client.get("/openapi.json")).json()
+        keyed = await client.get("/openapi.json", headers={"X-API-Key": "s3cret"})
+        keyed_doc = keyed.json()
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     run = open_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
     assert set(run["responses"]) == {
@@ -113,8 +114,9 @@ async def test_the_document_declares_errors_and_the_key_only_when_set(
     keyed_run = keyed_doc["paths"]["/api/v1/agent/{name}/run"]["post"]
     assert keyed_run["security"] == [{"APIKeyHeader": []}]
     assert keyed_run["responses"]["401"]["content"]["application/json"]["schema"] == error_ref
-    # Without a key, other machines get 403 (api/access.py); with one, the key decides.
-    assert "403" not in keyed_run["responses"]
+    # With keys, a user key naming another user is 403; a key past its rate limit is 429.
+    assert "user key" in keyed_run["responses"]["403"]["description"]
+    assert "Retry-After" in keyed_run["responses"]["429"]["headers"]
     # /health is never behind the key, nor refused to other machines.
     assert "401" not in keyed_doc["paths"]["/health"]["get"]["responses"]
     assert "403" not in open_doc["paths"]["/health"]["get"]["responses"]

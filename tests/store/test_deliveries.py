@@ -255,6 +255,33 @@ async def test_deliveries_are_listed_newest_first_and_by_status(
     assert stamps == sorted(stamps, reverse=True)
 
 
+async def test_deliveries_are_listed_by_the_user_of_their_session(
+    store: Store, make_session: MakeSession, owed: Owe, user_id: str
+) -> None:
+    """A user key's view: the deliveries of ``owner``'s sessions only, with or without status."""
+    mine_session, mine_run = await open_turn(store, make_session)
+    mine = owed("http://a.test/mine")
+    await store.commit_run(mine_session, mine_run, Reply(answer().message, {}, tuple(mine)))
+    other = await make_session(user_id=f"{user_id}-other")
+    _, turn = await store.add_user_message(other.id, user(), start=starting())
+    assert turn is not None
+    theirs = owed("http://a.test/theirs")
+    await store.commit_run(other.id, turn.run.id, Reply(answer().message, {}, tuple(theirs)))
+
+    owned, total = await store.list_deliveries(owner=user_id, limit=MANY)
+    pending, total_pending = await store.list_deliveries(
+        status="pending", owner=user_id, limit=MANY
+    )
+    delivered, _ = await store.list_deliveries(status="delivered", owner=user_id, limit=MANY)
+
+    assert [d.id for d in owned] == [mine[0].id]
+    assert total == 1
+    assert ([d.id for d in pending], total_pending) == ([mine[0].id], 1)
+    assert delivered == []
+    nobody, none_total = await store.list_deliveries(owner=f"{user_id}-nobody", limit=MANY)
+    assert (nobody, none_total) == ([], 0)
+
+
 async def test_runs_of_a_session_are_listed_and_messages_found_by_id(
     store: Store, make_session: MakeSession
 ) -> None:

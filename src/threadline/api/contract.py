@@ -3,7 +3,8 @@ return, the one error body they all share, and the API key only when one is conf
 
 Routes declare their statuses with ``responses=errors(404, 503)``; the descriptions and the
 body schema live here once. ``install`` then fits the generated document to the settings:
-the ``X-API-Key`` requirement and its 401 appear only when ``THREADLINE_API_KEY`` is set, and
+the ``X-API-Key`` requirement with its 401, 403 and 429 appear only when keys are configured
+(``THREADLINE_API_KEY`` or ``THREADLINE_API_KEYS_FILE``), and
 ``webhook_url`` admits only the hosts ``THREADLINE_WEBHOOK_ALLOWED_HOSTS`` allows;
 without a key, every route but ``/health`` may answer 403 instead (clients on other machines,
 ``api/access.py``).
@@ -24,8 +25,11 @@ from threadline.delivery.targets import url_schema
 
 _ERRORS: dict[int, str] = {
     400: "The body is not parseable JSON (for example nested too deeply to parse).",
-    401: "Missing or wrong X-API-Key header.",
-    403: "No API key is configured and the client is not on the server's machine.",
+    401: "Missing or wrong API key (X-API-Key, or Authorization: Bearer under /v1).",
+    403: (
+        "No API key is configured and the client is not on the server's machine; or a user "
+        "key sent another user's `user_id` (`forbidden`), or called an admin-only route."
+    ),
     404: "No such agent, session or run, or no such path.",
     409: (
         "Strategy `reject` and the session already has a turn in flight "
@@ -40,7 +44,10 @@ _ERRORS: dict[int, str] = {
         "`webhook_secret_unset`); or its idempotency key is refused "
         "(`invalid_idempotency_key`, `idempotency_key_reused`: sent before with another body)."
     ),
-    429: "The session already has SESSION_QUEUE_MAX unanswered messages.",
+    429: (
+        "The session already has SESSION_QUEUE_MAX unanswered messages (`queue_full`), or the "
+        "API key is over its requests per minute (`rate_limited`); both with Retry-After."
+    ),
     502: (
         "The run failed: the model provider (`model_error`), one of the agent's tools "
         "(`tool_error`) or threadline itself (`run_failed`). Its messages are answered by "
@@ -89,7 +96,7 @@ def install(app: FastAPI, settings: Settings) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            app.openapi_schema = _fit(document, keyed=settings.api_key is not None)
+            app.openapi_schema = _fit(document, keyed=settings.keyed)
             # Which webhook URLs a request may name depends on the settings too.
             run_request = document["components"]["schemas"]["RunRequest"]["properties"]
             run_request["webhook_url"] = url_schema(
@@ -107,6 +114,7 @@ def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
         body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
         unauthorized = {"description": _ERRORS[401], "headers": _HEADERS[401], "content": body}
         forbidden = {"description": _ERRORS[403], "content": body}
+        too_many = {"description": _ERRORS[429], "headers": _HEADERS[429], "content": body}
         for operation in path.values():
             if route.startswith("/v1/"):
                 # OpenAI's API refuses invalid requests with 400, never 422 (api/errors.py).
@@ -117,6 +125,8 @@ def _fit(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
                 continue
             if keyed:
                 operation["responses"]["401"] = unauthorized
+                operation["responses"]["403"] = forbidden
+                operation["responses"]["429"] = too_many
             else:
                 del operation["security"]
     if not keyed:

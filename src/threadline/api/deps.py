@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -10,7 +9,9 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from threadline.agents import AgentRegistry
+from threadline.api.access import LOCAL, Caller
 from threadline.api.errors import Unauthorized
+from threadline.api.gate import Gate
 from threadline.config import Settings
 from threadline.coordination import Coordinator
 from threadline.delivery.sender import Deliverer
@@ -27,6 +28,8 @@ class Services:
     monitor: LoopLagMonitor
     # The webhook outbox sender; None when no webhook secret is set.
     deliverer: Deliverer | None = None
+    # Keys and rate limits; None on a server without keys (loopback only).
+    gate: Gate | None = None
 
 
 # Both dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def``
@@ -39,31 +42,40 @@ async def get_services(request: Request) -> Services:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
+
+async def get_caller(request: Request, services: ServicesDep) -> Caller:
+    """Who calls: the key ``KeyRequired`` checked (``api/access.py``), or, on a server without
+    keys, the loopback client ``LoopbackOnly`` let in (an admin)."""
+    caller: Caller | None = request.scope.get("state", {}).get("caller")
+    if caller is not None:
+        return caller
+    if services.settings.keyed:
+        # A keyed route the middleware left open would be a bug: refuse rather than trust.
+        raise Unauthorized("missing or invalid API key")
+    return LOCAL
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+# These two only declare, in the OpenAPI document, how a key is sent; the middleware checks it.
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-
-
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _check_key(services: Services, key: str | None, what: str) -> None:
-    expected = services.settings.api_key
-    if expected is None:
-        return
-    # Constant-time comparison: the key must not leak through response timing.
-    if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized(f"missing or invalid {what}")
-
-
 async def require_api_key(
-    services: ServicesDep, key: Annotated[str | None, Depends(_api_key_header)]
-) -> None:
-    _check_key(services, key, "X-API-Key header")
+    caller: CallerDep, _key: Annotated[str | None, Depends(_api_key_header)]
+) -> Caller:
+    return caller
 
 
 async def require_openai_key(
-    services: ServicesDep,
-    key: Annotated[str | None, Depends(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
+    caller: CallerDep,
+    _key: Annotated[str | None, Depends(_api_key_header)],
+    _token: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
     """The API key as OpenAI's clients send it (``Authorization: Bearer``), or X-API-Key."""
-    _check_key(services, key or (bearer.credentials if bearer else None), "API key")
+    return caller
+
+
+async def require_admin(caller: Annotated[Caller, Depends(require_api_key)]) -> None:
+    caller.require_admin()

@@ -65,6 +65,12 @@ class Forbidden(ThreadlineError):
     code = "forbidden"
 
 
+class RateLimited(ThreadlineError):
+    """A key over its requests per minute (``api/access.py`` answers it, with Retry-After)."""
+
+    code = "rate_limited"
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from threadline.api.access import Caller
 from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import errors
-from threadline.api.deps import Services, ServicesDep, require_api_key
+from threadline.api.deps import CallerDep, Services, ServicesDep, require_api_key
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.idempotency import (
     REPLAYED_HEADER,
@@ -75,14 +76,28 @@ _ACCEPTED: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _find_session(store: Store, id_or_name: str, user_id: str | None) -> Session:
+async def _find_session(
+    store: Store, id_or_name: str, user_id: str | None, caller: Caller
+) -> Session:
+    """A session by id, or by name among ``user_id``'s; a user key finds only its own (another
+    user's is "not found": its existence is not the caller's to learn)."""
+    user_id = caller.user_for(user_id)
     try:
         session = await store.get_session(UUID(id_or_name))
     except ValueError:
         session = await store.find_session(id_or_name, user_id)
-    if session is None:
+    if session is None or not caller.sees(session):
         raise SessionNotFound(f"session {id_or_name!r} not found")
     return session
+
+
+async def _check_session(store: Store, session_id: UUID, caller: Caller) -> None:
+    """That ``caller`` may see the session a run, message or delivery belongs to."""
+    if caller.role == "admin":
+        return  # no round-trip for the common case
+    session = await store.get_session(session_id)
+    if session is None or not caller.sees(session):
+        raise SessionNotFound(f"session {str(session_id)!r} not found")
 
 
 # One event of a stream, as OpenAPI 3.2 describes Server-Sent Events; ``data`` is JSON text.
@@ -127,10 +142,12 @@ async def run_agent(
     body: RunRequest,
     request: Request,
     services: ServicesDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> RunResponse | EventSourceResponse | JSONResponse:
     settings, store = services.settings, services.store
+    user_id = caller.user_for(body.user_id)
     # 404 (unknown) or 503 (setup failing) before anything is stored.
     await services.registry.get(name)
     key = request_key(
@@ -151,14 +168,12 @@ async def run_agent(
         )
     if body.session_id is not None:
         session = await store.get_session(body.session_id)
-        if session is None:
+        if session is None or not caller.sees(session):
             raise SessionNotFound(f"session {str(body.session_id)!r} not found")
     elif body.session_name is not None:
-        session = await store.get_or_create_session(
-            body.session_name, agent=name, user_id=body.user_id
-        )
+        session = await store.get_or_create_session(body.session_name, agent=name, user_id=user_id)
     else:
-        session = await store.create_session(name, user_id=body.user_id)
+        session = await store.create_session(name, user_id=user_id)
     if session.agent != name:
         # Another agent's history is not this one's to extend (or to read back as context).
         raise SessionAgentMismatch(session.id, session.agent, name)
@@ -167,7 +182,7 @@ async def run_agent(
         agent=name,
         content=body.message_content,
         strategy=body.strategy or settings.queue_strategy,
-        user_id=body.user_id if body.user_id is not None else session.user_id,
+        user_id=user_id if user_id is not None else session.user_id,
         context=body.context,
         history_limit=(
             body.message_limit if body.message_limit is not None else settings.history_limit
@@ -211,13 +226,14 @@ async def list_agents(services: ServicesDep) -> list[AgentInfo]:
 @router.get("/sessions", response_model=SessionPage, responses=errors(422, 503))
 async def list_sessions(
     services: ServicesDep,
+    caller: CallerDep,
     user_id: StorableText | None = None,
     page: Annotated[int, Query(ge=1, le=max_page(SESSIONS_PER_PAGE))] = 1,
     page_size: Annotated[int, Query(ge=1, le=SESSIONS_PER_PAGE)] = 50,
 ) -> SessionPage:
     """Sessions of ``user_id``; without it, only sessions that have no user."""
     sessions, total = await services.store.list_sessions(
-        user_id=user_id, limit=page_size, offset=(page - 1) * page_size
+        user_id=caller.user_for(user_id), limit=page_size, offset=(page - 1) * page_size
     )
     return SessionPage(
         sessions=[SessionOut.model_validate(s, from_attributes=True) for s in sessions],
@@ -231,11 +247,12 @@ async def list_sessions(
 async def get_session(
     id_or_name: StorableText,
     services: ServicesDep,
+    caller: CallerDep,
     user_id: StorableText | None = None,
     page: Annotated[int, Query(ge=1, le=max_page(MESSAGES_PER_PAGE))] = 1,
     page_size: Annotated[int, Query(ge=1, le=MESSAGES_PER_PAGE)] = 100,
 ) -> SessionDetail:
-    session = await _find_session(services.store, id_or_name, user_id)
+    session = await _find_session(services.store, id_or_name, user_id, caller)
     messages, total = await services.store.list_messages(
         session.id, limit=page_size, offset=(page - 1) * page_size
     )
@@ -251,16 +268,19 @@ async def get_session(
 
 @router.delete("/sessions/{id_or_name}", status_code=204, responses=errors(404, 422, 503))
 async def delete_session(
-    id_or_name: StorableText, services: ServicesDep, user_id: StorableText | None = None
+    id_or_name: StorableText,
+    services: ServicesDep,
+    caller: CallerDep,
+    user_id: StorableText | None = None,
 ) -> Response:
-    session = await _find_session(services.store, id_or_name, user_id)
+    session = await _find_session(services.store, id_or_name, user_id, caller)
     await services.store.delete_session(session.id)
     return Response(status_code=204)
 
 
 @router.get("/runs/{run_id}", response_model=RunOut, responses=errors(404, 422, 503))
-async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
-    run = await _find_run(services.store, run_id)
+async def get_run(run_id: UUID, services: ServicesDep, caller: CallerDep) -> RunOut:
+    run = await _find_run(services.store, run_id, caller)
     return RunOut.model_validate(run, from_attributes=True)
 
 
@@ -272,11 +292,12 @@ async def get_run(run_id: UUID, services: ServicesDep) -> RunOut:
 async def run_event_stream(
     run_id: UUID,
     services: ServicesDep,
+    caller: CallerDep,
     last_event_id: Annotated[StorableText | None, Header()] = None,
 ) -> EventSourceResponse:
     """A run's events from any process: at once its end if it has ended; else what it
     streamed so far (after ``Last-Event-ID``), then live until it ends."""
-    run = await _find_run(services.store, run_id)
+    run = await _find_run(services.store, run_id, caller)
     events = run_events(services.coordinator, services.store, run, last_event_id)
     return EventSourceResponse(events, ping=services.settings.stream_heartbeat_s)
 
@@ -289,6 +310,7 @@ async def run_event_stream(
 async def message_event_stream(
     message_id: UUID,
     services: ServicesDep,
+    caller: CallerDep,
     last_event_id: Annotated[StorableText | None, Header()] = None,
 ) -> EventSourceResponse:
     """A message's stream joined from any process: every run that covers it until one
@@ -296,6 +318,7 @@ async def message_event_stream(
     message = await services.store.get_message(message_id)
     if message is None or message.role != "user":
         raise MessageNotFound(f"message {str(message_id)!r} not found")
+    await _check_message(services.store, message.session_id, message_id, caller)
     events = message_events(
         services.coordinator, services.store, message.session_id, message.id, last_event_id
     )
@@ -303,11 +326,13 @@ async def message_event_stream(
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut, responses=errors(404, 409, 422, 503))
-async def cancel_run(run_id: UUID, response: Response, services: ServicesDep) -> RunOut:
+async def cancel_run(
+    run_id: UUID, response: Response, services: ServicesDep, caller: CallerDep
+) -> RunOut:
     """Stop a run in flight on whichever process runs it. Its messages are answered by the
     cancel (``run_cancelled``); messages that arrived after it go to the next run. Answers
     with the run once it has ended (202 and the run as it is, if that takes over 10 s)."""
-    run = await _find_run(services.store, run_id)
+    run = await _find_run(services.store, run_id, caller)
     return await _cancel(services, run, response)
 
 
@@ -318,21 +343,33 @@ async def cancel_session(
     id_or_name: StorableText,
     response: Response,
     services: ServicesDep,
+    caller: CallerDep,
     user_id: StorableText | None = None,
 ) -> RunOut:
     """Stop the session's run in flight, as ``POST /runs/{run_id}/cancel`` does."""
-    session = await _find_session(services.store, id_or_name, user_id)
+    session = await _find_session(services.store, id_or_name, user_id, caller)
     run = await services.store.active_run(session.id)
     if run is None:
         raise RunNotActive(f"session {str(session.id)!r} has no run in flight")
     return await _cancel(services, run, response)
 
 
-async def _find_run(store: Store, run_id: UUID) -> Run:
+async def _find_run(store: Store, run_id: UUID, caller: Caller) -> Run:
     run = await store.get_run(run_id)
     if run is None:
         raise RunNotFound(f"run {str(run_id)!r} not found")
+    try:
+        await _check_session(store, run.session_id, caller)
+    except SessionNotFound:
+        raise RunNotFound(f"run {str(run_id)!r} not found") from None
     return run
+
+
+async def _check_message(store: Store, session_id: UUID, message_id: UUID, caller: Caller) -> None:
+    try:
+        await _check_session(store, session_id, caller)
+    except SessionNotFound:
+        raise MessageNotFound(f"message {str(message_id)!r} not found") from None
 
 
 async def _cancel(services: Services, run: Run, response: Response) -> RunOut:
@@ -346,12 +383,13 @@ async def _cancel(services: Services, run: Run, response: Response) -> RunOut:
 async def list_runs(
     id_or_name: StorableText,
     services: ServicesDep,
+    caller: CallerDep,
     user_id: StorableText | None = None,
     page: Annotated[int, Query(ge=1, le=max_page(RUNS_PER_PAGE))] = 1,
     page_size: Annotated[int, Query(ge=1, le=RUNS_PER_PAGE)] = 50,
 ) -> RunPage:
     """The session's runs, oldest first (a session is found as in GET /sessions/{id_or_name})."""
-    session = await _find_session(services.store, id_or_name, user_id)
+    session = await _find_session(services.store, id_or_name, user_id, caller)
     runs, total = await services.store.list_runs(
         session.id, limit=page_size, offset=(page - 1) * page_size
     )
@@ -364,12 +402,13 @@ async def list_runs(
 
 
 @router.get("/messages/{message_id}", response_model=MessageState, responses=errors(404, 422, 503))
-async def get_message(message_id: UUID, services: ServicesDep) -> MessageState:
+async def get_message(message_id: UUID, services: ServicesDep, caller: CallerDep) -> MessageState:
     """A user message's state: pending, or answered (by a reply) or failed, with its run."""
     store = services.store
     message = await store.get_message(message_id)
     if message is None or message.role != "user":
         raise MessageNotFound(f"user message {str(message_id)!r} not found")
+    await _check_message(store, message.session_id, message_id, caller)
     found = await store.answer_for(message_id)
     run = reply = error = None
     message_ids: list[UUID] = []
@@ -428,13 +467,18 @@ def _delivery_out(delivery: Delivery) -> DeliveryOut:
 @router.get("/deliveries", response_model=DeliveryPage, responses=errors(422, 503))
 async def list_deliveries(
     services: ServicesDep,
+    caller: CallerDep,
     status: DeliveryStatus | None = None,
     page: Annotated[int, Query(ge=1, le=max_page(DELIVERIES_PER_PAGE))] = 1,
     page_size: Annotated[int, Query(ge=1, le=DELIVERIES_PER_PAGE)] = 50,
 ) -> DeliveryPage:
-    """Webhook deliveries, newest first; ``status`` filters (``failed``: gave up)."""
+    """Webhook deliveries, newest first; ``status`` filters (``failed``: gave up). A user
+    key lists the deliveries of its user's sessions only."""
     deliveries, total = await services.store.list_deliveries(
-        status=status, limit=page_size, offset=(page - 1) * page_size
+        status=status,
+        owner=caller.user_id if caller.role == "user" else None,
+        limit=page_size,
+        offset=(page - 1) * page_size,
     )
     return DeliveryPage(
         deliveries=[_delivery_out(d) for d in deliveries],
@@ -449,8 +493,17 @@ async def list_deliveries(
     response_model=DeliveryOut,
     responses=errors(404, 422, 503),
 )
-async def redeliver(delivery_id: UUID, services: ServicesDep) -> DeliveryOut:
+async def redeliver(delivery_id: UUID, services: ServicesDep, caller: CallerDep) -> DeliveryOut:
     """Send a delivery again, now, whatever its status, with a fresh WEBHOOK_MAX_AGE_S."""
+    if caller.role == "user":
+        found = await services.store.get_delivery(delivery_id)
+        try:
+            if found is not None:
+                await _check_session(services.store, found.session_id, caller)
+        except SessionNotFound:
+            found = None
+        if found is None:
+            raise DeliveryNotFound(f"delivery {str(delivery_id)!r} not found")
     delivery = await services.store.redeliver(delivery_id)
     if delivery is None:
         raise DeliveryNotFound(f"delivery {str(delivery_id)!r} not found")

@@ -381,8 +381,12 @@ SELECT t.total, page.*
 FROM (SELECT count(*) AS total FROM deliveries {{where}}) t LEFT JOIN page ON true
 ORDER BY page.created_at DESC, page.id DESC
 """
-LIST_DELIVERIES = _LIST_DELIVERIES_TEMPLATE.format(where="")
-LIST_DELIVERIES_BY_STATUS = _LIST_DELIVERIES_TEMPLATE.format(where="WHERE status = $3")
+# $3 status, $4 owner: NULL means any. Two fixed texts would need four variants; the planner
+# folds the NULL tests of a prepared statement's parameters at execution.
+LIST_DELIVERIES = _LIST_DELIVERIES_TEMPLATE.format(
+    where="WHERE ($3::text IS NULL OR status = $3::text) AND ($4::text IS NULL OR session_id IN "
+    "(SELECT id FROM sessions WHERE user_id = $4::text))"
+)
 
 # Only into a session that has no message yet: the UPDATE's WHERE decides, under the row lock.
 SEED_HISTORY = f"""

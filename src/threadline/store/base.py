@@ -381,9 +381,15 @@ class Store(Protocol):
     async def get_delivery(self, delivery_id: UUID) -> Delivery | None: ...
 
     async def list_deliveries(
-        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> tuple[list[Delivery], int]:
-        """A page of deliveries, newest first, and the total count."""
+        """A page of deliveries, newest first, and the total count; with ``owner``, only the
+        deliveries of sessions whose ``user_id`` is ``owner`` (a user key's view)."""
 
     async def redeliver(self, delivery_id: UUID) -> Delivery | None:
         """Make a delivery due now, whatever its status, with a fresh ``max_age``."""

@@ -365,12 +365,14 @@ class PostgresStore:
         return _delivery(rows[0]) if rows else None
 
     async def list_deliveries(
-        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> tuple[list[Delivery], int]:
-        if status is None:
-            rows = await self._fetch(sql.LIST_DELIVERIES, limit, offset)
-        else:
-            rows = await self._fetch(sql.LIST_DELIVERIES_BY_STATUS, limit, offset, status)
+        rows = await self._fetch(sql.LIST_DELIVERIES, limit, offset, status, owner)
         return [_delivery(r) for r in rows if r["id"] is not None], rows[0]["total"]
 
     async def redeliver(self, delivery_id: UUID) -> Delivery | None:

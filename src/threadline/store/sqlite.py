@@ -426,9 +426,16 @@ class SQLiteStore:
         return await self._run(get, transaction=False)
 
     async def list_deliveries(
-        self, *, status: DeliveryStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> tuple[list[Delivery], int]:
-        where, args = ("WHERE status = ?", (status,)) if status is not None else ("", ())
+        where = "WHERE (? IS NULL OR status = ?)"
+        where += " AND (? IS NULL OR session_id IN (SELECT id FROM sessions WHERE user_id = ?))"
+        args = (status, status, owner, owner)
 
         def page(db: sqlite3.Connection) -> tuple[list[Delivery], int]:
             total = db.execute(f"SELECT count(*) FROM deliveries {where}", args).fetchone()[0]

@@ -26,8 +26,9 @@ from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from threadline.api.access import Caller
 from threadline.api.contract import openai_errors
-from threadline.api.deps import Services, ServicesDep
+from threadline.api.deps import CallerDep, Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, openai_error_body
 from threadline.api.openai.conversation import Turn, find_session, seed
 from threadline.api.streams import TurnStream
@@ -160,16 +161,18 @@ async def turn_request(
     named: str | None,
     user: str | None,
     stream: bool,
+    caller: Caller,
 ) -> TurnRequest:
     """Check the request against the agent and the limits, find (or start) its session."""
     settings, store = services.settings, services.store
+    user = caller.user_for(user, "user")
     await services.registry.get(agent)  # 404 before anything is stored
     if len(turn.content) > settings.max_message_chars:
         raise PayloadTooLarge(
             f"the last user message has {len(turn.content)} characters; "
             f"the limit is {settings.max_message_chars}"
         )
-    session = await find_session(store, agent, named, user)
+    session = await find_session(store, agent, named, user, caller)
     await seed(store, session, turn)
     return TurnRequest(
         session_id=session.id,
@@ -191,11 +194,12 @@ async def chat_completions(
     body: ChatCompletionRequest,
     response: Response,
     services: ServicesDep,
+    caller: CallerDep,
     x_session_id: Annotated[StorableText | None, Header()] = None,
 ) -> dict[str, Any] | EventSourceResponse:
     named = x_session_id or (body.metadata or {}).get("session_id")
     request = await turn_request(
-        services, body.model, conversation(body.messages), named, body.user, body.stream
+        services, body.model, conversation(body.messages), named, body.user, body.stream, caller
     )
     headers = {"X-Session-Id": str(request.session_id)}
     if body.stream:

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from uuid import UUID
 
+from threadline.api.access import Caller
 from threadline.errors import SessionAgentMismatch, SessionNotFound
 from threadline.store import NewMessage, Role, Session, Store
 
@@ -35,14 +36,17 @@ class Turn:
     content: str
 
 
-async def find_session(store: Store, agent: str, named: str | None, user: str | None) -> Session:
-    """The session a request continues (see the module docstring), created if need be."""
+async def find_session(
+    store: Store, agent: str, named: str | None, user: str | None, caller: Caller
+) -> Session:
+    """The session a request continues (see the module docstring), created if need be; one
+    ``caller`` may not see is "not found" (before any other check: its agent says nothing)."""
     if named is not None:
         try:
             session = await store.get_session(UUID(named))
         except ValueError:
             session = await store.get_or_create_session(named, agent=agent, user_id=user)
-        if session is None:
+        if session is None or not caller.sees(session):
             raise SessionNotFound(f"session {named!r} not found")
     elif user is not None:
         name = USER_SESSION.format(agent=agent)

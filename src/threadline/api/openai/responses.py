@@ -38,9 +38,10 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
+from threadline.api.access import Caller
 from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import openai_errors
-from threadline.api.deps import ServicesDep
+from threadline.api.deps import CallerDep, ServicesDep
 from threadline.api.errors import PayloadTooLarge
 from threadline.api.openai.conversation import Turn, find_session, seed
 from threadline.api.openai.response_events import semantic_events
@@ -170,15 +171,18 @@ def read_input(value: str | list[InputItem]) -> tuple[Turn, list[str]]:
     return Turn(earlier, content), instructions
 
 
-async def find_or_start_session(store: Store, body: ResponseRequest) -> Session:
-    """The session the request continues (see the module docstring)."""
+async def find_or_start_session(
+    store: Store, body: ResponseRequest, user: str | None, caller: Caller
+) -> Session:
+    """The session the request continues (see the module docstring), for ``user``; one that
+    ``caller`` may not see is "not found"."""
     if body.previous_response_id is not None:
         previous = body.previous_response_id
         message_id = message_id_of(previous, "previous_response_id")
         message = await store.get_message(message_id)
         message = check_user_message(message, previous, "previous_response_id")
         session = await store.get_session(message.session_id)
-        if session is None:
+        if session is None or not caller.sees(session):
             raise ResponseNotFound(f"previous response {previous!r} not found")
         if session.agent != body.model:
             raise SessionAgentMismatch(session.id, session.agent, body.model)
@@ -186,8 +190,8 @@ async def find_or_start_session(store: Store, body: ResponseRequest) -> Session:
     if body.conversation is not None:
         named = body.conversation
         name = named if isinstance(named, str) else named.id
-        return await find_session(store, body.model, name, body.user)
-    return await store.create_session(body.model, user_id=body.user)
+        return await find_session(store, body.model, name, user, caller)
+    return await store.create_session(body.model, user_id=user)
 
 
 @router.post(
@@ -196,11 +200,12 @@ async def find_or_start_session(store: Store, body: ResponseRequest) -> Session:
     responses=openai_errors(400, 404, 409, 413, 429, 502, 503, 504),
 )
 async def create_response(
-    body: ResponseRequest, services: ServicesDep
+    body: ResponseRequest, services: ServicesDep, caller: CallerDep
 ) -> dict[str, Any] | EventSourceResponse:
     created_at = time.time()
     settings, store = services.settings, services.store
     refuse_unsupported(body)
+    user = caller.user_for(body.user, "user")
     turn, more = read_input(body.input)
     instructions = "\n\n".join([*([body.instructions] if body.instructions else []), *more])
     await services.registry.get(body.model)  # 404 before anything is stored
@@ -209,14 +214,14 @@ async def create_response(
             raise PayloadTooLarge(
                 f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}"
             )
-    session = await find_or_start_session(store, body)
+    session = await find_or_start_session(store, body, user, caller)
     await seed(store, session, turn)
     request = TurnRequest(
         session_id=session.id,
         agent=body.model,
         content=turn.content,
         strategy=settings.queue_strategy,
-        user_id=body.user if body.user is not None else session.user_id,
+        user_id=user if user is not None else session.user_id,
         history_limit=settings.history_limit,
         stream=body.stream,
         instructions=instructions or None,
@@ -251,11 +256,11 @@ async def create_response(
     return response_object(origin(answer.message_id), "completed", ending=ending)
 
 
-async def _find(store: Store, response_id: str) -> tuple[Message, Session]:
+async def _find(store: Store, response_id: str, caller: Caller) -> tuple[Message, Session]:
     message = await store.get_message(message_id_of(response_id))
     message = check_user_message(message, response_id)
     session = await store.get_session(message.session_id)
-    if session is None:
+    if session is None or not caller.sees(session):
         raise ResponseNotFound(f"response {response_id!r} not found")
     return message, session
 
@@ -277,6 +282,7 @@ async def _state(store: Store, message: Message, session: Session) -> dict[str, 
 async def retrieve_response(
     response_id: StorableText,
     services: ServicesDep,
+    caller: CallerDep,
     stream: Annotated[bool | None, Query()] = None,
     starting_after: Annotated[int | None, Query()] = None,
     include: Annotated[list[StorableText] | None, Query()] = None,
@@ -287,7 +293,7 @@ async def retrieve_response(
         raise UnsupportedParameter(name, ": a response is polled, not streamed again")
     if include:
         raise UnsupportedParameter("include")
-    message, session = await _find(services.store, response_id)
+    message, session = await _find(services.store, response_id, caller)
     return await _state(services.store, message, session)
 
 
@@ -296,12 +302,14 @@ async def retrieve_response(
     response_model=None,
     responses=openai_errors(404, 409, 503),
 )
-async def cancel_response(response_id: StorableText, services: ServicesDep) -> dict[str, Any]:
+async def cancel_response(
+    response_id: StorableText, services: ServicesDep, caller: CallerDep
+) -> dict[str, Any]:
     """Cancel the run answering a response (and so every message merged into it); answers
     with the Response once the run has ended (status ``cancelled``), or as it is after 10 s.
     A cancelled response is returned as it is; one that completed or failed is a 409."""
     store = services.store
-    message, session = await _find(store, response_id)
+    message, session = await _find(store, response_id, caller)
     found = await store.answer_for(message.id)
     if found is not None:
         ending = Ending.of_run(*found)
