@@ -9,12 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from threadline.errors import ConfigError
 
 Strategy = Literal["merge", "enqueue", "reject"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -76,6 +85,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     debug_metrics: bool = True
+    # Log lines for people (text) or for a collector (json: one object per line); see
+    # docs/operations.md, "Logs".
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "INFO"
     # Freeze the start-up heap and collect the young generation less often (see app.py).
     gc_tuning: bool = True
 
@@ -92,6 +105,13 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected redis:// URL, got {value!r}")
         return value or None
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @field_validator("api_key", mode="before")
     @classmethod

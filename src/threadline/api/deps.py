@@ -14,6 +14,7 @@ from threadline.api.errors import Unauthorized
 from threadline.config import Settings
 from threadline.coordination import Coordinator
 from threadline.delivery.sender import Deliverer
+from threadline.metrics import Sampler
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store
 
@@ -25,6 +26,8 @@ class Services:
     registry: AgentRegistry
     coordinator: Coordinator
     monitor: LoopLagMonitor
+    # Sets this process's state gauges of /metrics (queue depth, leases, pool).
+    sampler: Sampler
     # The webhook outbox sender; None when no webhook secret is set.
     deliverer: Deliverer | None = None
 
