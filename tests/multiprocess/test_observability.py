@@ -42,6 +42,10 @@ async def server(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[Se
     env = server_env(pg_dsn, redis_dsn, workers=2, log_format="json")
     (started,) = await start_servers(1, env, workdir, "observed")
     try:
+        # /health answered means one worker serves; the other may still be starting. Each
+        # reports its pool as soon as it serves, and the scrape adds both.
+        async with httpx.AsyncClient(base_url=started.url, timeout=10) as client:
+            await wait_until(lambda: _pools_reported(client, workers=2))
         yield started
     finally:
         await started.child.stop()
@@ -189,6 +193,11 @@ async def test_both_workers_write_one_json_line_per_request_with_its_ids(
     runs = [line for line in everything if line.get("event") == "run.succeeded"]
     assert {line["run_id"] for line in runs} >= {r.json()["run_id"] for r in sent.values()}
     assert len({line["pid"] for line in everything}) >= 3  # the supervisor and two workers
+
+
+async def _pools_reported(client: httpx.AsyncClient, workers: int) -> bool:
+    found = value(await scrape(client), "threadline_db_pool_connections", state="max")
+    return found == workers * POOL_MAX_SIZE
 
 
 async def _all_logged(lines: Any, sent: dict[str, httpx.Response]) -> bool:
