@@ -183,7 +183,8 @@ def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
 
 
 def _ending(job: Job, outcome: Outcome | None) -> str:
-    """The run's outcome label (``threadline_runs_finished_total``); None: it was cancelled."""
+    """The run's outcome label (``threadline_runs_finished_total``); ``outcome`` is None when
+    the run was cancelled."""
     if outcome is None:
         reason = job.cancel_reason
         return reason if reason in ("superseded", "cancelled") else "shutdown"
@@ -307,16 +308,17 @@ class TurnRunner:
         log.info("run started", extra={"agent": agent, "event": "run.started"})
         began = time.perf_counter()
         outcome: Outcome | None = None
+        ending: str | None = None
         try:
             outcome = await self._run(job)
             return outcome
         except asyncio.CancelledError:
             raise
         except BaseException:
-            outcome = Outcome(job.run_id, (), error=RunFailed("the run raised"))
+            ending = "failed"  # a bug: the queue answers the callers with run_failed
             raise
         finally:
-            ending = _ending(job, outcome)
+            ending = ending or _ending(job, outcome)
             answered = len(outcome.message_ids) if outcome is not None else 0
             metrics.RUNS_FINISHED.labels(agent, ending).inc()
             if ending in ("succeeded", "failed") and answered:

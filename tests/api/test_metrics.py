@@ -13,9 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic_ai.exceptions import UnexpectedModelBehavior
+from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from tests.api.test_api import assert_error
+from tests.api.test_webhooks import webhook_settings
 from tests.apps import AppFactory
+from tests.webhook_receiver import running_receiver
+from threadline.agents import AgentSpec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 RUN_ROUTE = "/api/v1/agent/{name}/run"
@@ -125,3 +131,41 @@ async def test_an_open_stream_is_counted_until_it_ends(make_server: AppFactory) 
             await asyncio.sleep(0.01)  # the gauge drops once the response has ended
             _, after = await scrape(client)
         assert value(after, "threadline_callers_waiting") == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_model_errors_failed_runs_and_webhook_attempts_are_counted(
+    make_app: AppFactory,
+) -> None:
+    async def broken(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise UnexpectedModelBehavior("the provider sent nonsense")
+
+    agent = AgentSpec(name="broken", model=FunctionModel(broken, model_name="nonsense"))
+    async with (
+        running_receiver(["fail", "ok"]) as receiver,
+        make_app([agent], **webhook_settings()) as (client, _),
+    ):
+        _, before = await scrape(client)
+        failed = await client.post("/api/v1/agent/broken/run", json={"message_content": "x"})
+        assert_error(failed, 502, "model_error")
+        body = {"message_content": "y", "webhook_url": receiver.url()}
+        assert (await client.post("/api/v1/agent/echo/run", json=body)).status_code == 200
+        await receiver.next()
+        await receiver.next()
+        _, after = await scrape(client)
+        while value(after, "threadline_webhook_attempts_total", status="200") == value(
+            before, "threadline_webhook_attempts_total", status="200"
+        ):
+            await asyncio.sleep(0.01)  # counted once the sender has read the status
+            _, after = await scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    labels = {"agent": "broken", "model": "nonsense"}
+    assert delta("threadline_model_call_errors_total", kind="unexpected", **labels) == 1
+    assert delta("threadline_model_call_duration_seconds_count", **labels) == 0
+    assert delta("threadline_runs_finished_total", agent="broken", outcome="failed") == 1
+    assert delta("threadline_messages_answered_total", agent="broken", outcome="failed") == 1
+    assert delta("threadline_webhook_attempts_total", status="500") == 1
+    assert delta("threadline_webhook_attempts_total", status="200") == 1
