@@ -2,14 +2,15 @@
 
 Order of start-up: agent registry (every model built, every setup run, so a bad configuration
 fails start-up before any I/O) -> store (migrated) -> webhook sender (when a webhook secret is
-set) -> coordinator -> loop monitor -> key gate (keys read, rate limiter; when keys are
-configured). Shutdown
+set) -> coordinator -> loop monitor -> metrics sampler -> key gate (keys read, rate limiter;
+when keys are configured). Shutdown
 runs in reverse through one ``AsyncExitStack``: the coordinator first stops intake and lets
 runs in flight finish within ``SHUTDOWN_GRACE_S``, then the store closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -17,11 +18,11 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Response
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from threadline import __version__, web
+from threadline import __version__, logs, metrics, web
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.registry import load_specs
 from threadline.api import contract
@@ -32,6 +33,7 @@ from threadline.api.errors import PayloadTooLarge, error_response
 from threadline.api.gate import open_gate
 from threadline.api.openai import router as openai_router
 from threadline.api.routes import router
+from threadline.api.telemetry import RequestTelemetry
 from threadline.config import Settings, load_settings
 from threadline.coordination import Coordinator
 from threadline.coordination.local import LocalCoordinator
@@ -39,7 +41,7 @@ from threadline.delivery.sender import Deliverer
 from threadline.delivery.targets import check_agent_url
 from threadline.errors import ConfigError
 from threadline.monitor import LoopLagMonitor
-from threadline.store import Store, open_store
+from threadline.store import PostgresStore, Store, open_store
 
 if TYPE_CHECKING:
     from threadline.tracing import Tracing
@@ -108,8 +110,26 @@ async def open_services(
             )
         )
         monitor = await stack.enter_async_context(LoopLagMonitor().running())
+
+        def state() -> dict[str, Any]:
+            numbers = dict(coordinator.metrics())
+            if deliverer is not None:
+                numbers["webhooks_sending"] = deliverer.metrics()["sending"]
+            numbers["pool"] = pool_usage(store)
+            return numbers
+
+        sampler = await stack.enter_async_context(metrics.Sampler(state).running())
         gate = await stack.enter_async_context(open_gate(settings)) if settings.keyed else None
-        yield Services(settings, store, registry, coordinator, monitor, deliverer, gate)
+        yield Services(settings, store, registry, coordinator, monitor, sampler, deliverer, gate)
+
+
+def pool_usage(store: Store) -> dict[str, int] | None:
+    """The PostgreSQL pool's connections by state; None for SQLite (one connection)."""
+    if not isinstance(store, PostgresStore):
+        return None
+    pool = store.pool
+    idle: int = pool.get_idle_size()
+    return {"in_use": pool.get_size() - idle, "idle": idle, "max": pool.get_max_size()}
 
 
 def build_tracing(settings: Settings) -> Tracing:
@@ -186,6 +206,14 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def serve_app() -> FastAPI:
+    """The factory ``threadline serve`` gives uvicorn: each worker process configures its
+    logging from the settings (uvicorn's own is off), then builds the app."""
+    settings = load_settings()
+    logs.configure(settings)
+    return create_app(settings)
+
+
 def create_app(
     settings: Settings | None = None,
     agents: Sequence[AgentSpec] = (),
@@ -232,10 +260,13 @@ def create_app(
     app.include_router(openai_router)
     web.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    # Added last, so it runs first: a refused request costs no body reading.
+    # Added last but one, so it runs early: a refused request costs no body reading.
     app.add_middleware(KeyRequired if settings.keyed else LoopbackOnly)
     if tracing is not None:
         tracing.instrument_app(app)
+    # Outermost of ours: every response gets a request id, a log line and its metrics,
+    # refusals by the one above included.
+    app.add_middleware(RequestTelemetry)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -246,6 +277,25 @@ def create_app(
         await services.store.ping()
         await services.coordinator.ping()
         return {"status": "ready", "store": services.settings.backend}
+
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        dependencies=[Depends(require_admin)],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Every metric in Prometheus' text format (docs/operations.md).",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def prometheus_metrics(services: ServicesDep) -> Response:
+        """Prometheus metrics of every worker of this server (docs/operations.md, Metrics)."""
+        services.sampler.sample()  # this process's gauges as of now; the others' <= 1 s old
+        # Reading every worker's files is file I/O: off the event loop.
+        body = await asyncio.to_thread(metrics.exposition)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
 
     if settings.debug_metrics:
         # Admin keys only (the loopback rule without keys): the counters are the server's.
@@ -267,7 +317,7 @@ def create_app(
             }
 
         @app.get("/debug/metrics", tags=["ops"], dependencies=guarded)
-        async def metrics(services: ServicesDep) -> dict[str, Any]:
+        async def debug_metrics(services: ServicesDep) -> dict[str, Any]:
             return snapshot(services)
 
         @app.post("/debug/metrics/reset", tags=["ops"], dependencies=guarded)

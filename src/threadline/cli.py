@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import logging
 import math
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from threadline.config import Settings, load_settings
 from threadline.errors import ConfigError, SessionAgentMismatch, ThreadlineError
+from threadline.logs import configure as configure_logs
+
+# prometheus-client's: where every worker writes its metrics (threadline/metrics.py).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _serve(settings: Settings, reload: bool) -> None:
-    import uvicorn
 
     settings.check_serving()
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
+    if settings.workers > 1 and not reload:
+        cleanup = _use_metrics_dir()
     # Every agent's model is built here, before uvicorn starts, so a missing provider key is
     # exit code 2 with one line naming it, for any number of workers. (Setups run in each
     # worker's lifespan; a failing one makes uvicorn exit with its start-up failure code.)
@@ -28,8 +38,18 @@ def _serve(settings: Settings, reload: bool) -> None:
     os.environ["THREADLINE_HOST"] = settings.host
     os.environ["THREADLINE_PORT"] = str(settings.port)
     os.environ["THREADLINE_WORKERS"] = str(settings.workers)
+    try:
+        _run_uvicorn(settings, reload)
+    finally:
+        cleanup()
+
+
+def _run_uvicorn(settings: Settings, reload: bool) -> None:
+    import uvicorn
+
     uvicorn.run(
-        "threadline.app:create_app",
+        # Configures each worker's logging (threadline/logs.py), then builds the app.
+        "threadline.app:serve_app",
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -38,9 +58,32 @@ def _serve(settings: Settings, reload: bool) -> None:
         # uvicorn treats 0 as "no limit"; the lifespan then gives runs still in flight the
         # same grace again, so a shutdown takes at most twice SHUTDOWN_GRACE_S.
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
-        log_level="info",
+        # Our logging, not uvicorn's: the same lines with one worker or N. Its access log is
+        # replaced by our per-request line (api/telemetry.py).
+        log_config=None,
         access_log=False,
     )
+
+
+def _use_metrics_dir() -> Callable[[], None]:
+    """Turn on prometheus-client's multiprocess mode for the workers; return the clean-up.
+
+    Set here, before anything imports prometheus_client (it reads the variable at import),
+    and inherited by every worker: each writes its samples there and a scrape adds them up
+    (threadline/metrics.py). An operator's directory is used and emptied (files of an earlier
+    run would add old counts to ours); without one a fresh temporary directory is made, and
+    removed when the server stops.
+    """
+    given = os.environ.get(METRICS_DIR_ENV) or os.environ.get(METRICS_DIR_ENV.lower())
+    if given:
+        os.environ[METRICS_DIR_ENV] = given
+        os.makedirs(given, exist_ok=True)
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+        return lambda: None
+    made = tempfile.mkdtemp(prefix="threadline-metrics-")
+    os.environ[METRICS_DIR_ENV] = made
+    return lambda: shutil.rmtree(made, ignore_errors=True)
 
 
 async def _check_agents(settings: Settings) -> None:
@@ -162,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(ConfigError):  # reported below, when the command loads them
+        configure_logs(load_settings())
     try:
         if args.command == "serve":
             overrides = {

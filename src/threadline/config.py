@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -23,6 +24,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from threadline.errors import ConfigError
 
 Strategy = Literal["merge", "enqueue", "reject"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -97,6 +100,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     debug_metrics: bool = True
+    # Log lines for people (text) or for a collector (json: one object per line); see
+    # docs/operations.md, "Logs".
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "INFO"
     # Freeze the start-up heap and collect the young generation less often (see app.py).
     gc_tuning: bool = True
 
@@ -113,6 +120,13 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected redis:// URL, got {value!r}")
         return value or None
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Event-loop lag monitor: a heartbeat that measures how late the loop wakes it up.
 
-A blocked loop delays every request; this makes the delay visible at /debug/metrics, which
-the benchmark reads to show that threadline's loop never stalls under load.
+A blocked loop delays every request; this makes the delay visible at /metrics (a histogram) and at
+/debug/metrics, which the benchmark reads to show that threadline's loop never stalls under load.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
+
+from threadline import metrics
 
 
 class LoopLagMonitor:
@@ -33,7 +35,9 @@ class LoopLagMonitor:
         while True:
             before = time.perf_counter()
             await asyncio.sleep(self._interval)
-            self._lags.append(max(0.0, time.perf_counter() - before - self._interval))
+            lag = max(0.0, time.perf_counter() - before - self._interval)
+            self._lags.append(lag)
+            metrics.LOOP_LAG.observe(lag)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[LoopLagMonitor]:

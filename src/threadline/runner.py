@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.run import AgentRun
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from threadline import logs, metrics
 from threadline.agents import AgentRegistry, RunDeps
 from threadline.agents.tool_errors import TOOL_ERRORS
 from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
@@ -183,6 +185,45 @@ def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
     )
 
 
+def _ending(job: Job, outcome: Outcome | None) -> str:
+    """The run's outcome label (``threadline_runs_finished_total``); ``outcome`` is None when
+    the run was cancelled."""
+    if outcome is None:
+        reason = job.cancel_reason
+        return reason if reason in ("superseded", "cancelled") else "shutdown"
+    if outcome.error is None:
+        return "succeeded"
+    if isinstance(outcome.error, AnsweredElsewhere | FencedOut | SessionNotFound):
+        return "handed_off"
+    return "failed"
+
+
+class _ModelCalls:
+    """Times a run's model requests. pydantic-ai makes a request while running the
+    ``ModelRequestNode`` the run's iterator has just yielded: between yielding it and yielding
+    the next node (or inside its ``stream``, which runs before the next node comes)."""
+
+    def __init__(self, agent: str, model: str) -> None:
+        self._labels = (agent, model)
+        self._since: float | None = None
+
+    def begin(self) -> None:
+        self._since = time.perf_counter()
+
+    def end(self) -> None:
+        if self._since is not None:
+            elapsed = time.perf_counter() - self._since
+            metrics.MODEL_CALL_DURATION.labels(*self._labels).observe(elapsed)
+            self._since = None
+
+    def failed(self, kind: str, *, in_flight_only: bool = True) -> None:
+        """Count an error; ``in_flight_only``: only if it ended a request (a timeout may as
+        well end a tool call, which is no model error)."""
+        if self._since is not None or not in_flight_only:
+            metrics.MODEL_CALL_ERRORS.labels(*self._labels, kind).inc()
+        self._since = None
+
+
 def _streams(turn: Turn) -> bool:
     """Whether a caller of one of the run's messages streams (``RunOptions.stream``)."""
     return any(m.options is not None and m.options.get("stream") for m in turn.prompt)
@@ -212,10 +253,15 @@ class TurnRunner:
     def _emit(self, job: Job, kind: Kind, **data: Any) -> None:
         self._events.emit(RunEvent(kind, job.session_id, job.run_id, data))
 
-    async def _drive(self, job: Job, agent_run: AgentRun[RunDeps, str], stream: bool) -> None:
+    async def _drive(
+        self, job: Job, agent_run: AgentRun[RunDeps, str], stream: bool, calls: _ModelCalls
+    ) -> None:
         """Run the agent's graph to its end, telling watchers what happens: the model's text
         as the provider streams it (``stream``), tool calls and their results."""
         async for node in agent_run:
+            calls.end()
+            if Agent.is_model_request_node(node):
+                calls.begin()
             if stream and Agent.is_model_request_node(node):
                 async with node.stream(agent_run.ctx) as events:
                     async for event in events:
@@ -253,8 +299,54 @@ class TurnRunner:
                                 content=part.model_response_str(),
                                 tool_call_id=part.tool_call_id,
                             )
+        calls.end()
 
     async def __call__(self, job: Job) -> Outcome:
+        """Run ``job`` (``_run``), counting and logging how it started and ended."""
+        job.started = True
+        options = job.options
+        assert options is not None, "every job carries its callers' run options"
+        agent = options.agent
+        # This task's own log context: it was spawned by the request that sent the first
+        # message, but it answers every message of the run.
+        logs.scope(session_id=job.session_id, run_id=job.run_id)
+        metrics.RUNS_STARTED.labels(agent).inc()
+        log.info("run started", extra={"agent": agent, "event": "run.started"})
+        began = time.perf_counter()
+        outcome: Outcome | None = None
+        ending: str | None = None
+        try:
+            outcome = await self._traced(job)
+            return outcome
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            ending = "failed"  # a bug: the queue answers the callers with run_failed
+            raise
+        finally:
+            ending = ending or _ending(job, outcome)
+            answered = len(outcome.message_ids) if outcome is not None else 0
+            metrics.RUNS_FINISHED.labels(agent, ending).inc()
+            if ending in ("succeeded", "failed") and answered:
+                metrics.MESSAGES_ANSWERED.labels(agent, ending).inc(answered)
+            if ending == "succeeded":
+                metrics.RUN_MESSAGES.labels(agent).observe(answered)
+            elapsed_ms = round((time.perf_counter() - began) * 1000, 2)
+            log.info(
+                "run %s in %.1fms, messages answered: %d",
+                ending,
+                elapsed_ms,
+                answered,
+                extra={
+                    "agent": agent,
+                    "event": f"run.{ending}",
+                    "outcome": ending,
+                    "latency_ms": elapsed_ms,
+                    "messages": answered,
+                },
+            )
+
+    async def _traced(self, job: Job) -> Outcome:
         if self._tracing is None:
             return await self._run(job)
         with self._tracing.running(job) as span:
@@ -263,16 +355,17 @@ class TurnRunner:
             return outcome
 
     async def _run(self, job: Job, span: RunSpan | None = None) -> Outcome:
-        job.started = True
         options = job.options
-        assert options is not None, "every job carries its callers' run options"
+        assert options is not None
         agent_run: AgentRun[RunDeps, str] | None = None
         turn: Turn | None = job.prepared
+        model_calls: _ModelCalls | None = None
         error: ThreadlineError
         try:
             if job.cancel_reason is not None:
                 raise asyncio.CancelledError
             loaded = await self._registry.get(options.agent)
+            model_calls = _ModelCalls(options.agent, loaded.model_name)
             if turn is None:
                 start = RunStart(
                     job.run_id,
@@ -311,7 +404,7 @@ class TurnRunner:
                     capabilities=[TOOL_ERRORS],
                 ) as agent_run,
             ):
-                await self._drive(job, agent_run, _streams(turn))
+                await self._drive(job, agent_run, _streams(turn), model_calls)
             result = agent_run.result
             assert result is not None
             new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
@@ -356,6 +449,8 @@ class TurnRunner:
                 await self._record_cancel(job, turn, _own_messages(agent_run))
             raise
         except TimeoutError:
+            if model_calls is not None:
+                model_calls.failed("timeout")
             error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
             log.warning("run %s of session %s: %s", job.run_id, job.session_id, error)
             return await self._fail(job, turn, error, agent_run)
@@ -369,6 +464,9 @@ class TurnRunner:
             )
             return await self._fail(job, turn, exc, agent_run)
         except (ModelAPIError, UnexpectedModelBehavior, AgentRunError) as exc:
+            if model_calls is not None:
+                kind = "provider" if isinstance(exc, ModelAPIError) else "unexpected"
+                model_calls.failed(kind, in_flight_only=False)
             log.warning("run %s of session %s: model failed: %r", job.run_id, job.session_id, exc)
             error = ModelError("the model provider failed to answer", job.run_id)
             return await self._fail(job, turn, error, agent_run)
@@ -379,6 +477,8 @@ class TurnRunner:
             error = StoreUnavailable("the database is unavailable; retry later")
             return await self._fail(job, turn, error, agent_run)
         except Exception:
+            if model_calls is not None:
+                model_calls.failed("other")
             log.exception("run %s of session %s failed", job.run_id, job.session_id)
             error = RunFailed("the run failed unexpectedly", job.run_id)
             return await self._fail(job, turn, error, agent_run)

@@ -734,6 +734,26 @@ async def test_fifo_slot_order_holds_with_one_slot(
         assert (await caller).outcome.error is None
 
 
+async def test_depth_and_slot_waits_are_reported_as_sessions_wait_for_a_slot(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    timers = ManualTimers()
+    waits: list[float] = []
+    queue = make_queue(max_concurrent=1, timers=timers, on_slot_wait=waits.append)
+    first = submit(queue, store, A)
+    run = await runner.started(1)
+    second = submit(queue, store, B)
+    await returned(store, 2)
+    assert (queue.depth, queue.waiting_for_slot) == (2, 1)
+    assert waits == []  # A found a slot free: no wait to report
+    timers.advance(2.5)
+    run.reply()
+    (await runner.started(2)).reply()
+    await first, await second
+    assert waits == [2.5]
+    assert (queue.depth, queue.waiting_for_slot) == (0, 0)
+
+
 # -- failures and disconnects ------------------------------------------------------------
 
 

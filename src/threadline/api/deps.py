@@ -15,6 +15,7 @@ from threadline.api.gate import Gate
 from threadline.config import Settings
 from threadline.coordination import Coordinator
 from threadline.delivery.sender import Deliverer
+from threadline.metrics import Sampler
 from threadline.monitor import LoopLagMonitor
 from threadline.store import Store
 
@@ -26,6 +27,8 @@ class Services:
     registry: AgentRegistry
     coordinator: Coordinator
     monitor: LoopLagMonitor
+    # Sets this process's state gauges of /metrics (queue depth, leases, pool).
+    sampler: Sampler
     # The webhook outbox sender; None when no webhook secret is set.
     deliverer: Deliverer | None = None
     # Keys and rate limits; None on a server without keys (loopback only).

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from threadline import logs
 from threadline.api.access import Caller
 from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import errors
@@ -88,6 +89,7 @@ async def _find_session(
         session = await store.find_session(id_or_name, user_id)
     if session is None or not caller.sees(session):
         raise SessionNotFound(f"session {id_or_name!r} not found")
+    logs.bind(session_id=session.id)
     return session
 
 
@@ -177,6 +179,7 @@ async def run_agent(
     if session.agent != name:
         # Another agent's history is not this one's to extend (or to read back as context).
         raise SessionAgentMismatch(session.id, session.agent, name)
+    logs.bind(session_id=session.id)
     turn = TurnRequest(
         session_id=session.id,
         agent=name,
@@ -200,6 +203,7 @@ async def run_agent(
         await stream.start()  # errors before the message is stored are still statuses
         return stream.response(settings.stream_heartbeat_s)
     answer = await services.coordinator.submit(turn)
+    logs.bind(run_id=answer.outcome.run_id)
     if answer.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     if answer.outcome.error is not None:
@@ -362,6 +366,7 @@ async def _find_run(store: Store, run_id: UUID, caller: Caller) -> Run:
         await _check_session(store, run.session_id, caller)
     except SessionNotFound:
         raise RunNotFound(f"run {str(run_id)!r} not found") from None
+    logs.bind(session_id=run.session_id, run_id=run.id)
     return run
 
 

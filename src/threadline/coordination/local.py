@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from threadline import metrics
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.coordination import replay
@@ -57,6 +58,7 @@ def build_queue(
         merge_max_wait=settings.merge_max_wait_ms / 1000,
         session_queue_max=settings.session_queue_max,
         on_idle=on_idle,
+        on_slot_wait=metrics.SLOT_WAIT.observe,
     )
 
 
@@ -163,6 +165,10 @@ class LocalCoordinator:
         self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
+        with metrics.CALLERS_WAITING.track_inprogress():
+            return await self._submit(request, on_stored)
+
+    async def _submit(self, request: TurnRequest, on_stored: OnStored | None) -> Answer:
         request = traced(request, self._tracing)
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
@@ -262,7 +268,9 @@ class LocalCoordinator:
     def metrics(self) -> dict[str, Any]:
         return {
             "sessions_in_memory": self.queue.session_count,
+            "queued_messages": self.queue.depth,
             "runs_in_flight": self.queue.running,
+            "waiting_for_slot": self.queue.waiting_for_slot,
             "watchers": len(self.events),
             "repeats_waiting": self._repeats,
         }

@@ -46,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 
+from threadline import metrics
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
 from threadline.coordination import replay
@@ -186,6 +187,10 @@ class RedisCoordinator:
     # -- submitting --------------------------------------------------------------------
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
+        with metrics.CALLERS_WAITING.track_inprogress():
+            return await self._submit(request, on_stored)
+
+    async def _submit(self, request: TurnRequest, on_stored: OnStored | None) -> Answer:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
         request = traced(request, self._tracing)
@@ -488,6 +493,7 @@ class RedisCoordinator:
                 still_waiting = await self._mailbox.settle(sid)
                 if still_waiting and await self._leases.claim(sid):
                     log.info("took over session %s", sid)
+                    metrics.TAKEOVERS.labels("dead_owner").inc()
                     await self.take_over(sid)
             except ThreadlineError as exc:
                 log.warning("watchdog could not check session %s: %s", sid, exc)
@@ -499,6 +505,7 @@ class RedisCoordinator:
             try:
                 if await self._leases.claim(sid):
                     log.info("took over orphaned session %s", sid)
+                    metrics.TAKEOVERS.labels("orphan").inc()
                     await self.take_over(sid)
             except ThreadlineError as exc:
                 log.warning("watchdog could not take over session %s: %s", sid, exc)
@@ -538,7 +545,9 @@ class RedisCoordinator:
     def metrics(self) -> dict[str, Any]:
         return {
             "sessions_in_memory": self.queue.session_count,
+            "queued_messages": self.queue.depth,
             "runs_in_flight": self.queue.running,
+            "waiting_for_slot": self.queue.waiting_for_slot,
             "leases_held": len(self._leases),
             "callers_waiting_elsewhere": len(self._mailbox),
             "watchers": len(self.events),

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
+from threadline import metrics
 from threadline.config import Settings
 from threadline.delivery.signing import signed_headers
 from threadline.errors import StoreUnavailable
@@ -148,13 +149,16 @@ class Deliverer:
                     "POST", delivery.url, content=body, headers=headers
                 ) as response:
                     status = response.status_code
+            metrics.WEBHOOK_ATTEMPTS.labels(str(status)).inc()
             if 200 <= status < 300:
                 attempt = Attempt(True, status)
             else:
                 attempt = self._retry(delivery, f"HTTP {status}", status)
         except TimeoutError:
+            metrics.WEBHOOK_ATTEMPTS.labels("timeout").inc()
             attempt = self._retry(delivery, f"no response within {self._timeout:g}s")
         except httpx.HTTPError as exc:
+            metrics.WEBHOOK_ATTEMPTS.labels("error").inc()
             attempt = self._retry(delivery, f"{type(exc).__name__}: {exc}"[:500])
         except asyncio.CancelledError:
             # Shutting down mid-send: make it due again now rather than when the lease runs

@@ -98,6 +98,7 @@ class _Session:
     job: Job | None = None
     task: asyncio.Task[Outcome] | None = None
     queued: bool = False  # waiting for a concurrency slot
+    queued_at: float = 0.0
     timer: asyncio.Handle | None = None
     timer_due: float = 0.0
     last_arrival: float = 0.0
@@ -123,9 +124,12 @@ class TurnQueue:
         session_queue_max: int = 100,
         timers: Timers | None = None,
         on_idle: Callable[[UUID], None] | None = None,
+        on_slot_wait: Callable[[float], None] | None = None,
     ) -> None:
         self._runner = runner
         self._on_idle = on_idle
+        # Told how long a session waited for a concurrency slot (a metric), when it had to.
+        self._on_slot_wait = on_slot_wait
         self._max_concurrent = max_concurrent
         self._merge_window = merge_window
         self._merge_max_wait = merge_max_wait
@@ -147,6 +151,16 @@ class TurnQueue:
     @property
     def running(self) -> int:
         return self._running
+
+    @property
+    def depth(self) -> int:
+        """Unanswered messages held here: stored (or being stored), run or waiting to be."""
+        return sum(len(s.waiters) + s.reserved for s in self._sessions.values())
+
+    @property
+    def waiting_for_slot(self) -> int:
+        """Sessions ready to run that wait for a concurrency slot."""
+        return len(self._slot_waiters)
 
     def has(self, session_id: UUID) -> bool:
         """Whether the session has anything in flight here."""
@@ -413,6 +427,7 @@ class TurnQueue:
             state.timer = None
         if self._running >= self._max_concurrent:
             state.queued = True
+            state.queued_at = self._timers.now()
             self._slot_waiters.append(state)
             return
         self._running += 1
@@ -525,6 +540,8 @@ class TurnQueue:
         while self._slot_waiters and self._running < self._max_concurrent:
             state = self._slot_waiters.popleft()
             state.queued = False
+            if self._on_slot_wait is not None:
+                self._on_slot_wait(self._timers.now() - state.queued_at)
             self._schedule(state)
 
     def _settle(self, state: _Session) -> None:
