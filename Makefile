@@ -1,42 +1,58 @@
-# Two commands matter for a new user: `make run` and `make test`. Both create .venv if missing.
+# Two commands matter for a new user: `make run` and `make test`. Both create .venv if missing,
+# from uv.lock: `run` installs the runtime only, `test` adds the test tools, `bench` the load
+# benchmark's. `--locked` refuses a uv.lock that pyproject.toml has moved away from (run
+# `uv lock`); `--inexact` keeps what another target installed, so `make run` after `make test`
+# does not uninstall the test tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
+
+# uv from PATH, else one bootstrapped through pip into .uv-bootstrap (needs only python3 -m venv).
+UV_BOOTSTRAP := .uv-bootstrap
+UV ?= $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := $(UV_BOOTSTRAP)/bin/uv
+UV_DEP := $(UV)
+endif
+SYNC = $(UV) sync --locked --inexact --python $(PYTHON)
 
 .PHONY: install run test lint format bench chaos clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+$(UV_BOOTSTRAP)/bin/uv:
+	$(PYTHON) -m venv $(UV_BOOTSTRAP)
+	$(UV_BOOTSTRAP)/bin/python -m pip install --quiet 'uv>=0.9,<1'
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+# Everything a contributor uses: test, lint and bench tools.
+install: | $(UV_DEP)
+	$(SYNC) --extra dev
 
-install: $(STAMP)
-
-run: install
+run: | $(UV_DEP)
+	$(SYNC)
 	$(BIN)/threadline serve
 
-test: install
+test: | $(UV_DEP)
+	$(SYNC) --extra test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: | $(UV_DEP)
+	$(SYNC) --extra lint
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
 
-format: install
+format: | $(UV_DEP)
+	$(SYNC) --extra lint
 	$(BIN)/ruff format src tests scripts
 	$(BIN)/ruff check --fix src tests scripts
 
-bench: install
+bench: | $(UV_DEP)
+	$(SYNC) --extra bench
 	$(BIN)/python scripts/benchmarks/agent_run_bench.py $(BENCH_ARGS)
 
 # The fault-injection soak (docs/reliability.md); e.g. CHAOS_ARGS="--duration 600 --sessions 1000".
-chaos: install
+chaos: | $(UV_DEP)
+	$(SYNC) --extra test
 	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(UV_BOOTSTRAP) .mypy_cache .ruff_cache .pytest_cache

@@ -116,7 +116,7 @@ class Postgres:
         try:
             import psycopg
         except ImportError:
-            return "psycopg is not installed (pip install -e '.[dev]')"
+            return "psycopg is not installed (make bench installs the bench extra)"
         try:
             with psycopg.connect(self.url, connect_timeout=5) as conn:
                 conn.execute("SELECT 1")
