@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.multiprocess.conftest import free_port
+from tests.serving import wait_healthy
 
 pytestmark = pytest.mark.allow_blocking
 
@@ -178,3 +182,75 @@ def test_keys_file_may_be_json(tmp_path: Path) -> None:
     [entry] = json.loads(path.read_text())["keys"]
     assert entry["user_id"] == "u"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+LOCAL_AGENTS = """
+from threadline.agents import AgentSpec
+
+AGENTS = [AgentSpec(name="local", description="from here", model="threadline:echo")]
+"""
+
+
+def console_script() -> str:
+    # The installed `threadline` script, as users run it: its sys.path starts with the venv's
+    # bin directory. (`python -m threadline` puts the working directory first by itself.)
+    script = Path(sys.executable).with_name("threadline")
+    assert script.exists(), f"{script} is missing: the project is not installed in this venv"
+    return str(script)
+
+
+def without_pythonpath(**env: str) -> dict[str, str]:
+    inherited = {
+        k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("THREADLINE_")
+    }
+    return {**inherited, **env}
+
+
+def test_agents_module_in_the_working_directory_needs_no_pythonpath(tmp_path: Path) -> None:
+    (tmp_path / "my_agents.py").write_text(LOCAL_AGENTS)
+    env = without_pythonpath(
+        THREADLINE_DATABASE_URL=f"sqlite:///{tmp_path}/cli.db",
+        THREADLINE_AGENTS_MODULE="my_agents",
+    )
+    result = subprocess.run(
+        [console_script(), "run", "local", "from here"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "echo: from here"
+
+
+def test_agents_module_in_the_working_directory_reaches_every_worker(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    # uvicorn spawns its workers: they must find the module the way the supervisor did.
+    (tmp_path / "my_agents.py").write_text(LOCAL_AGENTS)
+    port = free_port()
+    env = without_pythonpath(
+        THREADLINE_DATABASE_URL=pg_url,
+        THREADLINE_REDIS_URL=redis_url,
+        THREADLINE_AGENTS_MODULE="my_agents",
+        THREADLINE_PORT=str(port),
+        THREADLINE_WORKERS="2",
+    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [console_script(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        # Each connection may land on either worker; both must have the agent.
+        for _ in range(10):
+            with httpx.Client(timeout=10) as client:
+                agents = client.get(f"{url}/api/v1/agents").json()
+            assert "local" in {agent["name"] for agent in agents}, agents
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -1,4 +1,10 @@
-"""``threadline serve | migrate | run | keys``."""
+"""``threadline serve | migrate | run | keys``.
+
+The directory ``threadline`` starts in is importable: ``THREADLINE_AGENTS_MODULE=agents`` finds
+``./agents.py`` (and ``myapp.agents`` finds ``./myapp/agents.py``) without ``PYTHONPATH``, as
+``python -m`` and ``uvicorn`` would. It goes at the *end* of ``sys.path``, so a file in that
+directory never shadows the standard library or an installed package of the same name.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,15 @@ from threadline.logs import configure as configure_logs
 
 # prometheus-client's: where every worker writes its metrics (threadline/metrics.py).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _import_from_cwd() -> None:
+    # A console script's sys.path starts with its bin directory, not the working directory.
+    # uvicorn's worker and reloader processes are spawned with this sys.path, so they import
+    # the agents module the same way.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def _serve(settings: Settings, reload: bool) -> None:
@@ -204,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     revoke.add_argument("--file", type=Path, help=file_help)
     args = parser.parse_args(argv)
 
+    _import_from_cwd()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.suppress(ConfigError):  # reported below, when the command loads them
         configure_logs(load_settings())
