@@ -2,7 +2,8 @@
 # threadline: `threadline serve` on 0.0.0.0:8000 as a non-root user, installed from uv.lock.
 #   docker build -t threadline .
 #   docker run -p 8000:8000 -e THREADLINE_API_KEY=... threadline
-# Serving on 0.0.0.0 needs THREADLINE_API_KEY: without it the server exits with status 2.
+# Serving on 0.0.0.0 needs THREADLINE_API_KEY (or THREADLINE_API_KEYS_FILE, a mounted key
+# file): without either the server exits with status 2.
 # PYTHON_IMAGE is any Debian-based image with python3 >= 3.11 and its venv module.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
