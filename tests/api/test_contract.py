@@ -17,12 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.apps import AppFactory
-from tests.multiprocess.conftest import free_port
-from tests.serving import wait_healthy
+from tests.serving import serving
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_PER_OPERATION = 15
-STARTUP_S = 30.0
 
 
 @pytest.fixture(params=["sqlite", "postgres", "sqlite+webhooks"])
@@ -33,38 +30,15 @@ def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         database = str(request.getfixturevalue("pg_url"))
     else:
         database = f"sqlite:///{tmp_path}/contract.db"
-    port = free_port()
-    env = {
-        **os.environ,
-        "THREADLINE_DATABASE_URL": database,
-        "THREADLINE_PORT": str(port),
-        "THREADLINE_GC_TUNING": "0",
-    }
-    env.pop("THREADLINE_API_KEY", None)
-    env.pop("THREADLINE_REDIS_URL", None)
-    for name in [k for k in env if k.startswith("THREADLINE_WEBHOOK_")]:
-        del env[name]
+    settings = {"THREADLINE_DATABASE_URL": database}
     if request.param.endswith("+webhooks"):
-        env["THREADLINE_WEBHOOK_SECRET"] = "contract-secret"
-        env["THREADLINE_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+        settings["THREADLINE_WEBHOOK_SECRET"] = "contract-secret"
+        settings["THREADLINE_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
         # Fuzzed URLs point at ports nobody listens on: give up on them quickly.
-        env["THREADLINE_WEBHOOK_MAX_AGE_S"] = "1"
+        settings["THREADLINE_WEBHOOK_MAX_AGE_S"] = "1"
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
+    with serving(log, **settings) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(20)
     # A fault the fuzzer provoked but the response hid would still be in the log.
     assert "Traceback" not in log.read_text(), log.read_text()
 

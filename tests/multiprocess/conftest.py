@@ -185,6 +185,27 @@ async def start_servers(
     return servers
 
 
+@contextlib.asynccontextmanager
+async def running_servers(
+    count: int, env: dict[str, str], workdir: Path, name: str
+) -> AsyncIterator[list[Server]]:
+    """``start_servers``, stopped again on the way out (a module's ``servers`` fixture)."""
+    started = await start_servers(count, env, workdir, name)
+    try:
+        yield started
+    finally:
+        await asyncio.gather(*(s.child.stop() for s in started))
+
+
+@contextlib.asynccontextmanager
+async def checked_client(servers: Sequence[Server]) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for a test; after it, every server must still be running."""
+    async with httpx.AsyncClient(timeout=60) as opened:
+        yield opened
+    for server in servers:
+        assert server.child.running, server.child.logs()
+
+
 async def _healthy(client: httpx.AsyncClient, server: Server) -> None:
     while True:
         if not server.child.running:

@@ -23,11 +23,12 @@ from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
     Server,
+    checked_client,
     history,
     post,
+    running_servers,
     runs,
     server_env,
-    start_servers,
     stored,
     user_messages,
     wait_until,
@@ -41,19 +42,14 @@ REPLAYED = "Idempotent-Replayed"
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
     env = server_env(pg_dsn, redis_dsn, lease_ttl_ms=60_000)
-    started = await start_servers(3, env, workdir, "idempotency")
-    try:
+    async with running_servers(3, env, workdir, "idempotency") as started:
         yield started
-    finally:
-        await asyncio.gather(*(s.child.stop() for s in started))
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=60) as opened:
+    async with checked_client(servers) as opened:
         yield opened
-    for server in servers:
-        assert server.child.running, server.child.logs()
 
 
 async def repeats_waiting(

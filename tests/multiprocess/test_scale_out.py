@@ -24,11 +24,12 @@ from tests.multiprocess.conftest import (
     MakeSession,
     Server,
     assert_one_runner,
+    checked_client,
     history,
     post,
+    running_servers,
     runs,
     server_env,
-    start_servers,
     stored,
     user_messages,
     wait_until,
@@ -39,19 +40,14 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, py
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
-    started = await start_servers(3, server_env(pg_dsn, redis_dsn), workdir, "scale-out")
-    try:
+    async with running_servers(3, server_env(pg_dsn, redis_dsn), workdir, "scale-out") as started:
         yield started
-    finally:
-        await asyncio.gather(*(s.child.stop() for s in started))
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=60) as opened:
+    async with checked_client(servers) as opened:
         yield opened
-    for server in servers:
-        assert server.child.running, server.child.logs()
 
 
 @pytest.mark.timeout(60)

@@ -29,12 +29,13 @@ from tests.multiprocess.conftest import (
     GateCall,
     MakeSession,
     Server,
+    checked_client,
     history,
     post,
     redis_client,
+    running_servers,
     runs,
     server_env,
-    start_servers,
     stored,
     wait_until,
 )
@@ -117,19 +118,14 @@ class Owners:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
-    started = await start_servers(3, server_env(pg_dsn, redis_dsn), workdir, "streams")
-    try:
+    async with running_servers(3, server_env(pg_dsn, redis_dsn), workdir, "streams") as started:
         yield started
-    finally:
-        await asyncio.gather(*(s.child.stop() for s in started))
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=60) as opened:
+    async with checked_client(servers) as opened:
         yield opened
-    for server in servers:
-        assert server.child.running, server.child.logs()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
