@@ -30,7 +30,7 @@ from threadline.api.access import Caller
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, openai_error_body
-from threadline.api.openai.conversation import Turn, find_session, seed
+from threadline.api.openai.conversation import ContentPart, Turn, find_session, note, seed
 from threadline.api.streams import TurnStream
 from threadline.api.validation import StorableText
 from threadline.coordination import TurnRequest
@@ -43,13 +43,6 @@ router = APIRouter()
 
 # When the agents were "created", for /v1/models: the server has no such date.
 CREATED = 0
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    text: StorableText | None = None
 
 
 class ChatMessage(BaseModel):
@@ -124,16 +117,8 @@ def usage(answer: Answer) -> dict[str, int]:
 
 
 def metadata(answer: Answer, session_id: UUID) -> dict[str, str]:
-    """Threadline's note on a reply: its session and run, and every message it answered
-    (several when a burst was merged). OpenAI's metadata values are strings."""
     outcome = answer.outcome
-    return {
-        "session_id": str(session_id),
-        "run_id": str(outcome.run_id),
-        "message_id": str(answer.message_id),
-        "message_ids": ",".join(str(m) for m in outcome.message_ids),
-        "merged": "true" if len(outcome.message_ids) > 1 else "false",
-    }
+    return note(session_id, answer.message_id, outcome.run_id, outcome.message_ids)
 
 
 @router.get("/models", responses=openai_errors(503))

@@ -20,12 +20,42 @@ import uuid
 from dataclasses import dataclass
 from uuid import UUID
 
+from pydantic import BaseModel, ConfigDict
+
 from threadline.api.access import Caller
+from threadline.api.validation import StorableText
 from threadline.errors import SessionAgentMismatch, SessionNotFound
 from threadline.store import NewMessage, Role, Session, Store
 
 # The name of the one ongoing session of an end user (``user``) with an agent.
 USER_SESSION = "openai:{agent}"
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content, as both OpenAI APIs send it; only text is used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: StorableText | None = None
+
+
+def note(
+    session_id: UUID,
+    message_id: UUID,
+    run_id: UUID | None = None,
+    message_ids: tuple[UUID, ...] = (),
+) -> dict[str, str]:
+    """Threadline's note on a reply (OpenAI's ``metadata``, whose values are strings): the
+    session, the message, the run answering it, and every message that run answers (several
+    when a burst was merged)."""
+    out = {"session_id": str(session_id), "message_id": str(message_id)}
+    if run_id is not None:
+        out["run_id"] = str(run_id)
+    if message_ids:
+        out["message_ids"] = ",".join(str(m) for m in message_ids)
+        out["merged"] = "true" if len(message_ids) > 1 else "false"
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Literal
 from uuid import UUID
 
+from threadline.api.openai.conversation import note
 from threadline.errors import ResponseNotFound, RunCancelled
 from threadline.queue.job import Answer
 from threadline.store import RUN_CANCELLED, Message, Run, Session
@@ -158,15 +159,8 @@ def usage(raw: dict[str, Any]) -> dict[str, Any]:
 def metadata(
     origin: Origin, run_id: UUID | None, message_ids: tuple[UUID, ...] = ()
 ) -> dict[str, str]:
-    """Threadline's note: the session, the run answering (or that answered), and every
-    message that run answers. OpenAI's metadata values are strings."""
-    note = {"session_id": str(origin.session.id), "message_id": str(origin.message_id)}
-    if run_id is not None:
-        note["run_id"] = str(run_id)
-    if message_ids:
-        note["message_ids"] = ",".join(str(m) for m in message_ids)
-        note["merged"] = "true" if len(message_ids) > 1 else "false"
-    return note
+    """``conversation.note`` for the run answering (or that answered) the response."""
+    return note(origin.session.id, origin.message_id, run_id, message_ids)
 
 
 def response_object(

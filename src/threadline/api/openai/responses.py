@@ -43,7 +43,7 @@ from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, ServicesDep
 from threadline.api.errors import PayloadTooLarge
-from threadline.api.openai.conversation import Turn, find_session, seed
+from threadline.api.openai.conversation import ContentPart, Turn, find_session, seed
 from threadline.api.openai.response_events import semantic_events
 from threadline.api.openai.response_object import (
     Ending,
@@ -70,13 +70,6 @@ router = APIRouter()
 Name = Annotated[StorableText, Field(min_length=1, max_length=200)]
 
 
-class InputPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    text: StorableText | None = None
-
-
 class InputItem(BaseModel):
     # A client's copy of earlier items may carry what OpenAI returned (id, status, phase...):
     # the server's history is the truth for a session that has one, so they are not used.
@@ -84,7 +77,7 @@ class InputItem(BaseModel):
 
     type: str = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: StorableText | list[InputPart] | None = None
+    content: StorableText | list[ContentPart] | None = None
 
 
 class ConversationRef(BaseModel):
