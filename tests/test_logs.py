@@ -117,3 +117,17 @@ def test_log_settings_take_any_case_and_refuse_unknown_values() -> None:
     assert (settings.log_format, settings.log_level) == ("json", "WARNING")
     with pytest.raises(ValidationError, match="log_format"):
         Settings(_env_file=None, log_format="xml")
+
+
+def test_uvicorn_writes_no_access_line_beside_ours(restore_logging: None) -> None:
+    # uvicorn logs an access line when its logger has handlers, wherever they are (its
+    # protocols check ``hasHandlers()``): our per-request line replaces it, so there must be
+    # none, or every request is logged twice.
+    access = logging.getLogger("uvicorn.access")
+    propagate = access.propagate
+    try:
+        logs.configure(Settings(_env_file=None))
+        assert not access.hasHandlers()
+        assert logging.getLogger("uvicorn.error").hasHandlers()
+    finally:
+        access.propagate = propagate

@@ -132,3 +132,7 @@ def configure(settings: Settings) -> None:
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
         uvicorn_logger.setLevel(logging.NOTSET)
+    # Our per-request line (api/telemetry.py) replaces uvicorn's access line. uvicorn writes
+    # one whenever its logger has a handler anywhere up the tree (``hasHandlers()``), whatever
+    # ``access_log`` says once logging is configured, so it must reach none.
+    logging.getLogger("uvicorn.access").propagate = False
