@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     model: str = "threadline:echo"
     agents_module: str | None = None
 
+    # "pgbouncer-transaction": a pooler in transaction mode (PgBouncer ``pool_mode =
+    # transaction`` before 1.21, or without ``max_prepared_statements``) sits between us and
+    # PostgreSQL, so a server connection is ours only for one transaction: no statement may be
+    # cached on it (asyncpg's named prepared statements), and no session state may outlive a
+    # transaction (the migration lock). docs/operations.md says when to put one there.
+    database_pooler: Literal["none", "pgbouncer-transaction"] = "none"
     pool_min_size: int = Field(default=2, ge=0)
     pool_max_size: int = Field(default=20, ge=1)
     history_limit: int = Field(default=20, ge=0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
 
 from threadline.store import NewMessage, PostgresStore, Reply, RunStart, Session, SQLiteStore, Store
@@ -80,3 +82,16 @@ async def drain_loop_callbacks() -> None:
     done = asyncio.Event()
     asyncio.get_running_loop().call_soon(done.set)
     await done.wait()
+
+
+@pytest.fixture
+async def fresh_pg_database(pg_url: str) -> Any:
+    """A database of our own, dropped afterwards: migrations must start from nothing."""
+    name = f"threadline_migrations_{uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield urlsplit(pg_url)._replace(path=f"/{name}").geturl()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import urlsplit
-from uuid import uuid4
 
 import asyncpg
 import pytest
@@ -47,19 +45,6 @@ async def test_sqlite_migrations_are_idempotent(tmp_path: Any) -> None:
     finally:
         await first.aclose()
         await second.aclose()
-
-
-@pytest.fixture
-async def fresh_pg_database(pg_url: str) -> Any:
-    """A database of our own, dropped afterwards: migrations must start from nothing."""
-    name = f"threadline_migrations_{uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield urlsplit(pg_url)._replace(path=f"/{name}").geturl()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def test_concurrent_postgres_migrators_apply_once(fresh_pg_database: str) -> None:

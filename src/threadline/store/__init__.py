@@ -43,6 +43,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
             settings.database_url,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
+            statement_cache=settings.database_pooler == "none",
         )
     else:
         store = await SQLiteStore.connect(settings.database_url)

@@ -3,9 +3,12 @@
 Applied versions are recorded in ``schema_migrations``. Several processes may start at once
 (``workers > 1``, or a deploy that runs ``migrate`` next to serving processes), so:
 
-* PostgreSQL: the whole run holds a session-level ``pg_advisory_lock`` on a dedicated
-  connection; the first process applies, the others wait, then find nothing left to do. Each
-  file and its ``schema_migrations`` row commit together.
+* PostgreSQL: the whole run is one transaction on a dedicated connection that first takes a
+  transaction-level ``pg_advisory_xact_lock``; the first process applies, the others wait,
+  then find nothing left to do. A transaction-level lock (not a session one) because a
+  transaction-mode pooler (PgBouncer) may run each statement outside a transaction on a
+  different server connection: a session lock would stay held on one of them. All pending
+  files and their ``schema_migrations`` rows commit together, or none do.
 * SQLite: the whole run is one ``BEGIN IMMEDIATE`` transaction, which takes the database's
   single write lock up front.
 """
@@ -74,8 +77,8 @@ async def migrate_postgres(
 ) -> list[int]:
     """Apply pending PostgreSQL migrations; return the versions this call applied.
 
-    Uses its own connection rather than a pool's: the advisory lock belongs to the session, and
-    closing the connection is what guarantees its release even if we are cancelled midway.
+    Uses its own connection rather than a pool's: closing it is what guarantees the lock's
+    release (by ending the transaction) even if we are cancelled midway.
     """
     migrations = await asyncio.to_thread(load_migrations, "postgres")
     try:
@@ -91,26 +94,23 @@ async def migrate_postgres(
 
 
 async def _apply_postgres(conn: Any, migrations: list[Migration]) -> list[int]:
-    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
     applied: list[int] = []
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
+        # Created under the lock: two first-ever starts racing on CREATE TABLE IF NOT EXISTS
+        # can otherwise both try to create it, and one fails.
         await conn.execute(_PG_TABLE)
         done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
         for migration in migrations:
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
             applied.append(migration.version)
-    finally:
-        # A broken connection has released the lock already; do not mask the original error.
-        if not conn.is_closed():
-            await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     return applied
 
 

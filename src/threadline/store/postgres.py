@@ -88,10 +88,18 @@ class PostgresStore:
 
     backend: Literal["sqlite", "postgres"] = "postgres"
 
-    def __init__(self, pool: Any, url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        url: str,
+        *,
+        connect_timeout: float = 10.0,
+        statement_cache: bool = True,
+    ) -> None:
         self._pool = pool
         self._url = url
         self._connect_timeout = connect_timeout
+        self._statement_cache = statement_cache
         self._closed = False
 
     @classmethod
@@ -102,9 +110,16 @@ class PostgresStore:
         min_size: int = 2,
         max_size: int = 20,
         connect_timeout: float = 10.0,
+        statement_cache: bool = True,
         query_logger: QueryLogger | None = None,
     ) -> PostgresStore:
-        """Open the pool. ``query_logger`` is added to every connection (tests count queries)."""
+        """Open the pool. ``query_logger`` is added to every connection (tests count queries).
+
+        ``statement_cache=False`` is for a transaction-mode pooler (PgBouncer) in front of
+        PostgreSQL: asyncpg then prepares every statement unnamed, in the same round trip as
+        its execution, so nothing refers to a server connection that the pooler may have
+        handed to another client since. It costs PostgreSQL a parse per statement.
+        """
 
         async def init(conn: Any) -> None:
             for typename in ("json", "jsonb"):
@@ -125,6 +140,7 @@ class PostgresStore:
                 command_timeout=COMMAND_TIMEOUT_S,
                 init=init,
                 reset=_keep_session,
+                statement_cache_size=100 if statement_cache else 0,
             )
         except _UNAVAILABLE as exc:
             if isinstance(exc, _MISUSE):
@@ -132,7 +148,7 @@ class PostgresStore:
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL at {_redact(url)!r}: {exc}"
             ) from exc
-        return cls(pool, url, connect_timeout=connect_timeout)
+        return cls(pool, url, connect_timeout=connect_timeout, statement_cache=statement_cache)
 
     @property
     def pool(self) -> Any:
@@ -140,7 +156,11 @@ class PostgresStore:
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations (on a dedicated connection); return the versions applied."""
-        return await migrate_postgres(self._url, connect_timeout=self._connect_timeout)
+        return await migrate_postgres(
+            self._url,
+            connect_timeout=self._connect_timeout,
+            statement_cache_size=100 if self._statement_cache else 0,
+        )
 
     async def aclose(self) -> None:
         self._closed = True
