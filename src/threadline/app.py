@@ -109,10 +109,13 @@ async def open_services(
                 settings, store, registry, deliverer.wake if deliverer else None, tracing
             )
         )
-        monitor = await stack.enter_async_context(LoopLagMonitor().running())
+        monitor = await stack.enter_async_context(
+            LoopLagMonitor(on_lag=coordinator.queue.observe_lag).running()
+        )
 
         def state() -> dict[str, Any]:
             numbers = dict(coordinator.metrics())
+            numbers["concurrency_limit"] = coordinator.queue.limit
             if deliverer is not None:
                 numbers["webhooks_sending"] = deliverer.metrics()["sending"]
             numbers["pool"] = pool_usage(store)
@@ -313,6 +316,10 @@ def create_app(
                 },
                 "agent_inits": services.registry.init_count,
                 "coordinator": services.coordinator.metrics(),
+                "concurrency": {
+                    "limit": services.coordinator.queue.limit,
+                    "adaptive": services.settings.adaptive_runs,
+                },
                 "webhooks": services.deliverer.metrics() if services.deliverer else None,
             }
 

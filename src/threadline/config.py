@@ -55,10 +55,17 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=32_000, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     model_timeout_s: float = Field(default=120.0, gt=0)
-    # Model calls in flight per process. One worker saturates its core at ~150-250 turns/s, so
-    # 32 runs of a 50 ms model keep it busy; more only crowd the event loop (the others wait
-    # in FIFO order, costing nothing). Size it as target turns/s x model latency.
-    max_concurrent_runs: int = Field(default=32, ge=1)
+    # Runs (model calls) in flight per process; the others wait in FIFO order, costing nothing.
+    # "auto": a limit that adapts (queue/limit.py) between ADAPTIVE_RUNS_MIN and _MAX, starting
+    # at 32, shrinking when the event loop lags more than ADAPTIVE_LAG_TARGET_MS or run latency
+    # climbs above its baseline, growing back while both are healthy. An integer pins it (size
+    # it as target turns/s x model latency: one worker saturates its core at ~150-250 turns/s).
+    max_concurrent_runs: int | Literal["auto"] = Field(default="auto")
+    adaptive_runs_min: int = Field(default=4, ge=1)
+    adaptive_runs_max: int = Field(default=256, ge=1)
+    # Half the 20 ms worst lag we aim for: the limit only shrinks as runs finish, so it must
+    # start shrinking before the loop reaches the lag that users would notice.
+    adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
     # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
     stream_heartbeat_s: float = Field(default=15.0, gt=0)
@@ -127,6 +134,20 @@ class Settings(BaseSettings):
             raise ValueError(f"expected redis:// URL, got {value!r}")
         return value or None
 
+    @field_validator("max_concurrent_runs", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower() or "auto"  # set but empty: the default
+            if value != "auto":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"expected 'auto' or an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"must be at least 1, got {value!r}")
+        return value
+
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
@@ -164,7 +185,21 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.pool_min_size > self.pool_max_size:
             raise ValueError("POOL_MIN_SIZE must not exceed POOL_MAX_SIZE")
+        if self.adaptive_runs_min > self.adaptive_runs_max:
+            raise ValueError("ADAPTIVE_RUNS_MIN must not exceed ADAPTIVE_RUNS_MAX")
         return self
+
+    @property
+    def adaptive_runs(self) -> bool:
+        """Whether the concurrency limit adapts (MAX_CONCURRENT_RUNS=auto)."""
+        return self.max_concurrent_runs == "auto"
+
+    @property
+    def runs_ceiling(self) -> int:
+        """The most runs one process may ever have in flight (to size pools by)."""
+        if self.max_concurrent_runs == "auto":
+            return self.adaptive_runs_max
+        return self.max_concurrent_runs
 
     @property
     def tracing(self) -> bool:

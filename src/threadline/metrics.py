@@ -110,7 +110,13 @@ QUEUE_MESSAGES = Gauge(
 )
 RUNS_IN_FLIGHT = Gauge(
     "threadline_runs_in_flight",
-    "Runs holding a concurrency slot (MAX_CONCURRENT_RUNS per process).",
+    "Runs holding a concurrency slot (at most threadline_concurrency_limit).",
+    multiprocess_mode="livesum",
+)
+CONCURRENCY_LIMIT = Gauge(
+    "threadline_concurrency_limit",
+    "Runs that may hold a concurrency slot now: MAX_CONCURRENT_RUNS, or the adaptive limit "
+    "when it is auto (summed over workers).",
     multiprocess_mode="livesum",
 )
 SLOT_WAITING = Gauge(
@@ -220,6 +226,7 @@ class Sampler:
         QUEUE_MESSAGES.set(numbers.get("queued_messages", 0))
         RUNS_IN_FLIGHT.set(numbers.get("runs_in_flight", 0))
         SLOT_WAITING.set(numbers.get("waiting_for_slot", 0))
+        CONCURRENCY_LIMIT.set(numbers.get("concurrency_limit", 0))
         LEASES_HELD.set(numbers.get("leases_held", 0))
         WEBHOOKS_SENDING.set(numbers.get("webhooks_sending", 0))
         pool = numbers.get("pool")

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from threadline.config import Strategy
 from threadline.coordination.events import EventBus
+from threadline.queue.core import TurnQueue
 from threadline.queue.job import Answer, RunOptions
 
 
@@ -73,6 +74,11 @@ class Coordinator(Protocol):
     @property
     def events(self) -> EventBus:
         """Run events of every session, for streams and joiners (``events.py``)."""
+
+    @property
+    def queue(self) -> TurnQueue:
+        """This process's turn queue: its concurrency limit is shown as a metric and fed the
+        event loop's lag by the monitor (``app.py``)."""
 
     async def submit(self, request: TurnRequest, on_stored: OnStored | None = None) -> Answer:
         """Store the message and wait for the run that answers it.

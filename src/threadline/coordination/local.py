@@ -21,6 +21,7 @@ from threadline.errors import AnswerPending, Handoff, ShuttingDown, StoreUnavail
 from threadline.events import EventSink
 from threadline.queue.core import Accept, Accepted, Answer, TurnQueue
 from threadline.queue.job import RunOptions
+from threadline.queue.limit import AdaptiveLimit, ConcurrencyLimit
 from threadline.runner import TurnRunner, until_the_store_answers
 from threadline.store import DuplicateMessage, Message, NewMessage, RunStart, Store
 
@@ -53,12 +54,24 @@ def build_queue(
     )
     return TurnQueue(
         runner,
-        max_concurrent=settings.max_concurrent_runs,
+        max_concurrent=concurrency_limit(settings),
         merge_window=settings.merge_window_ms / 1000,
         merge_max_wait=settings.merge_max_wait_ms / 1000,
         session_queue_max=settings.session_queue_max,
         on_idle=on_idle,
         on_slot_wait=metrics.SLOT_WAIT.observe,
+    )
+
+
+def concurrency_limit(settings: Settings) -> int | ConcurrencyLimit:
+    """MAX_CONCURRENT_RUNS: a pinned count, or ``auto``: a limit that adapts from 32."""
+    if settings.max_concurrent_runs != "auto":
+        return settings.max_concurrent_runs
+    return AdaptiveLimit(
+        initial=32,
+        minimum=settings.adaptive_runs_min,
+        maximum=settings.adaptive_runs_max,
+        lag_target_s=settings.adaptive_lag_target_ms / 1000,
     )
 
 

@@ -28,6 +28,11 @@ queue hands ``accept`` a run id so the store can insert the message *and* open t
 write; the run then starts with that prepared turn (once no other insert of the session is in
 flight: a run never starts covering a message whose ``accept`` has not returned).
 
+Concurrency: at most ``limit.value`` runs hold a slot (``queue/limit.py``); the rest wait in
+FIFO order. The limit may move: every run that succeeds reports how long it held its slot, and
+the loop-lag monitor reports lag through ``observe_lag``. When it grows, waiting sessions start;
+when it shrinks, runs in flight finish and nothing starts until the running count is below it.
+
 Following: a request repeating an idempotency key stores nothing; its caller ``follow``s the
 stored message's answer. That is no arrival: it never changes what runs or when.
 """
@@ -57,6 +62,7 @@ from threadline.queue.job import (
     RunOptions,
     Timers,
 )
+from threadline.queue.limit import ConcurrencyLimit, FixedLimit
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,7 @@ class _Session:
     task: asyncio.Task[Outcome] | None = None
     queued: bool = False  # waiting for a concurrency slot
     queued_at: float = 0.0
+    run_started: float = 0.0  # when the run in flight took its slot
     timer: asyncio.Handle | None = None
     timer_due: float = 0.0
     last_arrival: float = 0.0
@@ -118,7 +125,7 @@ class TurnQueue:
         self,
         runner: Runner,
         *,
-        max_concurrent: int = 256,
+        max_concurrent: int | ConcurrencyLimit = 256,
         merge_window: float = 0.0,
         merge_max_wait: float = 10.0,
         session_queue_max: int = 100,
@@ -130,7 +137,10 @@ class TurnQueue:
         self._on_idle = on_idle
         # Told how long a session waited for a concurrency slot (a metric), when it had to.
         self._on_slot_wait = on_slot_wait
-        self._max_concurrent = max_concurrent
+        # An int pins the limit; a ConcurrencyLimit may move it with the samples fed to it.
+        self._limit = (
+            FixedLimit(max_concurrent) if isinstance(max_concurrent, int) else max_concurrent
+        )
         self._merge_window = merge_window
         self._merge_max_wait = merge_max_wait
         self._queue_max = session_queue_max
@@ -151,6 +161,11 @@ class TurnQueue:
     @property
     def running(self) -> int:
         return self._running
+
+    @property
+    def limit(self) -> int:
+        """Runs that may hold a concurrency slot now."""
+        return self._limit.value
 
     @property
     def depth(self) -> int:
@@ -260,6 +275,11 @@ class TurnQueue:
         self._cancel(state, "cancelled")
         return job.run_id
 
+    def observe_lag(self, seconds: float) -> None:
+        """The event loop was ``seconds`` late (the loop-lag monitor): the limit may shrink."""
+        self._limit.observe_lag(seconds, self._running)
+        self._fill_slots()
+
     async def aclose(self, grace: float = 0.0) -> None:
         """Stop intake, give runs in flight ``grace`` seconds, then cancel what is left."""
         self._closing = True
@@ -302,7 +322,7 @@ class TurnQueue:
             quiet
             and state.reserved == 1
             and self._merge_window == 0
-            and self._running < self._max_concurrent
+            and self._running < self._limit.value
         ):
             state.starting = True
             self._running += 1
@@ -425,7 +445,7 @@ class TurnQueue:
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
-        if self._running >= self._max_concurrent:
+        if self._running >= self._limit.value:
             state.queued = True
             state.queued_at = self._timers.now()
             self._slot_waiters.append(state)
@@ -453,6 +473,7 @@ class TurnQueue:
     def _start(self, state: _Session, job: Job) -> None:
         """Run ``job``; the caller has already taken a concurrency slot for it."""
         state.job = job
+        state.run_started = self._timers.now()
         job.settle = lambda outcome: self._settle_early(state, job, outcome)
         if self._closing:
             job.cancel_reason = "shutdown"  # the runner bails out before calling the model
@@ -487,6 +508,11 @@ class TurnQueue:
     def _on_run_done(self, state: _Session, job: Job, task: asyncio.Task[Outcome]) -> None:
         state.job = None
         state.task = None
+        if not task.cancelled() and task.exception() is None and task.result().error is None:
+            # Only a run that answered tells how long a run takes: a cancelled one was cut
+            # short, and a failed one (a timeout, a provider error) says nothing of our load.
+            held = self._timers.now() - state.run_started
+            self._limit.observe_latency(held, self._running)
         self._release_slot()
         if task.cancelled():
             # Superseded: the callers wait for the run that replaces this one. Cancelled by a
@@ -537,7 +563,10 @@ class TurnQueue:
 
     def _release_slot(self) -> None:
         self._running -= 1
-        while self._slot_waiters and self._running < self._max_concurrent:
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        while self._slot_waiters and self._running < self._limit.value:
             state = self._slot_waiters.popleft()
             state.queued = False
             if self._on_slot_wait is not None:

@@ -1,0 +1,160 @@
+"""How many runs may hold a concurrency slot at once: a fixed number, or one that adapts.
+
+``AdaptiveLimit`` follows Netflix's concurrency-limits ``Gradient2Limit``
+(github.com/Netflix/concurrency-limits, ``limit/Gradient2Limit.java``): compare a short-term
+latency average with a long-term one, the no-load baseline; while the short one stays within
+``tolerance`` of the baseline the limit grows by a few slots, and once it climbs above, the
+limit shrinks in proportion (never below half in one step). Every step is smoothed, so one
+slow sample moves the limit a little, a trend moves it a lot.
+
+Threadline adds a second signal, the event loop's lag, because its bottleneck is usually its
+own core rather than the model: when the loop saturates, every run slows at once and the
+latency baseline itself drifts up (a long average learns the overload as normal), while the
+lag measures the overload directly, against a fixed target. A lag sample above the target
+shrinks the limit by ``target / lag`` (smoothed the same way), and while the latest lag is
+above the target, latency samples may not grow it.
+
+Neither signal moves the limit while fewer than half of its slots are taken (Gradient2's
+"app-limited" guard): an idle server learns nothing about its capacity, and a loop lagging
+for other reasons (thousands of open streams) is not cured by refusing runs it is not running.
+
+Pure: no clock, no I/O. The queue core feeds it samples (``queue/core.py``) and reads
+``value``; tests feed it sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ConcurrencyLimit(Protocol):
+    """The limit the queue core enforces, and the samples that may move it."""
+
+    @property
+    def value(self) -> int:
+        """Runs that may hold a slot now (>= 1)."""
+
+    def observe_latency(self, seconds: float, in_flight: int) -> None:
+        """A run that held a slot for ``seconds`` finished; ``in_flight`` runs held one."""
+
+    def observe_lag(self, seconds: float, in_flight: int) -> None:
+        """The event loop woke a heartbeat ``seconds`` late; ``in_flight`` runs held a slot."""
+
+
+class FixedLimit:
+    """An explicit ``MAX_CONCURRENT_RUNS``: samples change nothing."""
+
+    def __init__(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"a concurrency limit must be at least 1, got {value!r}")
+        self._value = value
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def observe_latency(self, seconds: float, in_flight: int) -> None:
+        pass
+
+    def observe_lag(self, seconds: float, in_flight: int) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"FixedLimit({self._value})"
+
+
+class AdaptiveLimit:
+    """Gradient2 on run latency, bounded by an event-loop lag target. See the module docstring.
+
+    Defaults are Gradient2's (tolerance 1.5, smoothing 0.2, a long window of 600 samples)
+    except the short window: Gradient2 takes each sample (or a windowed average) as the
+    short-term latency; runs of one model vary a lot, so an average over a few keeps one slow
+    answer from reading as a trend.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int = 32,
+        minimum: int = 4,
+        maximum: int = 256,
+        lag_target_s: float = 0.010,
+        tolerance: float = 1.5,
+        smoothing: float = 0.2,
+        short_window: int = 10,
+        long_window: int = 600,
+    ) -> None:
+        if not 1 <= minimum <= maximum:
+            raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r} and {maximum!r}")
+        if lag_target_s <= 0 or tolerance < 1 or not 0 < smoothing <= 1:
+            raise ValueError("need lag_target_s > 0, tolerance >= 1 and 0 < smoothing <= 1")
+        self.minimum = minimum
+        self.maximum = maximum
+        self._limit = float(min(max(initial, minimum), maximum))
+        self._lag_target = lag_target_s
+        self._tolerance = tolerance
+        self._smoothing = smoothing
+        self._short = _Average(short_window)
+        self._long = _Average(long_window)
+        self._lagging = False
+
+    @property
+    def value(self) -> int:
+        return int(self._limit)
+
+    def observe_latency(self, seconds: float, in_flight: int) -> None:
+        if seconds <= 0:
+            return
+        short = self._short.add(seconds)
+        long = self._long.add(seconds)
+        # After a long overload the baseline has learned the slow latency; once latency is
+        # back to well under it, let the baseline fall faster than its window would.
+        if long / short > 2:
+            long = self._long.scale(0.95)
+        if self._app_limited(in_flight):
+            return
+        # 1 while latency stays within tolerance of the baseline; down to 0.5 as it grows.
+        gradient = max(0.5, min(1.0, self._tolerance * long / short))
+        # Headroom on top, so a healthy limit keeps probing upwards: sqrt(limit), as Netflix's
+        # GradientLimit (Gradient2 adds a constant 4; sqrt grows faster from a large limit).
+        target = self._limit * gradient + self._limit**0.5
+        if self._lagging:
+            target = min(target, self._limit)
+        self._move_towards(target)
+
+    def observe_lag(self, seconds: float, in_flight: int) -> None:
+        self._lagging = seconds > self._lag_target
+        if not self._lagging or self._app_limited(in_flight):
+            return
+        self._move_towards(self._limit * max(0.5, self._lag_target / seconds))
+
+    def _app_limited(self, in_flight: int) -> bool:
+        return in_flight < self._limit / 2
+
+    def _move_towards(self, target: float) -> None:
+        smoothed = self._limit * (1 - self._smoothing) + target * self._smoothing
+        self._limit = min(float(self.maximum), max(float(self.minimum), smoothed))
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLimit({self.value}, between {self.minimum} and {self.maximum})"
+
+
+class _Average:
+    """An exponential moving average that starts as a plain mean over its first ``window``
+    samples (so the first sample does not weigh as much as ``window`` of them)."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"a window must hold at least 1 sample, got {window!r}")
+        self._window = window
+        self._count = 0
+        self._value = 0.0
+
+    def add(self, sample: float) -> float:
+        self._count = min(self._count + 1, self._window)
+        self._value += (sample - self._value) / self._count
+        return self._value
+
+    def scale(self, factor: float) -> float:
+        self._value *= factor
+        return self._value
