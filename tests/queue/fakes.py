@@ -297,3 +297,21 @@ class ManualTimers:
             first[3]()
         self._pending = [p for p in self._pending if not p[2].cancelled()]
         self.time = target
+
+
+class SteeredLimit:
+    """A concurrency limit the test moves: each lag sample applies ``next`` (if set), and
+    every sample is recorded as (kind, seconds, in_flight)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.next: int | None = None
+        self.samples: list[tuple[str, float, int]] = []
+
+    def observe_latency(self, seconds: float, in_flight: int) -> None:
+        self.samples.append(("latency", seconds, in_flight))
+
+    def observe_lag(self, seconds: float, in_flight: int) -> None:
+        self.samples.append(("lag", seconds, in_flight))
+        if self.next is not None:
+            self.value, self.next = self.next, None

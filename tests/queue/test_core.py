@@ -26,7 +26,7 @@ from threadline.errors import (
 )
 from threadline.queue.core import Answer, Strategy, TurnQueue
 
-from .fakes import FakeRunner, FakeStore, ManualTimers, RunRecord
+from .fakes import FakeRunner, FakeStore, ManualTimers, RunRecord, SteeredLimit
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -752,6 +752,100 @@ async def test_depth_and_slot_waits_are_reported_as_sessions_wait_for_a_slot(
     await first, await second
     assert waits == [2.5]
     assert (queue.depth, queue.waiting_for_slot) == (0, 0)
+
+
+# -- a limit that moves ------------------------------------------------------------------
+
+
+async def test_a_limit_that_grows_starts_waiting_sessions_at_once(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    limit = SteeredLimit(1)
+    queue = make_queue(max_concurrent=limit)
+    callers = [submit(queue, store, session) for session in (A, B, C)]
+    first = await runner.started(1)
+    await returned(store, 3)
+    assert (queue.running, queue.waiting_for_slot) == (1, 2)
+
+    limit.next = 3
+    queue.observe_lag(0.001)
+    second, third = await runner.started(2), await runner.started(3)
+
+    assert queue.limit == 3
+    assert (queue.running, queue.waiting_for_slot) == (3, 0)
+    assert [second.job.session_id, third.job.session_id] == [B, C]  # FIFO still
+    for run in (first, second, third):
+        run.reply()
+    for caller in callers:
+        assert (await caller).outcome.error is None
+
+
+async def test_a_limit_that_shrinks_lets_runs_finish_and_starts_none_until_below_it(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    limit = SteeredLimit(3)
+    queue = make_queue(max_concurrent=limit)
+    callers = [submit(queue, store, session) for session in (A, B, C)]
+    runs = [await runner.started(n) for n in (1, 2, 3)]
+    limit.next = 1
+    queue.observe_lag(0.5)
+    assert [r.state for r in runs] == ["running"] * 3  # nothing in flight is cut short
+    late = submit(queue, store, uuid.uuid4())
+    await returned(store, 4)
+    assert store.calls[3].run_id is None  # over the limit: no fast path either
+
+    for run, still_running in ((runs[0], 2), (runs[1], 1)):
+        run.reply()
+        await until(lambda: queue.running == still_running)  # noqa: B023 (awaited here)
+        assert queue.waiting_for_slot == 1
+        assert len(runner.runs) == 3
+    runs[2].reply()
+    (await runner.started(4)).reply()
+
+    assert runner.max_total_in_flight == 3
+    for caller in [*callers, late]:
+        assert (await caller).outcome.error is None
+
+
+async def test_each_run_that_answers_reports_how_long_it_held_its_slot(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    timers = ManualTimers()
+    limit = SteeredLimit(4)
+    queue = make_queue(max_concurrent=limit, timers=timers)
+    first = submit(queue, store, A)
+    superseded = await runner.started(1)
+    other = submit(queue, store, B)
+    failing = await runner.started(2)
+    timers.advance(1.0)
+    second = submit(queue, store, A)  # a merge: cancels the first run of A
+    answering = await runner.started(3)
+    timers.advance(2.5)
+    failing.fail()
+    await runner.ended(failing)
+    answering.reply()
+    answers = [await first, await second, await other]
+
+    assert superseded.state == "cancelled"
+    assert answers[2].outcome.error is not None
+    # Only the run that answered counts, from when it took its slot; B's had ended by then,
+    # so it was the only run in flight.
+    assert [s for s in limit.samples if s[0] == "latency"] == [("latency", 2.5, 1)]
+
+
+async def test_lag_samples_reach_the_limit_with_the_runs_in_flight(
+    store: FakeStore, runner: FakeRunner, make_queue: MakeQueue
+) -> None:
+    limit = SteeredLimit(4)
+    queue = make_queue(max_concurrent=limit)
+    caller = submit(queue, store, A)
+    run = await runner.started(1)
+    queue.observe_lag(0.03)
+    run.reply()
+    await caller
+    queue.observe_lag(0.002)
+    assert limit.samples[0] == ("lag", 0.03, 1)
+    assert limit.samples[-1] == ("lag", 0.002, 0)
 
 
 # -- failures and disconnects ------------------------------------------------------------

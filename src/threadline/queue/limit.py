@@ -2,17 +2,24 @@
 
 ``AdaptiveLimit`` follows Netflix's concurrency-limits ``Gradient2Limit``
 (github.com/Netflix/concurrency-limits, ``limit/Gradient2Limit.java``): compare a short-term
-latency average with a long-term one, the no-load baseline; while the short one stays within
-``tolerance`` of the baseline the limit grows by a few slots, and once it climbs above, the
-limit shrinks in proportion (never below half in one step). Every step is smoothed, so one
-slow sample moves the limit a little, a trend moves it a lot.
+latency average with a long-term one, the baseline (first learnt at light load: a server
+starts idle, and the averages learn even while the limit may not move). While the short one
+stays within ``tolerance`` of the baseline the limit grows by a few slots; once it climbs
+above, the limit shrinks in proportion (never below half in one step). Every step is
+smoothed, so one slow sample moves the limit a little, a trend moves it a lot.
+
+The baseline is a moving average, not a minimum, on purpose (as in Gradient2): a model that
+became slower for good, or answers of very different lengths, are learnt as normal instead of
+pinning the limit at its floor. The price: latency that stays inflated is learnt too, within a
+few long windows, so the latency signal catches a rise (a provider or the database pool
+starting to queue as the limit grows), not a steady state.
 
 Threadline adds a second signal, the event loop's lag, because its bottleneck is usually its
 own core rather than the model: when the loop saturates, every run slows at once and the
-latency baseline itself drifts up (a long average learns the overload as normal), while the
-lag measures the overload directly, against a fixed target. A lag sample above the target
-shrinks the limit by ``target / lag`` (smoothed the same way), and while the latest lag is
-above the target, latency samples may not grow it.
+latency baseline drifts up with them, while the lag measures the overload directly, against a
+fixed target that nothing learns away. A lag sample above the target shrinks the limit by
+``target / lag`` (smoothed the same way), and while the latest lag is above the target,
+latency samples may not grow it.
 
 Neither signal moves the limit while fewer than half of its slots are taken (Gradient2's
 "app-limited" guard): an idle server learns nothing about its capacity, and a loop lagging
@@ -66,10 +73,10 @@ class FixedLimit:
 class AdaptiveLimit:
     """Gradient2 on run latency, bounded by an event-loop lag target. See the module docstring.
 
-    Defaults are Gradient2's (tolerance 1.5, smoothing 0.2, a long window of 600 samples)
-    except the short window: Gradient2 takes each sample (or a windowed average) as the
-    short-term latency; runs of one model vary a lot, so an average over a few keeps one slow
-    answer from reading as a trend.
+    Defaults are Gradient2's (tolerance 1.5, smoothing 0.2, a long window of 600 samples, a
+    headroom of 4) except the short window: Gradient2 takes each sample (or a windowed
+    average) as the short-term latency; runs of one model vary a lot, so an average over a few
+    keeps one slow answer from reading as a trend.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class AdaptiveLimit:
         smoothing: float = 0.2,
         short_window: int = 10,
         long_window: int = 600,
+        headroom: float = 4.0,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r} and {maximum!r}")
@@ -94,6 +102,7 @@ class AdaptiveLimit:
         self._lag_target = lag_target_s
         self._tolerance = tolerance
         self._smoothing = smoothing
+        self._headroom = headroom
         self._short = _Average(short_window)
         self._long = _Average(long_window)
         self._lagging = False
@@ -115,9 +124,8 @@ class AdaptiveLimit:
             return
         # 1 while latency stays within tolerance of the baseline; down to 0.5 as it grows.
         gradient = max(0.5, min(1.0, self._tolerance * long / short))
-        # Headroom on top, so a healthy limit keeps probing upwards: sqrt(limit), as Netflix's
-        # GradientLimit (Gradient2 adds a constant 4; sqrt grows faster from a large limit).
-        target = self._limit * gradient + self._limit**0.5
+        # Headroom on top, so a healthy limit keeps probing upwards (Gradient2's queue size).
+        target = self._limit * gradient + self._headroom
         if self._lagging:
             target = min(target, self._limit)
         self._move_towards(target)
