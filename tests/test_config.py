@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from threadline.config import load_settings
+from threadline.coordination.local import concurrency_limit
 from threadline.errors import ConfigError
+from threadline.queue.limit import AdaptiveLimit
 
 
 def test_defaults_are_the_embedded_setup(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,6 +30,9 @@ def test_defaults_are_the_embedded_setup(monkeypatch: pytest.MonkeyPatch) -> Non
         ("THREADLINE_REDIS_URL", "http://x"),
         ("THREADLINE_QUEUE_STRATEGY", "shout"),
         ("THREADLINE_PORT", "70000"),
+        ("THREADLINE_MAX_CONCURRENT_RUNS", "lots"),
+        ("THREADLINE_MAX_CONCURRENT_RUNS", "0"),
+        ("THREADLINE_ADAPTIVE_LAG_TARGET_MS", "0"),
     ],
 )
 def test_invalid_values_name_the_variable(
@@ -42,6 +47,36 @@ def test_pool_bounds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THREADLINE_POOL_MIN_SIZE", "10")
     monkeypatch.setenv("THREADLINE_POOL_MAX_SIZE", "5")
     with pytest.raises(ConfigError, match="POOL_MIN_SIZE"):
+        load_settings()
+
+
+def test_concurrent_runs_adapt_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THREADLINE_MAX_CONCURRENT_RUNS", raising=False)
+    adaptive = load_settings(adaptive_runs_max=100)
+    assert (adaptive.max_concurrent_runs, adaptive.adaptive_runs) == ("auto", True)
+    assert adaptive.runs_ceiling == 100
+    limit = concurrency_limit(adaptive)
+    assert isinstance(limit, AdaptiveLimit)
+    assert (limit.value, limit.minimum, limit.maximum) == (32, 4, 100)
+
+    for spelling in ("AUTO", " auto ", ""):
+        monkeypatch.setenv("THREADLINE_MAX_CONCURRENT_RUNS", spelling)
+        assert load_settings().adaptive_runs
+
+    monkeypatch.setenv("THREADLINE_MAX_CONCURRENT_RUNS", "32")  # as before: pins it
+    pinned = load_settings()
+    assert (pinned.max_concurrent_runs, pinned.adaptive_runs, pinned.runs_ceiling) == (
+        32,
+        False,
+        32,
+    )
+    assert concurrency_limit(pinned) == 32
+
+
+def test_adaptive_run_bounds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_ADAPTIVE_RUNS_MIN", "64")
+    monkeypatch.setenv("THREADLINE_ADAPTIVE_RUNS_MAX", "16")
+    with pytest.raises(ConfigError, match="ADAPTIVE_RUNS_MIN"):
         load_settings()
 
 
