@@ -28,7 +28,7 @@ from threadline.errors import (
 )
 from threadline.queue.core import Answer, Strategy, TurnQueue
 
-from .fakes import AcceptCall, FakeRunner, FakeStore, ManualTimers, RunRecord
+from .fakes import AcceptCall, FakeRunner, FakeStore, ManualTimers, RunRecord, SteeredLimit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,7 +89,12 @@ class Tick:
     seconds: float
 
 
-Op = Arrive | Insert | Reply | Commit | Fail | Disconnect | Tick
+@dataclass(frozen=True)
+class Limit:
+    value: int  # the concurrency limit moves (as a loop-lag sample can move it)
+
+
+Op = Arrive | Insert | Reply | Commit | Fail | Disconnect | Tick | Limit
 
 
 @dataclass(eq=False)
@@ -113,9 +118,11 @@ class World:
     def __post_init__(self) -> None:
         self.runner = FakeRunner(self.store)
         self.sessions = [uuid.UUID(int=n + 1) for n in range(self.config.sessions)]
+        self.limit = SteeredLimit(self.config.max_concurrent)
+        self.highest_limit = self.config.max_concurrent
         self.queue = TurnQueue(
             self.runner,
-            max_concurrent=self.config.max_concurrent,
+            max_concurrent=self.limit,
             merge_window=self.config.merge_window,
             merge_max_wait=self.config.merge_max_wait,
             session_queue_max=self.config.session_queue_max,
@@ -159,6 +166,10 @@ class World:
                     caller.task.cancel()
             case Tick(seconds):
                 self.timers.advance(seconds)
+            case Limit(value):
+                self.limit.next = value
+                self.highest_limit = max(self.highest_limit, value)
+                self.queue.observe_lag(0.0)
 
     def release_everything(self) -> None:
         for caller in self.callers:
@@ -171,8 +182,15 @@ class World:
 
     def check_limits(self) -> None:
         assert self.runner.max_in_flight_per_session <= 1, "two runs in flight for one session"
-        assert self.runner.max_total_in_flight <= self.config.max_concurrent
-        assert 0 <= self.queue.running <= self.config.max_concurrent
+        assert self.runner.max_total_in_flight <= self.highest_limit
+        assert 0 <= self.queue.running <= self.highest_limit
+        # No slot stays free while a session waits for one, however the limit moved.
+        assert not self.queue.waiting_for_slot or self.queue.running >= self.limit.value
+
+    def check_step(self, running_before: int) -> None:
+        # Over the limit (it shrank): runs may only finish until the count is below it.
+        if self.queue.running > self.limit.value:
+            assert self.queue.running <= running_before, "a run started over the limit"
 
 
 async def settle() -> None:
@@ -183,10 +201,12 @@ async def settle() -> None:
 async def play(config: Config, steps: list[list[Op]]) -> World:
     world = World(config)
     for step in steps:
+        running_before = world.queue.running
         for op in step:
             world.apply(op)
         await settle()
         world.check_limits()
+        world.check_step(running_before)
     closing = asyncio.create_task(world.queue.aclose()) if config.shutdown else None
     for _ in range(DRAIN_ROUNDS):
         if all(c.task.done() for c in world.callers) and world.queue.session_count == 0:
@@ -333,6 +353,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Config, list[list[Op]]]:
         st.builds(Fail, session, st.sampled_from(["error", "raise"])),
         st.builds(Disconnect, st.integers(0, 63)),
         st.builds(Tick, st.sampled_from([0.25, 0.5, 1.0, 2.0])),
+        st.builds(Limit, st.integers(1, 4)),
     )
     # Ops in one step happen in the same loop iteration, so reactions race each other.
     steps = st.lists(st.lists(op, min_size=1, max_size=4), min_size=3, max_size=25)
