@@ -45,6 +45,9 @@ def chunks(text: str, at_most: int = STREAM_CHUNKS) -> list[str]:
 class Stats:
     def __init__(self) -> None:
         self.service_ms: list[float] = []
+        # How many asked for a streamed answer: shows whether a server streams its provider
+        # call when its own caller streams.
+        self.streamed = 0
         self.in_flight = 0
         self.in_flight_max = 0
 
@@ -58,6 +61,7 @@ class Stats:
 
         return {
             "requests": len(ordered),
+            "streamed": self.streamed,
             "service_mean_ms": round(sum(ordered) / len(ordered), 2) if ordered else None,
             "service_p50_ms": pct(50),
             "service_p99_ms": pct(99),
@@ -67,6 +71,7 @@ class Stats:
 
     def reset(self) -> None:
         self.service_ms.clear()
+        self.streamed = 0
         self.in_flight_max = self.in_flight
 
 
@@ -111,6 +116,7 @@ class FakeOpenAI:
             text = content if isinstance(content, str) else json.dumps(content)
             model = json.dumps(body.get("model", "fake"))
             if body.get("stream"):
+                stats.streamed += 1
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 await self._stream(send, model, f"fake: {text}", usage)
             else:
