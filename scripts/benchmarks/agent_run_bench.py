@@ -304,6 +304,11 @@ class Bench:
                 raw = self.load(base, scenario, tag, watch, profile)
             finally:
                 self.procs.stop(server)
+        used = None
+        if scenario.history:
+            used = seeded_sessions_used(
+                with_database(self.postgres.url, database), f"{tag}-run-lane-", scenario.history
+            )
         self.postgres.drop(database)
         if scenario.held_streams:
             result = summarize_held(raw)
@@ -312,6 +317,9 @@ class Bench:
             result = summarize(raw, scenario, duration if not args.requests or profile else None)
         result["db_round_trip_ms"] = round(rtt, 3)
         result["commit"] = self.code.sha
+        if used is not None:
+            # Proof that the measured turns went to the seeded sessions.
+            result["seeded_sessions_answered"] = used
         return result
 
     def load(
@@ -442,12 +450,25 @@ FROM generate_series(0, %(lanes)s - 1) AS i
 _SEED_MESSAGES = """
 INSERT INTO messages (id, session_id, seq, role, content)
 SELECT gen_random_uuid(), s.id, k,
-       CASE WHEN k % 2 = 1 THEN 'user' ELSE 'assistant' END,
-       CASE WHEN k % 2 = 1 THEN 'an earlier question, number ' ELSE 'echo: an earlier answer ' END
+       CASE WHEN k %% 2 = 1 THEN 'user' ELSE 'assistant' END,
+       CASE WHEN k %% 2 = 1 THEN 'an earlier question, number ' ELSE 'echo: an earlier answer ' END
            || k
 FROM sessions AS s, generate_series(1, %(n)s) AS k
 WHERE s.name LIKE %(prefix)s || '%%'
 """
+
+
+def seeded_sessions_used(db_url: str, prefix: str, messages: int) -> str:
+    """How many seeded sessions got turns beyond their seeded history, of how many."""
+    import psycopg
+
+    with psycopg.connect(db_url, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE answered_seq > %(n)s), count(*) FROM sessions "
+            "WHERE name LIKE %(prefix)s || '%%'",
+            {"prefix": prefix, "n": messages},
+        ).fetchone()
+    return f"{row[0]} of {row[1]}" if row else "?"
 
 
 def seed_history(db_url: str, prefix: str, lanes: int, messages: int) -> None:
@@ -457,10 +478,13 @@ def seed_history(db_url: str, prefix: str, lanes: int, messages: int) -> None:
     import psycopg
 
     params = {"prefix": prefix, "lanes": lanes, "n": messages}
-    with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(_SEED_SESSIONS, params)
-        conn.execute(_SEED_MESSAGES, params)
-        conn.execute("ANALYZE sessions, messages")
+    try:
+        with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(_SEED_SESSIONS, params)
+            conn.execute(_SEED_MESSAGES, params)
+            conn.execute("ANALYZE sessions, messages")
+    except psycopg.Error as exc:
+        raise RuntimeError(f"seeding {lanes} sessions of {messages} messages: {exc}") from exc
 
 
 # Run by the measured interpreter: the versions the servers import, not the orchestrator's.
