@@ -823,6 +823,15 @@ def main(argv: list[str] | None = None) -> int:
             sections[-1] += markdown(scenario, results[scenario.name], skipped)
         if scenario.provider:
             sections[-1] += provider_note(results[scenario.name], args.model_delay_ms)
+        used = {
+            n: r["seeded_sessions_answered"]
+            for n, r in results[scenario.name].items()
+            if "seeded_sessions_answered" in r
+        }
+        if used:
+            sections[-1] += "\n\nSeeded sessions the measured turns answered: " + ", ".join(
+                f"`{n}` {v}" for n, v in used.items()
+            )
     targets = evaluate(results, args.concurrency)
     lines = [
         f"- {'MET' if t['met'] else 'MISSED' if t['met'] is False else 'NOT MEASURED'}: "
