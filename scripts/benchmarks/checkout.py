@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services import Processes
+from services import Processes, tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +58,13 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def find_uv(repo: Path) -> str | None:
+    """uv from PATH, else the one the Makefile bootstraps in this checkout or in the main
+    checkout of its repository (``repo`` may itself be a linked worktree without one)."""
     found = shutil.which("uv")
     if found:
         return found
-    for root in (repo, Path("/work/main")):
+    common = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+    for root in (repo, common.parent):
         candidate = root / ".uv-bootstrap" / "bin" / "uv"
         if candidate.exists():
             return str(candidate)
@@ -81,13 +84,18 @@ def create(repo: Path, rev: str, python: str | None, procs: Processes) -> Checko
             if uv is None:
                 raise RuntimeError("no uv on PATH or in .uv-bootstrap: give --python")
             env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-            subprocess.run(
-                [uv, "sync", "--locked", "--extra", "bench", "--quiet"],
-                cwd=path,
-                env=env,
-                check=True,
-                timeout=900,
-            )
+            cmd = [uv, "sync", "--locked", "--extra", "bench", "--directory", str(path)]
+            # A child like any other: it dies with the benchmark.
+            with tempfile.NamedTemporaryFile(prefix="bench-uv-sync-", suffix=".log") as log:
+                sync = procs.start(cmd, env, Path(log.name))
+                try:
+                    returncode = sync.wait(900)
+                except subprocess.TimeoutExpired:
+                    returncode = None
+                finally:
+                    procs.stop(sync)
+                if returncode != 0:
+                    raise RuntimeError(f"uv sync failed in {path}:\n{tail(Path(log.name))}")
             checkout = Checkout(repo, path, sha, str(path / ".venv" / "bin" / "python"))
         else:
             checkout = Checkout(repo, path, sha, python)

@@ -109,8 +109,9 @@ class Processes:
         """A git worktree of ``repo`` the watchdog removes if the benchmark dies without
         removing it."""
         self._cleanup.append(f"{repo}\t{worktree}")
-        if self._watchdog is not None:
-            self._publish()
+        if self._watch and self._watchdog is None:
+            self._start_watchdog()
+        self._publish()
 
     def _start_watchdog(self) -> None:
         fd, name = tempfile.mkstemp(prefix="bench-groups-", suffix=".txt")
