@@ -188,6 +188,8 @@ class Bench:
                 # Every stream's run in flight at once, its reply spread over the hold.
                 env["THREADLINE_ECHO_DELAY_MS"] = str(int(args.stream_hold_s * 1000))
                 env["THREADLINE_MAX_CONCURRENT_RUNS"] = str(scenario.held_streams)
+                # The default (120 s) would fail every run of a longer hold.
+                env["THREADLINE_MODEL_TIMEOUT_S"] = str(args.stream_hold_s + 60)
             if workers > 1:
                 env["THREADLINE_REDIS_URL"] = args.redis_url
             if scenario.webhook:
