@@ -280,6 +280,29 @@ class Bench:
         # The pid: two benchmarks sharing one PostgreSQL server never share a database.
         database = f"bench_{os.getpid()}_{name}"
         self.postgres.reset(database)
+        try:
+            raw, rtt, used = self._measure(name, scenario, tag, database, profile)
+        finally:
+            # Also after a failure: a failed run must not leave its database behind.
+            self.postgres.drop(database)
+        if scenario.held_streams:
+            result = summarize_held(raw)
+        else:
+            duration = args.profile_seconds + 2 if profile else args.duration
+            result = summarize(raw, scenario, duration if not args.requests or profile else None)
+        result["db_round_trip_ms"] = round(rtt, 3)
+        result["commit"] = self.code.sha
+        if used is not None:
+            # Proof that the measured turns went to the seeded sessions.
+            result["seeded_sessions_answered"] = used
+        return result
+
+    def _measure(
+        self, name: str, scenario: Scenario, tag: str, database: str, profile: Path | None
+    ) -> tuple[dict[str, Any], float, str | None]:
+        """The raw load results, the database round trip, and (``long_history``) how many
+        seeded sessions the measured turns answered."""
+        args = self.args
         if name == "threadline_w2":
             flush_redis(args.redis_url)
         with (
@@ -311,18 +334,7 @@ class Bench:
             used = seeded_sessions_used(
                 with_database(self.postgres.url, database), f"{tag}-run-lane-", scenario.history
             )
-        self.postgres.drop(database)
-        if scenario.held_streams:
-            result = summarize_held(raw)
-        else:
-            duration = args.profile_seconds + 2 if profile else args.duration
-            result = summarize(raw, scenario, duration if not args.requests or profile else None)
-        result["db_round_trip_ms"] = round(rtt, 3)
-        result["commit"] = self.code.sha
-        if used is not None:
-            # Proof that the measured turns went to the seeded sessions.
-            result["seeded_sessions_answered"] = used
-        return result
+        return raw, rtt, used
 
     def load(
         self,
