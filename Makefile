@@ -45,6 +45,8 @@ format: | $(UV_DEP)
 	$(BIN)/ruff format src tests scripts
 	$(BIN)/ruff check --fix src tests scripts
 
+# Measures HEAD (or BENCH_ARGS="--commit REV") from a git worktree of its own, installed there
+# from uv.lock; this venv only runs the orchestrator (scripts/benchmarks/README.md).
 bench: | $(UV_DEP)
 	$(SYNC) --extra bench
 	$(BIN)/python scripts/benchmarks/agent_run_bench.py $(BENCH_ARGS)

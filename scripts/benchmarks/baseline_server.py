@@ -7,7 +7,9 @@ synchronous PostgreSQL driver (psycopg 3, from a small connection pool) directly
 stops the event loop for a full database round trip, so while one request waits for
 PostgreSQL no other request makes progress: not its parsing, not its model call, not its reply.
 The cost grows with the round-trip time, which is why the benchmark puts the database behind a
-latency proxy. Same three round trips and same ``echo`` agent run as ``ceiling_server.py``.
+latency proxy. Same three round trips and same ``echo`` agent run as ``ceiling_server.py``
+(or, with ``--openai-model``, the same provider agent), and the same garbage-collector settings
+as threadline and the ceilings (``reference.tune_gc``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from reference import (
     build_agent,
     install_ops_routes,
     new_ids,
+    openai_agent,
     psycopg_params,
     psycopg_sql,
     split_turn,
     to_model_messages,
+    tune_gc,
 )
 
 from threadline.agents.echo import ModelCallStats
@@ -81,25 +85,29 @@ class BlockingPool:
             conn.close()
 
 
-def create_app(database_url: str, *, delay_s: float, pool_size: int = 4) -> FastAPI:
+def create_app(
+    database_url: str, *, delay_s: float, pool_size: int = 4, openai_model: str | None = None
+) -> FastAPI:
     stats = ModelCallStats()
     monitor = LoopLagMonitor()
-    agent = build_agent(delay_s, stats)
+    agents = [build_agent(delay_s, stats)]
     pools: list[BlockingPool] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = BlockingPool(database_url, pool_size)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            if openai_model is not None:
+                agents[0] = await stack.enter_async_context(openai_agent(openai_model))
+            pool = BlockingPool(database_url, pool_size)
+            stack.callback(pool.close)
             with pool.connection() as conn:
                 conn.execute(SCHEMA)
             pools.append(pool)
-            # No gc tuning here (unlike threadline and the ceilings): the baseline stays the
-            # server as commonly written; docs/performance.md says what that means for it.
+            # The same collector settings as threadline and the ceilings: the latency target
+            # compares servers, not garbage-collector thresholds.
+            tune_gc()
             async with monitor.running():
                 yield
-        finally:
-            pool.close()
 
     app = FastAPI(lifespan=lifespan)
     install_ops_routes(app, monitor, stats)
@@ -139,7 +147,7 @@ def create_app(database_url: str, *, delay_s: float, pool_size: int = 4) -> Fast
             HISTORY_LIMIT,
         )
         message, history = split_turn(rows)
-        result = await agent.run(
+        result = await agents[0].run(
             body.message_content,
             message_history=to_model_messages(history),
             deps=RunDeps(session_id, run_id, body.user_id, body.context),
@@ -178,9 +186,17 @@ def main() -> None:
     parser.add_argument("--model-delay-ms", type=float, default=50.0)
     # The loop runs one query at a time, so more connections would sit idle.
     parser.add_argument("--pool-size", type=int, default=4)
+    parser.add_argument(
+        "--openai-model",
+        metavar="openai-compat:NAME@URL",
+        help="run threadline's assistant agent on this model instead of the echo agent",
+    )
     args = parser.parse_args()
     app = create_app(
-        args.database_url, delay_s=args.model_delay_ms / 1000, pool_size=args.pool_size
+        args.database_url,
+        delay_s=args.model_delay_ms / 1000,
+        pool_size=args.pool_size,
+        openai_model=args.openai_model,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

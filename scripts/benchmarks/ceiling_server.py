@@ -8,6 +8,8 @@ model, but no queue, no per-session ordering, no cancel-and-merge and no bookkee
 what this machine can do with the same agent framework, so threadline's throughput is judged
 against it. ``--no-framework`` calls the echo model's function directly instead of running the
 agent: the difference between the two ceilings is what pydantic-ai's ``Agent.run`` costs.
+``--openai-model openai-compat:NAME@URL`` runs threadline's ``assistant`` agent on that model,
+built by threadline's registry (``reference.openai_agent``): the same provider client.
 
 Both expose /health and /debug/metrics (event-loop lag, model calls) like threadline, and
 both tune the garbage collector after start-up as threadline does (``reference.tune_gc``).
@@ -40,6 +42,7 @@ from reference import (
     build_agent,
     install_ops_routes,
     new_ids,
+    openai_agent,
     split_turn,
     to_model_messages,
     tune_gc,
@@ -66,27 +69,33 @@ async def _keep_session(conn: Any) -> None:
 
 
 def create_app(
-    database_url: str, *, delay_s: float, framework: bool, pool_max_size: int = 20
+    database_url: str,
+    *,
+    delay_s: float,
+    framework: bool,
+    pool_max_size: int = 20,
+    openai_model: str | None = None,
 ) -> FastAPI:
     stats = ModelCallStats()
     monitor = LoopLagMonitor()
-    agent = build_agent(delay_s, stats)
+    agents = [build_agent(delay_s, stats)]
     model = echo_model(delay_s, stats)
     pools: list[Any] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(
-            database_url, min_size=2, max_size=pool_max_size, reset=_keep_session
-        )
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            if openai_model is not None:
+                agents[0] = await stack.enter_async_context(openai_agent(openai_model))
+            pool = await asyncpg.create_pool(
+                database_url, min_size=2, max_size=pool_max_size, reset=_keep_session
+            )
+            stack.push_async_callback(pool.close)
             await pool.execute(SCHEMA)
             pools.append(pool)
             tune_gc()  # as threadline's lifespan does by default (THREADLINE_GC_TUNING)
             async with monitor.running():
                 yield
-        finally:
-            await pool.close()
 
     app = FastAPI(lifespan=lifespan)
     install_ops_routes(app, monitor, stats)
@@ -125,7 +134,7 @@ def create_app(
         )
         message, history = split_turn(rows)
         if framework:
-            result = await agent.run(
+            result = await agents[0].run(
                 body.message_content,
                 message_history=to_model_messages(history),
                 deps=RunDeps(session_id, run_id, body.user_id, body.context),
@@ -169,12 +178,20 @@ def main() -> None:
         action="store_true",
         help="call the echo model's function directly instead of running the pydantic-ai agent",
     )
+    parser.add_argument(
+        "--openai-model",
+        metavar="openai-compat:NAME@URL",
+        help="run threadline's assistant agent on this model instead of the echo agent",
+    )
     args = parser.parse_args()
+    if args.openai_model and args.no_framework:
+        parser.error("--openai-model runs the agent: it excludes --no-framework")
     app = create_app(
         args.database_url,
         delay_s=args.model_delay_ms / 1000,
         framework=not args.no_framework,
         pool_max_size=args.pool_max_size,
+        openai_model=args.openai_model,
     )
     # Same server settings as `threadline serve`: uvloop and httptools when installed.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

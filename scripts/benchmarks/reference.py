@@ -1,4 +1,4 @@
-"""What the reference servers share: the schema, the per-turn SQL, the agent and the wire shapes.
+"""What the reference servers share: the schema, the per-turn SQL, the agents and the wire shapes.
 
 The SQL mirrors threadline's hot path for a message to a new named session, three round trips:
 
@@ -8,15 +8,19 @@ The SQL mirrors threadline's hot path for a message to a new named session, thre
 
 Statements are written for asyncpg (``$1``); ``psycopg_sql`` rewrites them for psycopg. The
 agent is the one threadline builds for ``echo``: the same tools, the same ``FunctionModel``, so
-the reference servers pay exactly the agent framework's cost that threadline pays.
+the reference servers pay exactly the agent framework's cost that threadline pays. With
+``--openai-model`` (the ``openai`` scenario) they run threadline's ``assistant`` agent on that
+model instead, built by threadline's own registry (``openai_agent``), so they pay exactly the
+provider client's cost that threadline pays too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -25,8 +29,9 @@ from pydantic import BaseModel, Field
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 
-from threadline.agents.builtin import ECHO
+from threadline.agents.builtin import ASSISTANT, ECHO
 from threadline.agents.echo import ModelCallStats, echo_model
+from threadline.agents.registry import AgentRegistry
 from threadline.agents.spec import RunDeps
 from threadline.monitor import LoopLagMonitor
 
@@ -181,6 +186,21 @@ def build_agent(delay_s: float, stats: ModelCallStats) -> Agent[RunDeps, str]:
     )
 
 
+@contextlib.asynccontextmanager
+async def openai_agent(model: str) -> AsyncIterator[Agent[RunDeps, str]]:
+    """The agent threadline serves as ``assistant`` with ``THREADLINE_MODEL=model``
+    (``openai-compat:NAME@URL``), built by threadline's own registry: the same OpenAI
+    provider, client and client settings, whatever they are at this commit. The registry owns
+    the client and closes it."""
+    registry = AgentRegistry([ASSISTANT], default_model=model)
+    await registry.start()
+    try:
+        loaded = await registry.get(ASSISTANT.name)
+        yield loaded.agent
+    finally:
+        await registry.aclose()
+
+
 def to_model_messages(rows: Sequence[Any]) -> list[ModelMessage]:
     """History rows (role, content) as pydantic-ai messages, as threadline's runner does."""
     return [
@@ -207,8 +227,8 @@ def tune_gc() -> None:
     ``threadline.app.tune_gc``), done once the app is up: the long-lived start-up objects are
     frozen out of the collector's way and young collections run every 20,000 allocations
     instead of 700. The ceilings do the same so that the 70 %-of-ceiling comparison measures
-    threadline's work, not a collector setting; the blocking baseline does not (see
-    docs/performance.md)."""
+    threadline's work, not a collector setting, and so does the blocking baseline, which the
+    latency target compares with threadline."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)

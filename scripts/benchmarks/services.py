@@ -7,12 +7,17 @@ Every child runs in a process group of its own, so stopping one stops whatever i
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib.util
 import os
+import resource
 import signal
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,21 +25,56 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent.parent
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _child_setup(parent: int) -> None:
+    """Run in each child between fork and exec (``preexec_fn``): die with the benchmark.
+
+    ``start_new_session`` has already made the child a process-group leader. The parent-death
+    signal kills the child itself the moment the benchmark dies, however it dies (SIGKILL
+    included); what the child forks (uvicorn's workers) is left to the watchdog, which kills
+    the whole group. The file-descriptor soft limit goes up to the hard one so that a server
+    or the load client can hold 10,000 streams.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died between fork and prctl: then the signal never comes.
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class Processes:
     """Every child process, each in a process group of its own, so that stopping one stops
-    whatever it forked (uvicorn's workers) and nothing outlives the benchmark."""
+    whatever it forked (uvicorn's workers), and nothing outlives the benchmark: not when it
+    stops, not when it is killed (``_child_setup`` and ``watchdog.py``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: bool = True) -> None:
         self._running: list[subprocess.Popen[bytes]] = []
+        self._watch = watch
+        self._cleanup: list[str] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._groups_file: Path | None = None
 
     def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        if self._watch and self._watchdog is None:
+            self._start_watchdog()
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=functools.partial(_child_setup, os.getpid()),
             )
         self._running.append(proc)
+        self._publish()
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
@@ -50,10 +90,56 @@ class Processes:
             proc.wait(5)
         if proc in self._running:
             self._running.remove(proc)
+            self._publish()
 
     def stop_all(self) -> None:
         for proc in reversed(list(self._running)):
             self.stop(proc, grace=5.0)
+        if self._watchdog is not None:
+            # Its work is done: it would only find the groups list empty.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._watchdog.pid, signal.SIGKILL)
+            self._watchdog.wait(5)
+            self._watchdog = None
+        if self._groups_file is not None:
+            with contextlib.suppress(OSError):
+                self._groups_file.unlink()
+
+    def add_cleanup(self, repo: Path, worktree: Path) -> None:
+        """A git worktree of ``repo`` the watchdog removes if the benchmark dies without
+        removing it."""
+        self._cleanup.append(f"{repo}\t{worktree}")
+        if self._watch and self._watchdog is None:
+            self._start_watchdog()
+        self._publish()
+
+    def _start_watchdog(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="bench-groups-", suffix=".txt")
+        os.close(fd)
+        self._groups_file = Path(name)
+        self._publish()
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("watchdog.py")),
+            "--parent",
+            str(os.getpid()),
+            "--groups",
+            name,
+        ]
+        # Its own session (a Ctrl-C to the benchmark's terminal must not reach it first) and
+        # no parent-death signal: outliving the benchmark is its job.
+        self._watchdog = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True
+        )
+
+    def _publish(self) -> None:
+        """Tell the watchdog which groups and worktrees are ours (atomically: it may be reading)."""
+        if self._groups_file is None:
+            return
+        lines = [f"group {p.pid}" for p in self._running] + [f"worktree {w}" for w in self._cleanup]
+        tmp = self._groups_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(tmp, self._groups_file)
 
 
 def wait_healthy(
