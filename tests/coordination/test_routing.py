@@ -1,0 +1,126 @@
+"""Where the Redis coordinator's pub/sub messages go, with coordinators in this process on the
+real PostgreSQL and Redis: answers to the process whose caller waits, run events to the
+processes watching their session, and the same over sharded pub/sub (SPUBLISH/SSUBSCRIBE,
+which a standalone Redis >= 7.0 serves too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.coordination.conftest import Connect, request
+from tests.multiprocess.conftest import redis_client
+from threadline.coordination import keys
+from threadline.coordination.local import user_message
+from threadline.coordination.redis import RedisCoordinator
+from threadline.store import PostgresStore
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    opened = redis_client(redis_url)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def traffic(coordinator: RedisCoordinator) -> tuple[dict[str, int], dict[str, int]]:
+    found = coordinator.metrics()
+    return found["pubsub_published"], found["pubsub_received"]
+
+
+async def test_a_takeover_answers_each_message_at_the_process_that_stored_it(
+    store: PostgresStore, connect: Connect
+) -> None:
+    stored_at, new_owner, bystander = (
+        await connect(store),
+        await connect(store),
+        await connect(store),
+    )
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    # Stored at `stored_at`, whose caller waits there; its owner died before running it.
+    asked = dataclasses.replace(request(session.id, "orphaned"), reply_to=stored_at.node)
+    message, _ = await store.add_user_message(session.id, user_message(asked))
+    waiting = stored_at._mailbox.expect(session.id, message.id)
+    assert await new_owner._leases.claim(session.id)
+
+    await new_owner.take_over(session.id)
+
+    answer = await waiting
+    stored_at._mailbox.forget(message.id)
+    while traffic(new_owner)[0].get("answer") != 1:  # counted once Redis replied
+        await asyncio.sleep(0.01)
+    assert answer.outcome.error is None
+    assert answer.outcome.result is not None
+    assert answer.outcome.result.message == "echo: orphaned"
+    assert traffic(new_owner)[1] == {}
+    assert traffic(stored_at) == ({}, {"answer": 1})
+    assert traffic(bystander) == ({}, {})
+
+
+async def test_watchers_of_one_session_share_one_subscription_while_they_watch(
+    store: PostgresStore, connect: Connect, redis: Redis
+) -> None:
+    coordinator = await connect(store)
+    sid = uuid.uuid4()
+    channel = keys.events_channel(sid)
+
+    async def listening() -> int:
+        found = dict(await redis.pubsub_numsub(channel))
+        return int(found[channel.encode()])
+
+    assert await listening() == 0
+    async with coordinator.events.watch(sid):
+        assert await listening() == 1
+        async with coordinator.events.watch(sid, after="0"):
+            assert await listening() == 1
+            assert channel in coordinator.metrics()["channels"]
+        assert await listening() == 1
+    # The last watcher gone, so is the subscription (confirmed by Redis: ask until it is).
+    while await listening() != 0:
+        await asyncio.sleep(0.01)
+    assert channel not in coordinator.metrics()["channels"]
+
+
+async def test_sharded_pubsub_carries_nudges_answers_and_events(
+    store: PostgresStore, connect: Connect, redis: Redis
+) -> None:
+    owner = await connect(store, sharded=True)
+    caller = await connect(store, sharded=True)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    sid = session.id
+    channel = keys.events_channel(sid)
+    assert await owner._leases.claim(sid)
+    # Held for the test: the owner's renewals must not let the idle session go before the
+    # caller's message reaches it.
+    async with owner._leases.pinned(sid), caller.events.watch(sid) as watch:
+        assert dict(await redis.pubsub_shardnumsub(channel)) == {channel.encode(): 1}
+        assert dict(await redis.pubsub_numsub(channel)) == {channel.encode(): 0}
+
+        answer = await caller.submit(request(sid, "sharded"))
+
+        assert answer.outcome.result is not None
+        assert answer.outcome.result.message == "echo: sharded"
+        kinds: list[str] = []
+        while not kinds or kinds[-1] != "run.completed":
+            event = await watch.next()
+            assert event is not None
+            kinds.append(event.kind)
+    logged = await redis.xlen(keys.events_log(sid))
+    assert len(kinds) == logged
+    # The nudge went out of the script (cluster-safe), the answer to the caller's process.
+    assert traffic(caller) == ({"nudge": 1}, {"answer": 1, "event": logged})
+    # The owner counts what it published once Redis replied, which may be after the caller
+    # got it: wait for the count (the test's timeout bounds it).
+    while traffic(owner)[0] != {"answer": 1, "event": logged}:
+        await asyncio.sleep(0.01)
+    assert traffic(owner)[1] == {"nudge": 1}
+    while dict(await redis.pubsub_shardnumsub(channel)) != {channel.encode(): 0}:
+        await asyncio.sleep(0.01)
