@@ -90,11 +90,14 @@ class Traffic:
 
 
 async def listeners(redis: Redis, *channels: str) -> dict[str, int]:
-    """How many connections listen to each channel. (Pub/sub spans the Redis server's
-    databases, where other test runs may listen too: only channels named by our own sessions
-    and node ids are asked about.)"""
-    found = await redis.pubsub_numsub(*channels)
-    return {(c.decode() if isinstance(c, bytes) else c): int(n) for c, n in found}
+    """How many connections listen to each channel, plainly or sharded (whichever the servers
+    use). (Pub/sub spans the Redis server's databases, where other test runs may listen too:
+    only channels named by our own sessions and node ids are asked about.)"""
+    counts = dict.fromkeys(channels, 0)
+    for found in (await redis.pubsub_numsub(*channels), await redis.pubsub_shardnumsub(*channels)):
+        for c, n in found:
+            counts[c.decode() if isinstance(c, bytes) else c] += int(n)
+    return counts
 
 
 @pytest.mark.timeout(30)
