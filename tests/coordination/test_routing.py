@@ -12,11 +12,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from redis.asyncio import Redis
 
 from tests.coordination.conftest import Connect, request
 from tests.multiprocess.conftest import redis_client
-from threadline.coordination import keys
+from threadline.agents import AgentRegistry, AgentSpec
+from threadline.agents.builtin import BUILTIN_AGENTS
+from threadline.coordination import TurnRequest, keys
 from threadline.coordination.local import user_message
 from threadline.coordination.redis import RedisCoordinator
 from threadline.store import PostgresStore
@@ -124,3 +128,46 @@ async def test_sharded_pubsub_carries_nudges_answers_and_events(
     assert traffic(owner)[1] == {"nudge": 1}
     while dict(await redis.pubsub_shardnumsub(channel)) != {channel.encode(): 0}:
         await asyncio.sleep(0.01)
+
+
+async def test_a_repeat_at_a_third_process_gets_its_answer_there_and_the_first_caller_at_its_own(
+    store: PostgresStore, connect: Connect
+) -> None:
+    go = asyncio.Event()
+
+    async def held(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await go.wait()
+        return ModelResponse(parts=[TextPart("held reply")])
+
+    spec = AgentSpec(name="held", model=FunctionModel(held, model_name="held"))
+
+    def registry() -> AgentRegistry:
+        return AgentRegistry([*BUILTIN_AGENTS, spec], default_model="threadline:echo")
+
+    owner = await connect(store, registry=registry())
+    first_at = await connect(store, registry=registry())
+    repeat_at = await connect(store, registry=registry())
+    session = await store.create_session("held", user_id=f"u-{uuid.uuid4()}")
+    sid = session.id
+    asked = TurnRequest(sid, "held", "once", "merge", idempotency_key="k-1")
+    assert await owner._leases.claim(sid)
+    async with owner._leases.pinned(sid):  # no idle release while the test sets things up
+        first = asyncio.create_task(first_at.submit(asked))
+        while owner.metrics()["runs_in_flight"] != 1:  # the first message's run is held
+            await asyncio.sleep(0.01)
+        repeat = asyncio.create_task(repeat_at.submit(asked))
+        # The repeat's nudge names the message to follow and the repeat's own process.
+        while owner.metrics()["pubsub_received"].get("nudge") != 2:
+            await asyncio.sleep(0.01)
+        go.set()
+        answers = await asyncio.gather(first, repeat)
+
+    assert answers[0].outcome.run_id == answers[1].outcome.run_id
+    assert answers[0].message_id == answers[1].message_id
+    assert answers[1].replayed
+    while owner.metrics()["pubsub_published"].get("answer") != 2:  # counted once Redis replied
+        await asyncio.sleep(0.01)
+    # One answer to each process where a caller waited, none to the other.
+    assert traffic(first_at)[1] == {"answer": 1}
+    assert traffic(repeat_at)[1] == {"answer": 1}
+    assert traffic(owner)[1] == {"nudge": 2}
