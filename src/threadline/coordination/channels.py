@@ -31,7 +31,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 Kind = Literal["answer", "event", "nudge"]
 # Called with each message's data; says what kind it was.
 Handler = Callable[[bytes], Kind]
+
+# Redis Cluster, sharded: how long one shard's connection is polled before the next one's.
+CLUSTER_POLL_S = 0.05
 
 _CONFIRMATIONS = {"subscribe", "ssubscribe"}
 _MESSAGES = {"message", "smessage"}
@@ -91,7 +94,7 @@ class Channels:
         async with bounded(self._timeout_s):
             await self._send_subscribe(name)
             while not ready.is_set():
-                message = await self._pubsub.get_message(timeout=self._timeout_s)
+                message = await self._next(self._timeout_s)
                 if message is not None:
                     self._dispatch(message)
 
@@ -146,7 +149,7 @@ class Channels:
         lost connection."""
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._next(1.0)
             except (RedisError, OSError) as exc:
                 log.warning("Redis subscription lost (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
@@ -155,6 +158,16 @@ class Channels:
                 continue
             if message is not None:
                 self._dispatch(message)
+
+    async def _next(self, wait_s: float) -> dict[str, Any] | None:
+        sharded_read = getattr(self._pubsub, "get_sharded_message", None)
+        if self.sharded and sharded_read is not None:
+            # Redis Cluster: redis-py keeps one connection per shard that holds a channel of
+            # ours and polls them in turn, each for the timeout given, so the timeout is
+            # short: a message on the last shard must not wait behind the others' polls.
+            found = await sharded_read(ignore_subscribe_messages=False, timeout=CLUSTER_POLL_S)
+            return cast("dict[str, Any] | None", found)
+        return cast("dict[str, Any] | None", await self._pubsub.get_message(timeout=wait_s))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, name = str(message["type"]), message["channel"]

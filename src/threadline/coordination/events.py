@@ -28,10 +28,11 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from threadline.coordination import keys, scripts
 from threadline.coordination.channels import Channels, Kind
@@ -256,27 +257,43 @@ class RedisEvents:
             while len(batch) < PUBLISH_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             try:
-                async with (
-                    bounded(self._timeout_s),
-                    self._redis.pipeline(transaction=False) as pipe,
-                ):
-                    for event in batch:
-                        sid = event.session_id
-                        await self._publish(
-                            keys=[keys.events_log(sid)],
-                            args=[
-                                self._log_max,
-                                event.to_json(),
-                                self._retention_ms,
-                                keys.events_channel(sid),
-                                self._channels.publish_command,
-                            ],
-                            client=pipe,
-                        )
-                    await pipe.execute()
+                async with bounded(self._timeout_s):
+                    await self._send(batch)
                 self._channels.count_published("event", len(batch))
             except Exception as exc:
                 log.warning("could not publish %d run events: %s", len(batch), exc)
+
+    async def _send(self, batch: list[RunEvent]) -> None:
+        if not isinstance(self._redis, RedisCluster):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for event in batch:
+                    await self._publish(keys=self._keys(event), args=self._args(event), client=pipe)
+                await pipe.execute()
+            return
+        # redis-py's cluster pipelines refuse scripts: one call per event, sessions side by
+        # side, each session's events one after the other (their ids must keep their order).
+        by_session: dict[UUID, list[RunEvent]] = {}
+        for event in batch:
+            by_session.setdefault(event.session_id, []).append(event)
+
+        async def send(events: list[RunEvent]) -> None:
+            for event in events:
+                await self._publish(keys=self._keys(event), args=self._args(event))
+
+        await asyncio.gather(*(send(events) for events in by_session.values()))
+
+    @staticmethod
+    def _keys(event: RunEvent) -> list[str]:
+        return [keys.events_log(event.session_id)]
+
+    def _args(self, event: RunEvent) -> list[Any]:
+        return [
+            self._log_max,
+            event.to_json(),
+            self._retention_ms,
+            keys.events_channel(event.session_id),
+            self._channels.publish_command,
+        ]
 
     def _handler(self, session_id: UUID) -> Callable[[bytes], Kind]:
         def deliver(data: bytes) -> Kind:
