@@ -7,22 +7,31 @@ which a standalone Redis >= 7.0 serves too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from tests.coordination.conftest import Connect, request
-from tests.multiprocess.conftest import redis_client
+from tests.multiprocess.conftest import Process, free_port, redis_client, wait_until
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.builtin import BUILTIN_AGENTS
 from threadline.coordination import TurnRequest, keys
+from threadline.coordination.channels import Channels, Kind
+from threadline.coordination.events import RedisEvents
 from threadline.coordination.local import user_message
 from threadline.coordination.redis import RedisCoordinator
+from threadline.events import RunEvent
 from threadline.store import PostgresStore
 
 
@@ -171,3 +180,119 @@ async def test_a_repeat_at_a_third_process_gets_its_answer_there_and_the_first_c
     assert traffic(first_at)[1] == {"answer": 1}
     assert traffic(repeat_at)[1] == {"answer": 1}
     assert traffic(owner)[1] == {"nudge": 2}
+
+
+@contextlib.asynccontextmanager
+async def redis_cluster(cwd: Path) -> AsyncIterator[str]:
+    """A local three-master Redis Cluster; yields a seed node's URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    ports = [free_port() for _ in range(3)]
+    nodes: list[Process] = []
+    try:
+        for port in ports:
+            argv = (binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes")
+            argv += (
+                # The bus port, given: the default (port + 10000) may be taken or out of range.
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            )
+            nodes.append(await Process.start(f"redis-{port}", *argv, env=dict(os.environ), cwd=cwd))
+        for port in ports:
+            await wait_until(lambda port=port: answers_ping(port))
+        create = await asyncio.create_subprocess_exec(
+            "redis-cli",
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{port}" for port in ports),
+            "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await create.wait() == 0
+        seed = f"redis://127.0.0.1:{ports[0]}"
+        await wait_until(lambda: cluster_ok(seed))
+        yield seed
+    finally:
+        await asyncio.gather(*(node.stop() for node in nodes))
+
+
+async def answers_ping(port: int) -> bool:
+    client = redis_client(f"redis://127.0.0.1:{port}/0")
+    try:
+        return bool(await client.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def cluster_ok(seed: str) -> bool:
+    client = redis_client(seed)
+    try:
+        info = await client.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.allow_blocking  # starts redis-server processes
+async def test_over_a_redis_cluster_events_and_answers_reach_only_their_listener(
+    tmp_path: Path,
+) -> None:
+    async with redis_cluster(tmp_path) as seed, contextlib.AsyncExitStack() as stack:
+        clients = [RedisCluster.from_url(seed), RedisCluster.from_url(seed)]
+        for client in clients:
+            await client.initialize()
+            stack.push_async_callback(client.aclose)
+        here, there = (Channels(c, c, sharded=True, timeout_s=2.0) for c in clients)
+        answers: dict[str, list[bytes]] = {"here": [], "there": []}
+
+        def collect(name: str) -> Callable[[bytes], Kind]:
+            def handle(data: bytes) -> Kind:
+                answers[name].append(data)
+                return "answer"
+
+            return handle
+
+        await here.open(keys.node_channel("here"), collect("here"))
+        await there.open(keys.node_channel("there"), collect("there"))
+        tasks = [asyncio.ensure_future(c.listen()) for c in (here, there)]
+        events_here = RedisEvents(clients[0], here, timeout_s=2.0)
+        events_there = RedisEvents(clients[1], there, timeout_s=2.0)
+        tasks.append(asyncio.ensure_future(events_there.publish_forever()))
+        try:
+            sid = uuid.uuid4()
+            async with events_here.watch(sid) as watch:
+                run_id = uuid.uuid4()
+                for kind in ("run.started", "text.delta", "run.completed"):
+                    events_there.emit(RunEvent(kind, sid, run_id))  # type: ignore[arg-type]
+                seen = [await watch.next() for _ in range(3)]
+                await there.publish(keys.node_channel("here"), "an answer", "answer")
+                while not answers["here"]:
+                    await asyncio.sleep(0.01)
+            assert [e.kind for e in seen if e is not None] == [
+                "run.started",
+                "text.delta",
+                "run.completed",
+            ]
+            assert answers == {"here": [b"an answer"], "there": []}
+            assert here.received == {"event": 3, "answer": 1}
+            assert there.received == {}
+            channel = keys.events_channel(sid)
+            while await clients[0].pubsub_shardnumsub(channel) != [(channel.encode(), 0)]:
+                await asyncio.sleep(0.01)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await here.aclose()
+            await there.aclose()
