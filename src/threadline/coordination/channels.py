@@ -132,8 +132,8 @@ class Channels:
         del self._refs[name]
         self._handlers.pop(name, None)
         self._ready.pop(name, None)
-        # Best effort: a channel left subscribed after a failure only costs stray messages,
-        # which find no handler; the next reconnection does not subscribe it again.
+        # Best effort: a channel left subscribed after a failure (redis-py may even subscribe
+        # it again when it reconnects) only costs stray messages, which find no handler.
         with contextlib.suppress(RedisError, OSError):
             if self.sharded:
                 await self._pubsub.sunsubscribe(name)
@@ -197,6 +197,8 @@ class Channels:
         names = list(self._handlers)
         for name in names:
             self._unconfirmed[name] = 1
+            # A watcher arriving meanwhile waits for the new connection's confirmation.
+            self._ready[name].clear()
         if names:
             await self._send_subscribe(*names)
         for callback in self._on_lost:
