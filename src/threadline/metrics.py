@@ -160,6 +160,20 @@ TAKEOVERS = Counter(
     "orphan (a lease ran out without a release).",
     ["reason"],
 )
+# The scale model's pub/sub deliveries (docs/operations.md): what this server publishes and
+# what reaches it, by kind: answer (to the process whose caller waits), event (a run event,
+# to processes watching its session), nudge (to a session's owner: a new message, a repeat
+# to follow, a cancel, a look at the store).
+PUBSUB_PUBLISHED = Counter(
+    "threadline_redis_pubsub_published",
+    "Redis pub/sub messages this server published, by kind: answer, event, nudge.",
+    ["kind"],
+)
+PUBSUB_RECEIVED = Counter(
+    "threadline_redis_pubsub_received",
+    "Redis pub/sub messages that reached this server, by kind: answer, event, nudge.",
+    ["kind"],
+)
 
 # -- webhooks --------------------------------------------------------------------------------
 WEBHOOK_ATTEMPTS = Counter(

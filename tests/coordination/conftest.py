@@ -32,11 +32,18 @@ async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
 async def connect(pg_url: str, redis_url: str) -> AsyncIterator[Connect]:
     opened: list[RedisCoordinator] = []
 
-    async def make(store: Store, **overrides: Any) -> RedisCoordinator:
+    async def make(
+        store: Store,
+        *,
+        sharded: bool = False,
+        registry: AgentRegistry | None = None,
+        **overrides: Any,
+    ) -> RedisCoordinator:
         overrides.setdefault("redis_url", redis_url)
         settings = Settings(_env_file=None, database_url=pg_url, **overrides)  # type: ignore[call-arg]
-        registry = AgentRegistry(BUILTIN_AGENTS, default_model="threadline:echo")
-        coordinator = await RedisCoordinator.connect(settings, store, registry)
+        if registry is None:
+            registry = AgentRegistry(BUILTIN_AGENTS, default_model="threadline:echo")
+        coordinator = await RedisCoordinator.connect(settings, store, registry, sharded=sharded)
         opened.append(coordinator)
         return coordinator
 

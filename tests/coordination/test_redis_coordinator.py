@@ -45,7 +45,7 @@ async def test_a_late_nudge_for_an_answered_message_publishes_its_real_answer(
             "message_id": str(early.id),
             "seq": early.seq,
             "strategy": "merge",
-            "options": RunOptions("echo").to_json(),
+            "options": RunOptions("echo", reply_to=other.node).to_json(),
         }
     )
 

@@ -40,6 +40,8 @@ class TurnRequest:
     instructions: str | None = None
     # Set by the coordinator when tracing is on (``RunOptions.trace``).
     trace: dict[str, str] | None = None
+    # Set by the Redis coordinator: its node, where the caller waits (``RunOptions.reply_to``).
+    reply_to: str | None = None
 
     @property
     def options(self) -> RunOptions:
@@ -52,6 +54,7 @@ class TurnRequest:
             webhook_url=self.webhook_url,
             instructions=self.instructions,
             trace=self.trace,
+            reply_to=self.reply_to,
         )
 
     @property

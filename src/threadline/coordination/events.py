@@ -6,9 +6,11 @@ or reconnects (``Last-Event-ID``) replays what it missed, then follows live even
 
 * ``LocalEvents``: one process. The log is in memory, the ids count up from 1.
 * ``RedisEvents``: several processes. The log is a Redis stream per session (ids are stream
-  ids) and each event is also published on the session's channel; every process listens to
-  the channels by pattern and hands events to its own watchers. Events are published in
-  batches by one task, so a run streaming many deltas costs few round trips.
+  ids) and each event is also published on the session's channel. A process listens to a
+  session's channel only while it has a watcher of it (``Channels`` counts references):
+  the first watcher subscribes, waits for Redis to confirm, then replays the log, so the
+  two overlap rather than leave a gap, and the ``Watch`` drops the overlap. Events are
+  published in batches by one task, so a run streaming many deltas costs few round trips.
 
 Watching is best effort: a watcher too slow to keep up catches up from the log; a Redis
 outage loses live events (a message's stream still ends with its answer, which comes from
@@ -25,15 +27,15 @@ import logging
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, cast
 from uuid import UUID
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
 
 from threadline.coordination import keys, scripts
+from threadline.coordination.channels import Channels, Kind
 from threadline.coordination.leases import bounded
 from threadline.events import RunEvent, event_key
 
@@ -189,22 +191,21 @@ class RedisEvents:
     def __init__(
         self,
         redis: Redis,
+        channels: Channels,
         *,
         timeout_s: float,
         log_max: int = LOG_MAX,
         retention_s: float = RETENTION_S,
     ) -> None:
         self._redis = redis
+        self._channels = channels
         self._timeout_s = timeout_s
         self._log_max = log_max
         self._retention_ms = int(retention_s * 1000)
-        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
         self._publish = redis.register_script(scripts.PUBLISH_EVENT)
         self._outbox: asyncio.Queue[RunEvent] = asyncio.Queue()
         self._watchers: dict[UUID, set[Watch]] = {}
-
-    async def open(self) -> None:
-        await self._pubsub.psubscribe(keys.EVENTS_PATTERN)
+        channels.on_lost(self._lost)
 
     def emit(self, event: RunEvent) -> None:
         self._outbox.put_nowait(event)
@@ -216,7 +217,12 @@ class RedisEvents:
     async def watch(self, session_id: UUID, after: str | None = None) -> AsyncIterator[Watch]:
         watcher = Watch(self, session_id)
         self._watchers.setdefault(session_id, set()).add(watcher)
+        channel = keys.events_channel(session_id)
         try:
+            if not await self._channels.subscribe(channel, self._handler(session_id)):
+                # Not listening yet (Redis is slow or away): live events may be missed until
+                # the subscription is back, so the watcher reads the log instead.
+                watcher.lost()
             if after is not None:
                 await watcher.catch_up(after)
             yield watcher
@@ -226,6 +232,7 @@ class RedisEvents:
                 watchers.discard(watcher)
                 if not watchers:
                     del self._watchers[session_id]
+            await self._channels.unsubscribe(channel)
 
     async def replay(self, session_id: UUID, after: str) -> list[RunEvent]:
         start = f"({after}" if _STREAM_ID.match(after) else "-"
@@ -250,60 +257,58 @@ class RedisEvents:
             while len(batch) < PUBLISH_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             try:
-                async with (
-                    bounded(self._timeout_s),
-                    self._redis.pipeline(transaction=False) as pipe,
-                ):
-                    for event in batch:
-                        sid = event.session_id
-                        await self._publish(
-                            keys=[keys.events_log(sid)],
-                            args=[
-                                self._log_max,
-                                event.to_json(),
-                                self._retention_ms,
-                                keys.events_channel(sid),
-                            ],
-                            client=pipe,
-                        )
-                    await pipe.execute()
+                async with bounded(self._timeout_s):
+                    await self._send(batch)
+                self._channels.count_published("event", len(batch))
             except Exception as exc:
                 log.warning("could not publish %d run events: %s", len(batch), exc)
 
-    async def listen(self) -> None:
-        """Hand live events to this process's watchers; after a lost subscription they catch
-        up from the log."""
-        prefix = keys.EVENTS_CHANNEL_PREFIX.encode()
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
-                log.warning("Redis event subscription lost (%s); reconnecting", exc)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(RedisError, OSError):
-                    await self.open()
-                    for watchers in self._watchers.values():
-                        for watcher in watchers:
-                            watcher.lost()
-                continue
-            if message is None or message.get("type") != "pmessage":
-                continue
-            try:
-                self._deliver(message, prefix)
-            except Exception:
-                log.exception("bad run event on %r", message.get("channel"))
-
-    def _deliver(self, message: dict[str, Any], prefix: bytes) -> None:
-        channel: bytes = message["channel"]
-        # Cheap before parsing: most events concern sessions nobody here watches.
-        watchers = self._watchers.get(UUID(channel[len(prefix) :].decode()))
-        if not watchers:
+    async def _send(self, batch: list[RunEvent]) -> None:
+        if not isinstance(self._redis, RedisCluster):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for event in batch:
+                    await self._publish(keys=self._keys(event), args=self._args(event), client=pipe)
+                await pipe.execute()
             return
-        raw_id, _, payload = message["data"].partition(b" ")
-        event = RunEvent.from_json(payload, raw_id.decode())
-        for watcher in list(watchers):
-            watcher.push(event)
+        # redis-py's cluster pipelines refuse scripts: one call per event, sessions side by
+        # side, each session's events one after the other (their ids must keep their order).
+        by_session: dict[UUID, list[RunEvent]] = {}
+        for event in batch:
+            by_session.setdefault(event.session_id, []).append(event)
 
-    async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        async def send(events: list[RunEvent]) -> None:
+            for event in events:
+                await self._publish(keys=self._keys(event), args=self._args(event))
+
+        await asyncio.gather(*(send(events) for events in by_session.values()))
+
+    @staticmethod
+    def _keys(event: RunEvent) -> list[str]:
+        return [keys.events_log(event.session_id)]
+
+    def _args(self, event: RunEvent) -> list[Any]:
+        return [
+            self._log_max,
+            event.to_json(),
+            self._retention_ms,
+            keys.events_channel(event.session_id),
+            self._channels.publish_command,
+        ]
+
+    def _handler(self, session_id: UUID) -> Callable[[bytes], Kind]:
+        def deliver(data: bytes) -> Kind:
+            watchers = self._watchers.get(session_id)
+            if watchers:
+                raw_id, _, payload = data.partition(b" ")
+                event = RunEvent.from_json(payload, raw_id.decode())
+                for watcher in list(watchers):
+                    watcher.push(event)
+            return "event"
+
+        return deliver
+
+    def _lost(self) -> None:
+        """The subscription dropped: every watcher catches up from its session's log."""
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.lost()

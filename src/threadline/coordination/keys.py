@@ -10,11 +10,10 @@ from uuid import UUID
 
 PREFIX = "threadline:"
 
-# Broadcast: one message per answered (or failed) message id, for callers on any process.
-ANSWERS_CHANNEL = f"{PREFIX}answers"
-
-# Prefix of the per-process channels (``node_channel``); the NUDGE script appends the owner.
-NODE_CHANNEL_PREFIX = f"{PREFIX}node:"
+# A per-process channel is its node id between these (``node_channel``); the NUDGE script
+# builds the owner's from them.
+NODE_CHANNEL_PREFIX = f"{PREFIX}node:{{"
+NODE_CHANNEL_SUFFIX = "}"
 
 # Sorted set of leased sessions, scored by when their lease runs out (ms, Redis clock). A
 # session whose score has passed while still listed lost its owner without a release (the
@@ -39,20 +38,19 @@ def dirty(session_id: UUID) -> str:
 
 
 def node_channel(node: str) -> str:
-    """Direct messages to one process: "session S has a new message"."""
-    return f"{NODE_CHANNEL_PREFIX}{node}"
+    """Direct messages to one process: "session S has a new message", and the answers its
+    callers wait for (only those: the process that stored a message names itself in it)."""
+    return f"{NODE_CHANNEL_PREFIX}{node}{NODE_CHANNEL_SUFFIX}"
 
 
 # Run events (``events.py``): each session's recent events in a Redis stream (replayed to
 # watchers that join late or resume), each also published on the session's channel for
-# watchers that are live; every process listens to the channels by pattern.
-EVENTS_CHANNEL_PREFIX = f"{PREFIX}events:"
-EVENTS_PATTERN = f"{EVENTS_CHANNEL_PREFIX}*"
-
-
+# watchers that are live. A process listens to a session's channel only while it has a
+# watcher of that session. Log and channel share the session's hash tag: the script that
+# appends and publishes touches one cluster slot.
 def events_log(session_id: UUID) -> str:
-    return f"{PREFIX}eventlog:{session_id}"
+    return f"{PREFIX}{{{session_id}}}:eventlog"
 
 
 def events_channel(session_id: UUID) -> str:
-    return f"{EVENTS_CHANNEL_PREFIX}{session_id}"
+    return f"{PREFIX}{{{session_id}}}:events"

@@ -27,7 +27,7 @@ import contextlib
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from redis.asyncio import Redis
@@ -35,6 +35,9 @@ from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
 from threadline.errors import CoordinatorUnavailable
+
+if TYPE_CHECKING:
+    from threadline.coordination.channels import Channels
 
 Release = Literal["released", "dirty", "lost", "unheld"]
 
@@ -56,12 +59,14 @@ class Leases:
         redis: Redis,
         renewal: Redis,
         node: str,
+        channels: Channels,
         *,
         ttl_ms: int,
         dirty_ttl_ms: int,
         timeout_s: float,
     ) -> None:
         self.node = node
+        self._channels = channels
         self._redis = redis
         self._renewal = renewal
         self._ttl_ms = ttl_ms
@@ -115,13 +120,19 @@ class Leases:
 
     async def tell(self, node: str, payload: str) -> None:
         """A direct message to one process (its node channel)."""
-        async with bounded(self._timeout_s):
-            await self._redis.publish(keys.node_channel(node), payload)
+        await self._channels.publish(keys.node_channel(node), payload, "nudge")
 
     async def nudge(self, session_id: UUID, payload: str, token: str | None = None) -> bool:
         """Tell the owner about a stored message (unlisting the insert ``token`` stands for);
         True if the lease was free and is ours now."""
         token = token or self._token()
+        # Sharded (Redis Cluster), the owner's channel is in another slot than the session's
+        # keys: the script marks the session dirty and we publish after it. Should this
+        # process die in between, the message is stored and the session dirty but its owner
+        # not told: it finds the mark when it next goes idle (``release`` answers "dirty",
+        # or ``renew`` finds the lease idle) and answers the message from the store then.
+        # Its caller died with this process.
+        in_script = not self._channels.sharded
         owner = await self._call(
             self._nudge,
             self._keys(session_id),
@@ -131,11 +142,19 @@ class Leases:
                 self._dirty_ttl_ms,
                 str(session_id),
                 self.node,
+                self._channels.publish_command if in_script else "",
                 keys.NODE_CHANNEL_PREFIX,
+                keys.NODE_CHANNEL_SUFFIX,
                 payload,
             ],
         )
-        return self._took(session_id, owner)
+        if self._took(session_id, owner):
+            return True
+        if in_script:
+            self._channels.count_published("nudge")
+        else:
+            await self.tell(owner.rpartition(":")[0], payload)
+        return False
 
     async def release(self, session_id: UUID) -> Release:
         token = self._held.get(session_id)

@@ -122,26 +122,19 @@ def storing(
 
 async def adopt_unanswered(
     store: Store, queue: TurnQueue, session_id: UUID, history_limit: int
-) -> list[tuple[UUID, asyncio.Future[Answer]]]:
+) -> list[tuple[UUID, RunOptions, asyncio.Future[Answer]]]:
     """Put every unanswered message of a session into the queue, each run with the options
     stored with it; messages the queue holds already are not added twice."""
     session = await store.get_session(session_id)
     if session is None:
         return []
     fallback = RunOptions(session.agent, session.user_id, history_limit)
-    return [
-        (
-            message.id,
-            queue.adopt(
-                session_id,
-                message.id,
-                message.seq,
-                "merge",
-                RunOptions.from_json(message.options) if message.options else fallback,
-            ),
-        )
-        for message in await store.unanswered(session_id)
-    ]
+    adopted = []
+    for message in await store.unanswered(session_id):
+        options = RunOptions.from_json(message.options) if message.options else fallback
+        future = queue.adopt(session_id, message.id, message.seq, "merge", options)
+        adopted.append((message.id, options, future))
+    return adopted
 
 
 async def resolve_handoff(store: Store, answer: Answer) -> Answer:
@@ -266,7 +259,7 @@ class LocalCoordinator:
                     )
         except ShuttingDown:
             return  # the next process answers what is left
-        for _, future in adopted:
+        for _, _, future in adopted:
             # Nobody awaits these answers; the run stores them in the session's history.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
         if adopted:

@@ -4,19 +4,21 @@ A caller waits here when its message is answered by a run that may not be ours: 
 a process that does not own its session, or our run handed off (another run answered, a newer
 owner took over). Answers reach it three ways, whichever comes first:
 
-* ``deliver``: published on the answers channel by the process that ran the message (or
-  handed over directly, when that process is this one);
+* ``deliver``: published on this process's node channel by the process that ran the message
+  (or handed over directly, when that process is this one). The process that stores a message
+  names itself in it (``RunOptions.reply_to``), and a repeat of an idempotency key names the
+  process it arrived at, so an answer goes only to the process where its caller waits;
 * ``settle``: read back from the store (``Store.answer_for``), for a publication that was
   lost (Redis was down, the publisher died after its commit) and for a handoff;
 * a defined error: the session was deleted (404), or this process shuts down (503).
 
-``listen`` is the subscription loop: answers go to ``deliver``, nudges to the coordinator.
+The node channel (``Channels``) carries both: answers go to ``deliver``, nudges to the
+coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,13 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
-
 from threadline.coordination import keys
 from threadline.coordination.answers import decode_answer, encode_answer, stored_answer
-from threadline.coordination.leases import bounded
+from threadline.coordination.channels import Channels, Kind
 from threadline.errors import CoordinatorUnavailable, SessionNotFound, ThreadlineError
 from threadline.queue.job import Answer
 from threadline.store import Store
@@ -48,16 +46,18 @@ class _Expected:
 
 
 class Mailbox:
-    def __init__(self, redis: Redis, store: Store, node: str, *, timeout_s: float) -> None:
-        self._redis = redis
+    def __init__(self, channels: Channels, store: Store, node: str) -> None:
+        self._channels = channels
         self._store = store
         self._node = node
-        self._timeout_s = timeout_s
         self._expected: dict[UUID, _Expected] = {}
-        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
+        self._on_nudge: Callable[[dict[str, Any]], None] = lambda _: None
 
-    async def open(self) -> None:
-        await self._pubsub.subscribe(keys.node_channel(self._node), keys.ANSWERS_CHANNEL)
+    async def open(self, on_nudge: Callable[[dict[str, Any]], None]) -> None:
+        """Listen to this process's node channel: answers for callers here, and nudges,
+        which go to ``on_nudge``."""
+        self._on_nudge = on_nudge
+        await self._channels.open(keys.node_channel(self._node), self._on_message)
 
     def __len__(self) -> int:
         return len(self._expected)
@@ -136,15 +136,20 @@ class Mailbox:
 
     # -- answers ------------------------------------------------------------------------
 
-    async def publish(self, message_id: UUID, answer: Answer | ThreadlineError) -> None:
-        """Hand an answer to its callers here at once, and to every other process."""
+    async def publish(
+        self, message_id: UUID, answer: Answer | ThreadlineError, to: str | None
+    ) -> None:
+        """Hand an answer to its callers here at once, and to the process ``to`` whose
+        caller waits for it (None: none elsewhere, or not known: a message stored before
+        processes named themselves in it, whose callers fall back to their watchdog)."""
         self._resolve(message_id, answer)
-        payload = encode_answer(message_id, answer)
+        if to is None or to == self._node:
+            return
+        payload = f'{{"answer":{encode_answer(message_id, answer)}}}'
         try:
-            async with bounded(self._timeout_s):
-                await self._redis.publish(keys.ANSWERS_CHANNEL, payload)
+            await self._channels.publish(keys.node_channel(to), payload, "answer")
         except CoordinatorUnavailable as exc:
-            # Callers elsewhere fall back to their watchdog, which reads the store.
+            # The caller there falls back to its watchdog, which reads the store.
             log.warning("could not publish the answer for %s: %s", message_id, exc)
 
     def deliver(self, body: dict[str, Any]) -> None:
@@ -163,29 +168,10 @@ class Mailbox:
 
     # -- subscription -------------------------------------------------------------------
 
-    async def listen(self, on_nudge: Callable[[dict[str, Any]], None]) -> None:
-        """Dispatch what arrives on our channels, forever; resubscribe after a Redis outage."""
-        node_channel = keys.node_channel(self._node).encode()
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
-                log.warning("Redis subscription lost (%s); reconnecting", exc)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(RedisError, OSError):
-                    await self.open()
-                continue
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                body = json.loads(message["data"])
-                if message["channel"] == node_channel:
-                    on_nudge(body)
-                else:
-                    self.deliver(body)
-            except Exception:
-                log.exception("bad message on %r", message.get("channel"))
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+    def _on_message(self, data: bytes) -> Kind:
+        body = json.loads(data)
+        if "answer" in body:
+            self.deliver(body["answer"])
+            return "answer"
+        self._on_nudge(body)
+        return "nudge"

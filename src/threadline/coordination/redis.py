@@ -9,7 +9,12 @@ processes only store messages, nudge the owner and wait for the answer (``Mailbo
               INSERT message (PostgreSQL)
               NUDGE: mark dirty, ─────────▶ PUBLISH node:A ───────────▶ adopt(message):
                      publish to A                                       cancel run, merge
-              wait for answer ◀─────────── PUBLISH answers ◀─────────── run commits (fenced)
+              wait for answer ◀─────────── PUBLISH node:B ◀──────────── run commits (fenced)
+
+The message names the process that stored it (``RunOptions.reply_to``), so its answer goes to
+that process alone, whoever runs it (the owner, or a process that took the session over); a
+repeat of its idempotency key at a third process names that process in its nudge. Pub/sub is
+sharded (SPUBLISH/SSUBSCRIBE) when ``sharded`` is set, for Redis Cluster (``channels.py``).
 
 This module is policy only:
 
@@ -33,6 +38,7 @@ This module is policy only:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -52,6 +58,7 @@ from threadline.config import Settings
 from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
+from threadline.coordination.channels import Channels
 from threadline.coordination.events import RedisEvents
 from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import (
@@ -117,6 +124,8 @@ class RedisCoordinator:
         settings: Settings,
         on_delivery: Callable[[], None] | None = None,
         tracing: Tracing | None = None,
+        *,
+        sharded: bool = False,
     ) -> None:
         self._redis = redis
         self._tracing = tracing
@@ -132,16 +141,21 @@ class RedisCoordinator:
         # the middle of its longest possible run when the mark is set.
         run_ms = settings.model_timeout_s * 1000 + settings.merge_max_wait_ms
         dirty_ttl_ms = int(max(ttl_ms * 10, 2 * run_ms + ttl_ms))
+        # One pub/sub connection, on the event pool (it holds the connection for good).
+        self._channels = Channels(
+            redis, watching, sharded=sharded, timeout_s=settings.redis_timeout_s
+        )
         self._leases = Leases(
             redis,
             renewal,
             self.node,
+            self._channels,
             ttl_ms=ttl_ms,
             dirty_ttl_ms=dirty_ttl_ms,
             timeout_s=settings.redis_timeout_s,
         )
-        self._mailbox = Mailbox(redis, store, self.node, timeout_s=settings.redis_timeout_s)
-        self.events = RedisEvents(watching, timeout_s=settings.redis_timeout_s)
+        self._mailbox = Mailbox(self._channels, store, self.node)
+        self.events = RedisEvents(watching, self._channels, timeout_s=settings.redis_timeout_s)
         self.queue = build_queue(
             store, registry, settings, self.events, self._on_idle, on_delivery, tracing
         )
@@ -159,26 +173,37 @@ class RedisCoordinator:
         registry: AgentRegistry,
         on_delivery: Callable[[], None] | None = None,
         tracing: Tracing | None = None,
+        *,
+        sharded: bool = False,
     ) -> RedisCoordinator:
+        """``sharded``: sharded pub/sub, which Redis Cluster needs (and Redis >= 7.0 has)."""
         redis = _client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
         renewal = _client(settings, 2)
         # Run events (streams, joiners) on a pool of their own too: a subscription holds a
         # connection for good, and many joiners replaying must not starve the requests.
         watching = _client(settings, EVENT_CONNECTIONS)
-        self = cls(redis, renewal, watching, store, registry, settings, on_delivery, tracing)
+        self = cls(
+            redis,
+            renewal,
+            watching,
+            store,
+            registry,
+            settings,
+            on_delivery,
+            tracing,
+            sharded=sharded,
+        )
         try:
             async with bounded(settings.redis_timeout_s * 2):
                 await redis.ping()
-                await self._mailbox.open()
-                await self.events.open()
+                await self._mailbox.open(self._on_nudge)
         except CoordinatorUnavailable:
             await redis.aclose()
             await renewal.aclose()
             await watching.aclose()
             raise
-        self._spawn(self._mailbox.listen(self._on_nudge))
-        self._spawn(self.events.listen())
+        self._spawn(self._channels.listen())
         self._spawn(self.events.publish_forever())
         self._spawn(self._every(self._ttl_s / 3, self._renew))
         self._spawn(self._every(max(0.2, self._ttl_s / 4), self._watch))
@@ -193,7 +218,8 @@ class RedisCoordinator:
     async def _submit(self, request: TurnRequest, on_stored: OnStored | None) -> Answer:
         if self._closing:
             raise ShuttingDown("server is shutting down; not accepting messages")
-        request = traced(request, self._tracing)
+        # Named in the stored message: whoever runs it publishes its answer here alone.
+        request = dataclasses.replace(traced(request, self._tracing), reply_to=self.node)
         loaded = await self._registry.get(request.agent)
         first = await replay.original(self._store, request)
         if first is not None:
@@ -323,6 +349,8 @@ class RedisCoordinator:
                     "session_id": str(sid),
                     "follow": str(first.id),
                     "seq": first.seq,
+                    # Where the repeat's caller waits, which may not be where the first did.
+                    "reply_to": self.node,
                     "options": replay.options_of(request, first).to_json(),
                 }
             )
@@ -331,7 +359,7 @@ class RedisCoordinator:
                 future = await self.queue.follow(sid, first.id)
             elif self._leases.holds(sid):  # the owner is us: the nudge went nowhere
                 options = replay.options_of(request, first)
-                future = await self._follow_here(sid, first.id, first.seq, options)
+                future = await self._follow_here(sid, first.id, first.seq, options, self.node)
         # Told only now that the message is on its way to an answer: a caller that stops
         # waiting once told (a background request) leaves nothing half done.
         if on_stored is not None:
@@ -345,14 +373,15 @@ class RedisCoordinator:
         return await self._mailbox.wait(sid, first.id)
 
     async def _follow_here(
-        self, sid: UUID, message_id: UUID, seq: int, options: RunOptions
+        self, sid: UUID, message_id: UUID, seq: int, options: RunOptions, reply_to: str | None
     ) -> asyncio.Future[Answer]:
         """The answer of a message of a session we own, adopting it if our queue does not
-        hold it (its nudge is on its way, or never comes); published when done."""
+        hold it (its nudge is on its way, or never comes); published to ``reply_to`` when
+        done."""
         future = await self.queue.follow(sid, message_id)
         if future is None:
             future = self.queue.adopt(sid, message_id, seq, "enqueue", options)
-        self._publish_when_done(message_id, future)
+        self._publish_when_done(message_id, future, reply_to)
         return future
 
     def _recover(self, sid: UUID) -> None:
@@ -385,18 +414,25 @@ class RedisCoordinator:
                 adopted = await adopt_unanswered(
                     self._store, self.queue, sid, self._settings.history_limit
                 )
-                for message_id, future in adopted:
-                    self._publish_when_done(message_id, future)
+                for message_id, options, future in adopted:
+                    # To where its caller waited when it was stored: a process that is gone
+                    # receives nothing (its callers went with it).
+                    self._publish_when_done(message_id, future, options.reply_to)
                 await self._mailbox.settle(sid)
             finally:
                 if not self.queue.has(sid):
                     self._on_idle(sid)
 
-    def _publish_when_done(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
-        future.add_done_callback(lambda f: self._spawn(self._answer(message_id, f)))
+    def _publish_when_done(
+        self, message_id: UUID, future: asyncio.Future[Answer], to: str | None
+    ) -> None:
+        future.add_done_callback(lambda f: self._spawn(self._answer(message_id, f, to)))
 
-    async def _answer(self, message_id: UUID, future: asyncio.Future[Answer]) -> None:
-        """Publish the answer of a message this process ran for callers elsewhere."""
+    async def _answer(
+        self, message_id: UUID, future: asyncio.Future[Answer], to: str | None
+    ) -> None:
+        """Publish the answer of a message this process ran to the process ``to``, where its
+        caller waits."""
         if future.cancelled():
             return
         error = future.exception()
@@ -418,7 +454,7 @@ class RedisCoordinator:
                 if found is None:
                     return  # whoever runs it now publishes its answer
                 answer = found
-        await self._mailbox.publish(message_id, answer)
+        await self._mailbox.publish(message_id, answer, to)
 
     # -- cancelling -----------------------------------------------------------------------
 
@@ -439,7 +475,10 @@ class RedisCoordinator:
         if "follow" in body:
             # A caller elsewhere repeats the idempotency key of one of our messages.
             options = RunOptions.from_json(body["options"])
-            self._spawn(self._follow_here(sid, UUID(body["follow"]), body["seq"], options))
+            follow = self._follow_here(
+                sid, UUID(body["follow"]), body["seq"], options, body.get("reply_to")
+            )
+            self._spawn(follow)
             return
         if "cancel" in body:
             run_id = body["cancel"]
@@ -452,7 +491,7 @@ class RedisCoordinator:
         message_id = UUID(body["message_id"])
         options = RunOptions.from_json(body["options"])
         future = self.queue.adopt(sid, message_id, body["seq"], body["strategy"], options)
-        self._publish_when_done(message_id, future)
+        self._publish_when_done(message_id, future, options.reply_to)
 
     def _on_idle(self, sid: UUID) -> None:
         if sid in self._releasing or self._closing:
@@ -553,6 +592,10 @@ class RedisCoordinator:
             "watchers": len(self.events),
             "repeats_waiting": self._repeats,
             "node": self.node,
+            # Pub/sub traffic by kind (answer, event, nudge), and what is listened to now.
+            "pubsub_published": dict(self._channels.published),
+            "pubsub_received": dict(self._channels.received),
+            "channels": sorted(self._channels.listening()),
         }
 
     async def aclose(self, grace: float = 0.0) -> None:
@@ -565,8 +608,7 @@ class RedisCoordinator:
         # Let the sessions go now rather than after the lease expires, so another process
         # can take them over at once.
         await self._leases.drop_all()
-        await self._mailbox.aclose()
-        await self.events.aclose()
+        await self._channels.aclose()
         await self._redis.aclose()
         await self._renewal.aclose()
         await self._watching.aclose()

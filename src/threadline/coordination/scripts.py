@@ -54,11 +54,15 @@ return owner
 """
 )
 
-# ARGV as CLAIM's up to node, then channel prefix, payload; ``token`` is the one the CLAIM that
-# listed this insert used.
+# ARGV as CLAIM's up to node, then the publishing command (PUBLISH, SPUBLISH, or "" for none),
+# the owner's channel prefix and suffix, the payload; ``token`` is the one the CLAIM that
+# listed this insert used. Returns the owning token after the call.
 # After a message was stored: unlist the insert, then hand the message to the owner (mark
-# dirty, publish to its node's channel), or take the free lease. Atomic with the owner's
-# release, so no message is stranded between the owner's last look and its release.
+# dirty, publish to its node's channel), or take the free lease. The dirty mark is atomic
+# with the owner's release, so no message is stranded between the owner's last look and its
+# release. With no publishing command (Redis Cluster: the owner's channel is in another slot
+# than the session's keys, which one script cannot touch) the caller publishes once the
+# script returned (``Leases.nudge``).
 NUDGE = (
     _HEAD
     + """
@@ -66,11 +70,11 @@ redis.call('ZREM', inflight_key, session .. '|' .. token)
 """
     + _TAKE_IF_FREE
     + """
-local channel_prefix, payload = ARGV[6], ARGV[7]
+local publish, channel_prefix, channel_suffix, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
 local owner_node = string.match(owner, '^([^:]+):')
-if owner_node ~= node then
-  redis.call('PUBLISH', channel_prefix .. owner_node, payload)
+if owner_node ~= node and publish ~= '' then
+  redis.call(publish, channel_prefix .. owner_node .. channel_suffix, payload)
 end
 return owner
 """
@@ -150,10 +154,11 @@ return redis.call('ZRANGEBYSCORE', active_key, '-inf', now, 'LIMIT', 0, limit)
 # Append a run event to its session's log and publish it with its id, in one step so that a
 # watcher that replays the log and then follows the channel sees every event once, in order.
 # KEYS[1] the session's log; ARGV: [1] log length kept (approximately), [2] the event JSON,
-# [3] how long the log outlives its last event (ms), [4] the session's channel.
+# [3] how long the log outlives its last event (ms), [4] the session's channel (in the log's
+# slot: same hash tag), [5] the publishing command (PUBLISH, or SPUBLISH when sharded).
 PUBLISH_EVENT = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[2])
+redis.call(ARGV[5], ARGV[4], id .. ' ' .. ARGV[2])
 return id
 """

@@ -40,6 +40,10 @@ class RunOptions:
     # The caller's trace context (W3C ``traceparent``) and when its message was accepted, when
     # tracing is on: the run answering the message joins that trace (``tracing.py``).
     trace: Mapping[str, str] | None = None
+    # The process whose caller waits for this message's answer (the Redis coordinator's node
+    # id, set where the message was stored): whichever process runs it publishes the answer
+    # there alone (``coordination/mailbox.py``).
+    reply_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         raw = {
@@ -56,6 +60,8 @@ class RunOptions:
             raw["instructions"] = self.instructions
         if self.trace is not None:
             raw["trace"] = dict(self.trace)
+        if self.reply_to is not None:
+            raw["reply_to"] = self.reply_to
         return raw
 
     @classmethod
@@ -69,6 +75,7 @@ class RunOptions:
             webhook_url=raw.get("webhook_url"),
             instructions=raw.get("instructions"),
             trace=raw.get("trace"),
+            reply_to=raw.get("reply_to"),
         )
 
 
