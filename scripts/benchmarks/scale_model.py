@@ -45,6 +45,7 @@ from services import Processes, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PG_STATS_SETTLE_S = 11.0
+RENEW_S = 6.0 / 3  # LEASE_TTL_MS (default 6 s) / 3
 METRIC = re.compile(r'^threadline_redis_pubsub_(published|received)_total\{kind="(\w+)"\} (\S+)$')
 
 
@@ -107,14 +108,14 @@ async def snapshot(
     )
 
 
-def predict(local: float, remote: float) -> dict[str, float]:
+def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, float]:
     """The scale model's counts for ``local`` turns (the lease was free where the message
     arrived) and ``remote`` ones (held by another process: its caller waits at one process,
     the owner runs it), on standalone Redis with unsharded pub/sub. Not in it: SCRIPT EXISTS,
     one per pipeline that redis-py sends with scripts in it (an event batch, a renewal),
     which depends on batching; see the doc."""
     turns = local + remote
-    return {
+    found = {
         # Local: CLAIM + RELEASE + 2 x PUBLISH_EVENT. Remote: CLAIM (finds it held) + NUDGE
         # + the owner's RELEASE that finds the session dirty + 2 x PUBLISH_EVENT.
         "cmd:evalsha": 4 * local + 5 * remote,
@@ -143,6 +144,10 @@ def predict(local: float, remote: float) -> dict[str, float]:
         # release (get_session, unanswered).
         "pg_xacts": 3 * local + 8 * remote,
     }
+    # Renewals of the leases held meanwhile (one RENEW script each).
+    for key in ("cmd:evalsha", "cmd:time", "cmd:get", "cmd:zadd", "cmd:pexpire"):
+        found[key] += renewals
+    return found
 
 
 async def session_loop(
@@ -173,15 +178,20 @@ async def session_loop(
         await send(client, url, session, f"m{index}", "merge")
 
 
+LATENCIES: list[float] = []
+
+
 async def send(
     client: httpx.AsyncClient, url: str, session: str | None, text: str, strategy: str
 ) -> str:
+    started = time.monotonic()
     body: dict[str, Any] = {"message_content": text, "strategy": strategy}
     if session is not None:
         body["session_id"] = session
     response = await client.post(f"{url}/api/v1/agent/echo/run", json=body)
     if response.status_code != 200:
         raise RuntimeError(f"{url}: {response.status_code} {response.text}")
+    LATENCIES.append(time.monotonic() - started)
     return str(response.json()["session_id"])
 
 
@@ -211,6 +221,10 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
             THREADLINE_POOL_MAX_SIZE=str(args.pool_max_size),
             THREADLINE_LOG_LEVEL="warning",
             THREADLINE_ECHO_DELAY_MS=str(args.echo_delay_ms),
+            # A fixed limit above the sessions in flight: with "auto" the limit shrinks when
+            # the loop lags (a busy machine), and a turn that waits for a slot opens its run
+            # in a statement of its own (start_run), one PostgreSQL round trip more.
+            THREADLINE_MAX_CONCURRENT_RUNS=str(max(64, 2 * args.sessions)),
         )
         urls: list[str] = []
         servers = []
@@ -248,6 +262,7 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
                 per_session //= 2
             stagger, think = args.echo_delay_ms / 1000 / 4, args.think_ms / 1000
             start = await snapshot(redis, db, client, urls)
+            LATENCIES.clear()
             await asyncio.gather(
                 *(
                     session_loop(client, urls, s, h, per_session, args.routing, rng, stagger, think)
@@ -270,7 +285,10 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
         k: (v - idle.get(k, 0.0) * busy_s / idle_s) / turns for k, v in sorted(busy.items())
     }
     remote = busy.get("pubsub:published:nudge", 0.0)
-    predicted = {k: v / turns for k, v in predict(turns - remote, remote).items()}
+    # A lease is held about as long as its caller waits; every RENEW_S each held lease is
+    # renewed once (one RENEW script: TIME, GET, ZADD, PEXPIRE).
+    renewals = sum(LATENCIES) / RENEW_S
+    predicted = {k: v / turns for k, v in predict(turns - remote, remote, renewals).items()}
     return {
         "processes": count,
         "routing": args.routing,
@@ -280,6 +298,7 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
         "echo_delay_ms": args.echo_delay_ms,
         "think_ms": args.think_ms,
         "remote_share": remote / turns,
+        "mean_latency_s": sum(LATENCIES) / max(1, len(LATENCIES)),
         "idle_per_s_per_process": {k: v / idle_s / count for k, v in sorted(idle.items())},
         "per_turn": per_turn,
         "predicted": predicted,
@@ -290,7 +309,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"P={result['processes']} routing={result['routing']} turns={result['turns']}"
         f" sessions={result['sessions']} in {result['seconds']} s,"
-        f" remote share {result['remote_share']:.3f}",
+        f" remote share {result['remote_share']:.3f},"
+        f" mean latency {result['mean_latency_s'] * 1000:.0f} ms",
         f"{'counter':32} {'predicted':>10} {'measured':>10} {'diff':>8}",
     ]
     measured, predicted = result["per_turn"], result["predicted"]
