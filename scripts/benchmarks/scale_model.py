@@ -44,7 +44,7 @@ from redis.asyncio import Redis
 from services import Processes, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent.parent
-PG_STATS_SETTLE_S = 11.0
+PG_STATS_SETTLE_S = 13.0
 RENEW_S = 6.0 / 3  # LEASE_TTL_MS (default 6 s) / 3
 METRIC = re.compile(r'^threadline_redis_pubsub_(published|received)_total\{kind="(\w+)"\} (\S+)$')
 
