@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -249,3 +250,55 @@ async def test_renewals_do_not_wait_behind_an_exhausted_request_pool(
     for task in blockers:
         task.cancel()
     await asyncio.gather(*blockers, return_exceptions=True)
+
+
+class GatedCommitStore(FlakyStore):
+    """The real store, whose commits wait until the test lets them go on."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.failures = 0
+        self.committing = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def commit_run(self, *args: Any, **kwargs: Any) -> Any:
+        self.committing.set()
+        await self.go_on.wait()
+        return await self._store.commit_run(*args, **kwargs)
+
+
+async def test_a_message_adopted_twice_has_its_answer_published_once(
+    store: PostgresStore, connect: Connect
+) -> None:
+    gated = GatedCommitStore(store)
+    owner = await connect(gated)  # type: ignore[arg-type]
+    other = await connect(store)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    assert await owner._leases.claim(session.id)
+    # Stored at `other`, whose caller waits there (named in the message); its nudge reaches
+    # the owner...
+    asked = dataclasses.replace(request(session.id, "x"), reply_to=other.node)
+    message, _ = await store.add_user_message(session.id, user_message(asked))
+    waiting = other._mailbox.expect(session.id, message.id)
+    owner._on_nudge(
+        {
+            "session_id": str(session.id),
+            "message_id": str(message.id),
+            "seq": message.seq,
+            "strategy": "merge",
+            "options": RunOptions("echo", reply_to=other.node).to_json(),
+        }
+    )
+    await gated.committing.wait()
+    # ...and while its run commits, the owner takes the session over (its release found the
+    # session dirty), which adopts the same unanswered message again.
+    await owner.take_over(session.id)
+    gated.go_on.set()
+
+    answer = await waiting
+    assert answer.outcome.error is None
+    # Every publication of the answer was spawned when the run's future completed.
+    answering = [t for t in owner._tasks if t.get_coro().__qualname__.endswith("_answer")]
+    await asyncio.gather(*answering)
+    assert owner._channels.published["answer"] == 1
+    other._mailbox.forget(message.id)

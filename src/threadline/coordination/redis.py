@@ -161,6 +161,8 @@ class RedisCoordinator:
         )
         self._releasing: dict[UUID, asyncio.Task[None]] = {}
         self._recovering: dict[UUID, asyncio.Task[None]] = {}
+        # Answers to publish once their run ends: (message, process where its caller waits).
+        self._publishing: set[tuple[UUID, str | None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._repeats = 0  # callers of a repeated idempotency key waiting for its answer
@@ -426,7 +428,19 @@ class RedisCoordinator:
     def _publish_when_done(
         self, message_id: UUID, future: asyncio.Future[Answer], to: str | None
     ) -> None:
-        future.add_done_callback(lambda f: self._spawn(self._answer(message_id, f, to)))
+        # Once per message and destination: a nudge's message that a take-over adopts again
+        # (the owner's release found the session dirty while it ran) is the same future,
+        # and its caller needs its answer once, not twice.
+        key = (message_id, to)
+        if key in self._publishing:
+            return
+        self._publishing.add(key)
+
+        def publish(done: asyncio.Future[Answer]) -> None:
+            self._publishing.discard(key)
+            self._spawn(self._answer(message_id, done, to))
+
+        future.add_done_callback(publish)
 
     async def _answer(
         self, message_id: UUID, future: asyncio.Future[Answer], to: str | None
