@@ -59,6 +59,7 @@ class Snapshot:
     net_out: int
     cpu: float
     xacts: int
+    clients: int
     pubsub: Counter[str] = field(default_factory=Counter)
 
     def minus(self, other: Snapshot) -> dict[str, float]:
@@ -86,6 +87,7 @@ async def snapshot(
     )
     info = await redis.info("stats")
     cpu = await redis.info("cpu")
+    clients = await redis.info("clients")
     xacts = await db.fetchval(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database"
         " WHERE datname = current_database()"
@@ -104,6 +106,8 @@ async def snapshot(
         int(info["total_net_output_bytes"]),
         float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
         int(xacts),
+        # Our own connection is one of them.
+        int(clients["connected_clients"]) - 1,
         pubsub,
     )
 
@@ -299,6 +303,7 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
         "think_ms": args.think_ms,
         "remote_share": remote / turns,
         "mean_latency_s": sum(LATENCIES) / max(1, len(LATENCIES)),
+        "redis_clients_per_process": end.clients / count,
         "idle_per_s_per_process": {k: v / idle_s / count for k, v in sorted(idle.items())},
         "per_turn": per_turn,
         "predicted": predicted,
@@ -310,7 +315,8 @@ def table(result: dict[str, Any]) -> str:
         f"P={result['processes']} routing={result['routing']} turns={result['turns']}"
         f" sessions={result['sessions']} in {result['seconds']} s,"
         f" remote share {result['remote_share']:.3f},"
-        f" mean latency {result['mean_latency_s'] * 1000:.0f} ms",
+        f" mean latency {result['mean_latency_s'] * 1000:.0f} ms,"
+        f" Redis connections per process {result['redis_clients_per_process']:.1f}",
         f"{'counter':32} {'predicted':>10} {'measured':>10} {'diff':>8}",
     ]
     measured, predicted = result["per_turn"], result["predicted"]
