@@ -26,6 +26,8 @@ from threadline.errors import ConfigError
 Strategy = Literal["merge", "enqueue", "reject"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ProviderHttp = Literal["httpx", "aiohttp"]
+JsonEncoder = Literal["orjson", "stdlib"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -67,6 +69,14 @@ class Settings(BaseSettings):
     # start shrinking before the loop reaches the lag that users would notice.
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
+    # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
+    # pool sized to MAX_CONCURRENT_RUNS; aiohttp is the provider SDKs' DefaultAioHttpClient.
+    provider_http: ProviderHttp = "httpx"
+    # An agent without tools runs as one direct model request instead of pydantic-ai's agent
+    # graph (runner.py); same history, usage, deltas and errors, less CPU per turn.
+    direct_model_requests: bool = False
+    # The encoder of threadline's own JSON responses (api/json.py).
+    json_encoder: JsonEncoder = "orjson"
     # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
     stream_heartbeat_s: float = Field(default=15.0, gt=0)
 
