@@ -9,9 +9,10 @@ key); an ``openai-compat:`` endpoint is keyed by its base URL and key explicitly
 Every client's pool is sized to the runs that can be in flight (``pool_size``, the configured
 bound of ``MAX_CONCURRENT_RUNS``): each run has at most one model request open, so that many
 connections are kept alive and none is opened and closed per turn under load. The transport is
-httpx (httpx2, pydantic-ai's default) or aiohttp through the provider SDKs' own
-``DefaultAioHttpClient`` (``THREADLINE_PROVIDER_HTTP``); Groq's SDK still takes a legacy
-``httpx.AsyncClient``, so Groq is always httpx.
+httpx (httpx2, pydantic-ai's default) or aiohttp through the OpenAI SDK's
+``DefaultAioHttpClient`` (``THREADLINE_PROVIDER_HTTP``) for OpenAI and Anthropic, whose SDKs
+ship it (the same vendored transport). Google's SDK ships none, and Groq's still takes a
+legacy ``httpx.AsyncClient``: those two are always on httpx.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class ProviderClients:
             max_connections=self.pool_size, max_keepalive_connections=self.pool_size
         )
 
-    def http_client(self) -> httpx2.AsyncClient:
-        """A new pooled client, with pydantic-ai's timeouts and user agent, closed by ``aclose``."""
+    def http_client(self, *, aiohttp: bool = True) -> httpx2.AsyncClient:
+        """A new pooled client, with pydantic-ai's timeouts and user agent, closed by ``aclose``;
+        on aiohttp if so configured and ``aiohttp`` (the SDK's support for it)."""
         timeout = httpx2.Timeout(DEFAULT_HTTP_TIMEOUT, connect=5)
         client_class: type[httpx2.AsyncClient] = httpx2.AsyncClient
-        if self.transport == "aiohttp":
+        if self.transport == "aiohttp" and aiohttp:
             from openai import DefaultAioHttpClient
 
             client_class = DefaultAioHttpClient
@@ -134,7 +136,9 @@ class ProviderClients:
 
             if shared is not None:
                 return GoogleProvider(client=shared.client)
-            return GoogleProvider(http_client=self.http_client())
+            # google-genai ships no aiohttp client of its own: the OpenAI SDK's is not tried
+            # under it.
+            return GoogleProvider(http_client=self.http_client(aiohttp=False))
         from pydantic_ai.providers.groq import GroqProvider
 
         if shared is not None:
