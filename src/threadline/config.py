@@ -70,12 +70,16 @@ class Settings(BaseSettings):
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
     # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
-    # pool sized to MAX_CONCURRENT_RUNS; aiohttp is the provider SDKs' DefaultAioHttpClient.
-    provider_http: ProviderHttp = "httpx"
-    # An agent without tools runs as one direct model request instead of pydantic-ai's agent
-    # graph (runner.py); same history, usage, deltas and errors, less CPU per turn.
+    # pool sized to MAX_CONCURRENT_RUNS. aiohttp (the OpenAI SDK's DefaultAioHttpClient, for
+    # OpenAI and Anthropic) took ~6 % less client CPU per call than httpx one at a time and
+    # ~12 % at 32 in flight (one process, loaded machine; Google and Groq stay on httpx).
+    provider_http: ProviderHttp = "aiohttp"
+    # An agent without tools answered by one direct model request instead of pydantic-ai's
+    # agent graph (runner.py): ~55 % less client CPU per call, and the same provider request,
+    # history, usage, deltas and errors (tests/agents/test_direct.py), except for a response
+    # without text, which the graph retries and the direct request fails: hence off.
     direct_model_requests: bool = False
-    # The encoder of threadline's own JSON responses (api/json.py).
+    # The encoder of the OpenAI-compatible API's JSON bodies (api/jsonbody.py).
     json_encoder: JsonEncoder = "orjson"
     # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
     stream_heartbeat_s: float = Field(default=15.0, gt=0)
