@@ -24,6 +24,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from tests.agents.test_openai_compat import read_events
+from tests.api.test_metrics import scrape, value
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
 from threadline.agents import AgentSpec
@@ -281,3 +282,27 @@ async def test_agents_with_tools_keep_the_graph(make_app: AppFactory) -> None:
         )
         assert reply.status_code == 200, reply.text
         assert reply.json()["tool_calls"][0]["tool_name"] == "current_time"
+
+
+@pytest.mark.parametrize("fail", [None, ModelHTTPError(status_code=500, model_name="recorder")])
+async def test_model_call_metrics_count_the_same_both_ways(
+    make_app: AppFactory, fail: Exception | None
+) -> None:
+    labels = {"agent": "plain", "model": "recorder"}
+    duration = "threadline_model_call_duration_seconds_count"
+    errors = "threadline_model_call_errors_total"
+    counted = []
+    for direct in (False, True):
+        spec = AgentSpec(name="plain", model=Recorder(fail=fail).model())
+        async with make_app(agents=[spec], direct_model_requests=direct) as (client, _):
+            _, before = await scrape(client)
+            await client.post("/api/v1/agent/plain/run", json={"message_content": "x"})
+            _, after = await scrape(client)
+        counted.append(
+            tuple(
+                value(after, name, **labels) - value(before, name, **labels)
+                for name in (duration, errors)
+            )
+        )
+    assert counted[0] == counted[1]
+    assert counted[0] == ((1.0, 0.0) if fail is None else (0.0, 1.0))
