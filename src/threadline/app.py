@@ -95,9 +95,10 @@ async def open_services(
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
             instrument=tracing.agents if tracing is not None else None,
-            # The configured bound: a run has at most one model request open.
+            # The most runs that may ever be in flight (the adaptive limit's ceiling, or the
+            # pinned count): a run has at most one model request open.
             clients=ProviderClients(
-                pool_size=settings.max_concurrent_runs, transport=settings.provider_http
+                pool_size=settings.runs_ceiling, transport=settings.provider_http
             ),
             direct=settings.direct_model_requests,
         )

@@ -70,12 +70,13 @@ class Settings(BaseSettings):
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
     # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
-    # pool sized to MAX_CONCURRENT_RUNS. aiohttp (the OpenAI SDK's DefaultAioHttpClient, for
-    # OpenAI and Anthropic) took ~6 % less client CPU per call than httpx one at a time and
-    # ~12 % at 32 in flight (one process, loaded machine; Google and Groq stay on httpx).
+    # pool sized to the most runs in flight (``runs_ceiling``). aiohttp (the OpenAI SDK's
+    # DefaultAioHttpClient; OpenAI and Anthropic) cost less client CPU per call than httpx:
+    # 3 % (agent graph) to 14 % (direct request) one at a time, 12 % to 25 % at 32 in flight
+    # (one process, loaded machine: ratios only). Google and Groq stay on httpx.
     provider_http: ProviderHttp = "aiohttp"
     # An agent without tools answered by one direct model request instead of pydantic-ai's
-    # agent graph (runner.py): ~55 % less client CPU per call, and the same provider request,
+    # agent graph (runner.py): 52-62 % less client CPU per call, and the same provider request,
     # history, usage, deltas and errors (tests/agents/test_direct.py), except for a response
     # without text, which the graph retries and the direct request fails: hence off.
     direct_model_requests: bool = False

@@ -145,3 +145,13 @@ async def test_the_openai_provider_runs_on_the_shared_client(
             assert "fake: hi there" in reply.text
     assert fake.requests[0]["model"] == "fake-model"
     assert fake.headers[0]["authorization"] == "Bearer sk-test"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_with_an_adaptive_limit_the_pool_holds_its_ceiling(make_app: AppFactory) -> None:
+    async with running_fake_openai() as fake:
+        spec = AgentSpec(name="remote", model=f"openai-compat:m@{fake.base_url}")
+        overrides = {"max_concurrent_runs": "auto", "adaptive_runs_max": 40}
+        async with make_app(agents=[spec], **overrides) as (_, app):
+            model = (await services(app).registry.get("remote")).model
+            assert pool_limits(http_of(model)) == (40, 40)

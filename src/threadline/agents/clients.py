@@ -6,9 +6,10 @@ keep two pools. Here there is one client per provider family and endpoint: the f
 their base URL and key from the environment once per process, so a family is one (base URL,
 key); an ``openai-compat:`` endpoint is keyed by its base URL and key explicitly.
 
-Every client's pool is sized to the runs that can be in flight (``pool_size``, the configured
-bound of ``MAX_CONCURRENT_RUNS``): each run has at most one model request open, so that many
-connections are kept alive and none is opened and closed per turn under load. The transport is
+Every client's pool is sized to the runs that can be in flight (``pool_size``: the pinned
+``MAX_CONCURRENT_RUNS``, or ``ADAPTIVE_RUNS_MAX`` with ``auto``): each run has at most one
+model request open, so that many connections are kept alive and none is opened and closed per
+turn under load. The transport is
 httpx (httpx2, pydantic-ai's default) or aiohttp through the OpenAI SDK's
 ``DefaultAioHttpClient`` (``THREADLINE_PROVIDER_HTTP``) for OpenAI and Anthropic, whose SDKs
 ship it (the same vendored transport). Google's SDK ships none, and Groq's still takes a
