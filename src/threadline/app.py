@@ -98,7 +98,9 @@ async def open_services(
             # The most runs that may ever be in flight (the adaptive limit's ceiling, or the
             # pinned count): a run has at most one model request open.
             clients=ProviderClients(
-                pool_size=settings.runs_ceiling, transport=settings.provider_http
+                pool_size=settings.runs_ceiling,
+                transport=settings.provider_http,
+                sharing=settings.provider_clients,
             ),
             direct=settings.direct_model_requests,
         )

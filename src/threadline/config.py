@@ -27,6 +27,7 @@ Strategy = Literal["merge", "enqueue", "reject"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 ProviderHttp = Literal["httpx", "aiohttp"]
+ProviderClients = Literal["shared", "per-model"]
 JsonEncoder = Literal["orjson", "stdlib"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -75,6 +76,9 @@ class Settings(BaseSettings):
     # 3 % (agent graph) to 14 % (direct request) one at a time, 12 % to 25 % at 32 in flight
     # (one process, loaded machine: ratios only). Google and Groq stay on httpx.
     provider_http: ProviderHttp = "aiohttp"
+    # "per-model": the clients pydantic-ai and the SDKs build for themselves, one per model with
+    # their default pools (PROVIDER_HTTP then does not apply); for A/B measurements.
+    provider_clients: ProviderClients = "shared"
     # An agent without tools answered by one direct model request instead of pydantic-ai's
     # agent graph (runner.py): 52-62 % less client CPU per call, and the same provider request,
     # history, usage, deltas and errors (tests/agents/test_direct.py), except for a response

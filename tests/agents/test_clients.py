@@ -155,3 +155,26 @@ async def test_with_an_adaptive_limit_the_pool_holds_its_ceiling(make_app: AppFa
         async with make_app(agents=[spec], **overrides) as (_, app):
             model = (await services(app).registry.get("remote")).model
             assert pool_limits(http_of(model)) == (40, 40)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_per_model_clients_restore_the_sdks_own_for_a_b_measurements(
+    make_app: AppFactory,
+) -> None:
+    async with running_fake_openai() as fake:
+        specs = [
+            AgentSpec(name="one", model=f"openai-compat:m1@{fake.base_url}"),
+            AgentSpec(name="two", model=f"openai-compat:m2@{fake.base_url}"),
+        ]
+        async with make_app(agents=specs, provider_clients="per-model") as (client, app):
+            one, two = [(await services(app).registry.get(s.name)).model for s in specs]
+            for name in ("one", "two"):
+                reply = await client.post(
+                    f"/api/v1/agent/{name}/run", json={"message_content": "hi"}
+                )
+                assert reply.status_code == 200, reply.text
+            assert http_of(one) is not http_of(two)
+            # The SDK's own defaults, not the pool sized to the runs in flight.
+            assert pool_limits(http_of(one)) == (1000, 100)
+        assert http_of(one).is_closed
+        assert http_of(two).is_closed

@@ -31,6 +31,9 @@ from pydantic_ai.providers import Provider, infer_provider
 from threadline.errors import ConfigError
 
 Transport = Literal["httpx", "aiohttp"]
+# "per-model": what pydantic-ai and the SDKs do left to themselves (a client per model, their
+# default pools), kept so that A/B measurements can compare.
+Sharing = Literal["shared", "per-model"]
 
 # pydantic-ai provider names that read the same environment, so share one client.
 _FAMILIES = {
@@ -47,9 +50,14 @@ _FAMILIES = {
 class ProviderClients:
     """One HTTP client per provider family or compatible endpoint; ``aclose()`` closes them all."""
 
-    def __init__(self, *, pool_size: int = 32, transport: Transport = "httpx") -> None:
+    def __init__(
+        self, *, pool_size: int = 32, transport: Transport = "httpx", sharing: Sharing = "shared"
+    ) -> None:
         self.pool_size = pool_size
         self.transport = transport
+        self.sharing = sharing
+        # Per-model SDK clients (``sharing="per-model"``), closed with the rest.
+        self._sdk_clients: list[AsyncOpenAI] = []
         self._http: list[httpx2.AsyncClient | httpx.AsyncClient] = []
         self._compat: dict[tuple[str, str], AsyncOpenAI] = {}
         self._providers: dict[str, Provider[Any]] = {}
@@ -101,6 +109,10 @@ class ProviderClients:
             key = os.environ.get(key_var, "")
             if not key:
                 raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
+        if self.sharing == "per-model":
+            client = compat_client(base_url, key, None)
+            self._sdk_clients.append(client)
+            return client
         client = self._compat.get((base_url, key))
         if client is None:
             client = compat_client(base_url, key, self.http_client())
@@ -110,7 +122,7 @@ class ProviderClients:
     def provider(self, name: str) -> Provider[Any]:
         """The provider named ``name`` on a shared client: ``infer_model``'s provider factory."""
         family = _FAMILIES.get(name)
-        if family is None:
+        if family is None or self.sharing == "per-model":
             return infer_provider(name)
         provider = self._providers.get(name)
         if provider is None:
@@ -148,13 +160,16 @@ class ProviderClients:
 
     async def aclose(self) -> None:
         clients, self._http = self._http, []
+        sdk_clients, self._sdk_clients = self._sdk_clients, []
         self._compat.clear()
         self._providers.clear()
         for client in clients:
             await client.aclose()
+        for sdk_client in sdk_clients:
+            await sdk_client.close()
 
 
-def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient) -> AsyncOpenAI:
+def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI:
     """A client for an OpenAI-compatible endpoint that sends it only its own key, if any.
 
     Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
