@@ -110,14 +110,14 @@ class ProviderClients:
             if not key:
                 raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
         if self.sharing == "per-model":
-            client = compat_client(base_url, key, None)
-            self._sdk_clients.append(client)
-            return client
-        client = self._compat.get((base_url, key))
-        if client is None:
-            client = compat_client(base_url, key, self.http_client())
-            self._compat[(base_url, key)] = client
-        return client
+            own = compat_client(base_url, key, None)
+            self._sdk_clients.append(own)
+            return own
+        shared = self._compat.get((base_url, key))
+        if shared is None:
+            shared = compat_client(base_url, key, self.http_client())
+            self._compat[(base_url, key)] = shared
+        return shared
 
     def provider(self, name: str) -> Provider[Any]:
         """The provider named ``name`` on a shared client: ``infer_model``'s provider factory."""
