@@ -26,6 +26,9 @@ from threadline.errors import ConfigError
 Strategy = Literal["merge", "enqueue", "reject"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ProviderHttp = Literal["httpx", "aiohttp"]
+ProviderClients = Literal["shared", "per-model"]
+JsonEncoder = Literal["orjson", "stdlib"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -67,6 +70,22 @@ class Settings(BaseSettings):
     # start shrinking before the loop reaches the lag that users would notice.
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
+    # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
+    # pool sized to the most runs in flight (``runs_ceiling``). aiohttp (the OpenAI SDK's
+    # DefaultAioHttpClient; OpenAI and Anthropic) cost less client CPU per call than httpx:
+    # 3 % (agent graph) to 14 % (direct request) one at a time, 12 % to 25 % at 32 in flight
+    # (one process, loaded machine: ratios only). Google and Groq stay on httpx.
+    provider_http: ProviderHttp = "aiohttp"
+    # "per-model": the clients pydantic-ai and the SDKs build for themselves, one per model with
+    # their default pools (PROVIDER_HTTP then does not apply); for A/B measurements.
+    provider_clients: ProviderClients = "shared"
+    # An agent without tools answered by one direct model request instead of pydantic-ai's
+    # agent graph (runner.py): 52-62 % less client CPU per call, and the same provider request,
+    # history, usage, deltas and errors (tests/agents/test_direct.py), except for a response
+    # without text, which the graph retries and the direct request fails: hence off.
+    direct_model_requests: bool = False
+    # The encoder of the OpenAI-compatible API's JSON bodies (api/jsonbody.py).
+    json_encoder: JsonEncoder = "orjson"
     # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
     stream_heartbeat_s: float = Field(default=15.0, gt=0)
 
