@@ -29,11 +29,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, cast
 from uuid import UUID
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
+from threadline.coordination.connection import Client
 from threadline.coordination.leases import bounded
 from threadline.events import RunEvent, event_key
 
@@ -188,7 +188,7 @@ class LocalEvents:
 class RedisEvents:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         timeout_s: float,
         log_max: int = LOG_MAX,
@@ -264,7 +264,7 @@ class RedisEvents:
                                 self._retention_ms,
                                 keys.events_channel(sid),
                             ],
-                            client=pipe,
+                            client=pipe,  # type: ignore[arg-type]
                         )
                     await pipe.execute()
             except Exception as exc:

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from threadline.coordination import keys
 from threadline.coordination.answers import decode_answer, encode_answer, stored_answer
+from threadline.coordination.connection import Client
 from threadline.coordination.leases import bounded
 from threadline.errors import CoordinatorUnavailable, SessionNotFound, ThreadlineError
 from threadline.queue.job import Answer
@@ -48,7 +48,7 @@ class _Expected:
 
 
 class Mailbox:
-    def __init__(self, redis: Redis, store: Store, node: str, *, timeout_s: float) -> None:
+    def __init__(self, redis: Client, store: Store, node: str, *, timeout_s: float) -> None:
         self._redis = redis
         self._store = store
         self._node = node
