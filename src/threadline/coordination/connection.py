@@ -100,10 +100,7 @@ def open_client(settings: Settings, max_connections: int) -> Client:
         assert settings.redis_sentinel_service is not None  # checked by Settings
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             sentinels(settings),
-            sentinel_kwargs={
-                "socket_timeout": settings.redis_timeout_s,
-                "socket_connect_timeout": settings.redis_timeout_s,
-            },
+            sentinel_kwargs=common,
             **common,
         )
         client: Redis = sentinel.master_for(
@@ -129,6 +126,15 @@ def open_client(settings: Settings, max_connections: int) -> Client:
         **common,
     )
     return Redis.from_pool(pool)
+
+
+async def ready(client: Client) -> None:
+    """Connect: a cluster client learns the slot map (its pub/sub needs it before any
+    command); the others answer a PING."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    else:
+        await client.ping()
 
 
 def sentinels(settings: Settings) -> list[tuple[str, int]]:
@@ -169,6 +175,7 @@ async def limits_storage(
             f"async+redis+sentinel://{addresses}/{settings.redis_sentinel_service}",
             implementation="redispy",
             key_prefix=prefix,
+            sentinel_kwargs=_common(settings),
             **options,
         )
     else:

@@ -56,6 +56,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
@@ -328,27 +329,38 @@ class Leases:
         return int(replies[0]), reply.decode() if isinstance(reply, bytes) else reply
 
     async def _pipeline(self, client: Client, calls: Sequence[Call]) -> list[Any]:
-        """Run scripts in one round trip per node (no transaction)."""
+        """Run scripts in one round trip per node (no transaction); raise if any failed."""
         if not calls:
             return []
         async with bounded(self._timeout_s):
-            try:
-                return await self._send(client, calls)
-            except NoScriptError:
-                # A cluster pipeline does not load scripts first, as a plain one does: load
-                # them (SCRIPT LOAD goes to every primary) and send again. Every script
-                # here is safe to repeat.
-                for script in {id(call[0]): call[0] for call in calls}.values():
+            replies = await self._send(client, calls)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                # A cluster pipeline does not load scripts first, as a plain one does (a node
+                # restarted, or its first use): load them on every primary, then send again
+                # only the calls that did not run, so that none runs twice.
+                for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
                     await client.script_load(script.script)
-                return await self._send(client, calls)
+                again = await self._send(client, [calls[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise CoordinatorUnavailable(f"Redis is unreachable: {reply}") from reply
+        return replies
 
     @staticmethod
     async def _send(client: Client, calls: Sequence[Call]) -> list[Any]:
         async with client.pipeline(transaction=False) as pipe:
             for script, keys_, args in calls:
-                # A pipeline queues the script's EVALSHA (typed as a client in redis-py).
-                await script(keys=keys_, args=args, client=pipe)  # type: ignore[arg-type]
-            return await pipe.execute()
+                if isinstance(pipe, ClusterPipeline):
+                    # redis-py refuses a script object in a cluster pipeline (it cannot load
+                    # it first); EVALSHA by hand is routed by its keys like any command.
+                    pipe.execute_command("EVALSHA", script.sha, len(keys_), *keys_, *args)
+                else:
+                    # A pipeline queues the script's EVALSHA (typed as a client in redis-py).
+                    await script(keys=keys_, args=args, client=pipe)
+            return await pipe.execute(raise_on_error=False)
 
     async def _call(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
         async with bounded(self._timeout_s):

@@ -46,7 +46,7 @@ from threadline.config import Settings
 from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
-from threadline.coordination.connection import Client, open_client
+from threadline.coordination.connection import Client, open_client, ready
 from threadline.coordination.events import RedisEvents
 from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import (
@@ -145,7 +145,8 @@ class RedisCoordinator:
         self = cls(redis, renewal, watching, store, registry, settings, on_delivery, tracing)
         try:
             async with bounded(settings.redis_timeout_s * 2):
-                await redis.ping()
+                for client in (redis, renewal, watching):
+                    await ready(client)
                 await self._mailbox.open()
                 await self.events.open()
         except CoordinatorUnavailable:
