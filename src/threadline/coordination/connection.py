@@ -77,6 +77,19 @@ def _common(settings: Settings) -> dict[str, Any]:
     }
 
 
+class SentinelMaster(Redis):
+    """The client of a Sentinel-managed master, which closes its connections to the
+    sentinels too (redis-py's ``Sentinel`` has no close of its own)."""
+
+    sentinels: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            for client in self.sentinels.sentinels:
+                await client.aclose()
+
+
 def open_client(settings: Settings, max_connections: int) -> Client:
     """A client of the configured topology with at most ``max_connections`` connections
     (per node, in a cluster). Every call is also bounded as a whole by REDIS_TIMEOUT_S by
@@ -103,8 +116,9 @@ def open_client(settings: Settings, max_connections: int) -> Client:
             sentinel_kwargs=common,
             **common,
         )
-        client: Redis = sentinel.master_for(
+        client: SentinelMaster = sentinel.master_for(
             settings.redis_sentinel_service,
+            redis_class=SentinelMaster,
             db=where.db,
             username=where.username,
             password=where.password,
@@ -113,6 +127,7 @@ def open_client(settings: Settings, max_connections: int) -> Client:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
         )
+        client.sentinels = sentinel
         return client
     assert settings.redis_url is not None
     # A bounded pool: a burst of requests queues for a connection instead of opening one per
