@@ -34,6 +34,8 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from tests.conftest import REQUIRE_SERVICES, service_url
+from threadline.config import Settings
+from threadline.coordination.connection import Client, open_client
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 MODES: tuple[Mode, ...] = ("standalone", "cluster", "sentinel")
@@ -61,6 +63,12 @@ def _client(port: int) -> Redis:
         socket_timeout=2,
         driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
     )
+
+
+def _ask(port: int, ask: Any) -> Any:
+    """``ask(client)`` on a short-lived client of the node at ``port``."""
+    with contextlib.closing(_client(port)) as client:
+        return ask(client)
 
 
 @dataclass
@@ -115,6 +123,10 @@ class Topology:
             found["THREADLINE_REDIS_SENTINELS"] = ",".join(self.sentinels)
             found["THREADLINE_REDIS_SENTINEL_SERVICE"] = SERVICE
         return found
+
+    def client(self) -> Client:
+        """A client of this topology, as threadline's processes open it (close it after)."""
+        return open_client(Settings(_env_file=None, **self.settings()), 4)  # type: ignore[call-arg]
 
     def master(self) -> Node:
         """The data node the sentinels name master now."""
@@ -177,7 +189,7 @@ def _data_node(directory: Path, *extra: str, cluster: bool = False) -> Node:
             argv += ("--cluster-node-timeout", "2000", "--cluster-port", str(bus))
         node = _start(directory / str(port), f"redis-{port}", *argv)
         try:
-            _until(f"redis-server on {port} answering", [node], lambda: _client(port).ping())
+            _until(f"redis-server on {port} answering", [node], lambda p=port: _ask(p, Redis.ping))
             return node
         except RuntimeError:
             # Another process took a port between our look and the bind: other ports.
@@ -210,7 +222,7 @@ def start_cluster(directory: Path) -> Topology:
             _until(
                 f"cluster_state:ok on {node.port}",
                 nodes,
-                lambda n=node: _client(n.port).cluster("info")["cluster_state"] == "ok",
+                lambda n=node: _ask(n.port, lambda c: c.cluster("info")["cluster_state"] == "ok"),
             )
     except BaseException:
         for node in nodes:
@@ -232,7 +244,9 @@ def start_sentinel(directory: Path) -> Topology:
         _until(
             "the replica in sync",
             nodes,
-            lambda: _client(replica.port).info("replication")["master_link_status"] == "up",
+            lambda: _ask(
+                replica.port, lambda c: c.info("replication")["master_link_status"] == "up"
+            ),
         )
         for _ in range(3):
             port = _free_port()
@@ -253,11 +267,11 @@ def start_sentinel(directory: Path) -> Topology:
 
         def agreed() -> bool:
             for sentinel in sentinels:
-                client = _client(sentinel.port)
-                if len(client.sentinel_sentinels(SERVICE)) < 2:
-                    return False
-                if not client.sentinel_slaves(SERVICE):
-                    return False
+                with contextlib.closing(_client(sentinel.port)) as client:
+                    if len(client.sentinel_sentinels(SERVICE)) < 2:
+                        return False
+                    if not client.sentinel_slaves(SERVICE):
+                        return False
             return True
 
         _until("three sentinels that know the replica and each other", nodes + sentinels, agreed)
