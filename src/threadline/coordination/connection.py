@@ -18,24 +18,29 @@ Nothing here connects: clients connect on their first command.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from limits.aio.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from redis import __version__ as redis_version
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
+from redis.exceptions import NoScriptError
 
 from threadline.config import Settings
 
 # Either client: both run the commands threadline uses (scripts, pipelines, pub/sub).
 Client = Redis | RedisCluster
+Script = AsyncScript
+# One step of a pipeline: a script, its keys, its arguments.
+Call = tuple[Script, list[str], list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +157,36 @@ async def ready(client: Client) -> None:
         await client.ping()
 
 
+async def pipelined(client: Client, calls: Sequence[Call]) -> list[Any]:
+    """Run scripts in one round trip per node (no transaction), in any mode. Returns each
+    call's reply, or its exception (the caller decides what a failure means)."""
+    replies = await _send(client, calls)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        # A cluster pipeline does not load scripts first, as a plain one does (a node
+        # restarted, or its first use): load them on every primary, then send again only the
+        # calls that did not run, so that none runs twice.
+        for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+            await client.script_load(script.script)
+        again = await _send(client, [calls[i] for i in missing])
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    return replies
+
+
+async def _send(client: Client, calls: Sequence[Call]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for script, keys, args in calls:
+            if isinstance(pipe, ClusterPipeline):
+                # redis-py refuses a script object in a cluster pipeline (it cannot load it
+                # first); EVALSHA by hand is routed by its keys like any command.
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            else:
+                # A pipeline queues the script's EVALSHA (typed as a client in redis-py).
+                await script(keys=keys, args=args, client=pipe)
+        return await pipe.execute(raise_on_error=False)
+
+
 def sentinels(settings: Settings) -> list[tuple[str, int]]:
     found = []
     for address in settings.redis_sentinels:
@@ -214,7 +249,9 @@ async def limits_storage(
         else:
             # limits has no close of its own: its clients are on the bridge it built.
             bridge: Any = storage.bridge
-            for name in ("storage", "storage_replica"):
-                client = getattr(bridge, name, None)
+            clients = [getattr(bridge, name, None) for name in ("storage", "storage_replica")]
+            sentinel = getattr(bridge, "sentinel", None)
+            clients += sentinel.sentinels if sentinel is not None else []
+            for client in clients:
                 if client is not None:
                     await client.aclose()

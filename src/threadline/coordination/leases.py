@@ -56,12 +56,10 @@ from typing import Any, Literal
 from uuid import UUID
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterPipeline
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
-from threadline.coordination.connection import Client
+from threadline.coordination.connection import Call, Client, Script, pipelined
 from threadline.errors import CoordinatorUnavailable
 
 # Buckets of the orphan index one watchdog pass reads: a full round takes
@@ -80,10 +78,6 @@ async def bounded(timeout_s: float) -> AsyncIterator[None]:
             yield
     except (RedisError, OSError, TimeoutError) as exc:
         raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
-
-
-# One step of a pipeline: a script, its keys, its arguments.
-Call = tuple[AsyncScript, list[str], list[Any]]
 
 
 class Leases:
@@ -311,7 +305,7 @@ class Leases:
         return [keys.lease(session_id), keys.dirty(session_id)]
 
     async def _listed_then(
-        self, session_id: UUID, script: AsyncScript, args: list[Any], after: Call | None = None
+        self, session_id: UUID, script: Script, args: list[Any], after: Call | None = None
     ) -> tuple[int, str]:
         """LIST the session, then run a session script that may take its lease (then
         ``after``, if given). Returns LIST's score and the script's reply."""
@@ -333,36 +327,13 @@ class Leases:
         if not calls:
             return []
         async with bounded(self._timeout_s):
-            replies = await self._send(client, calls)
-            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:
-                # A cluster pipeline does not load scripts first, as a plain one does (a node
-                # restarted, or its first use): load them on every primary, then send again
-                # only the calls that did not run, so that none runs twice.
-                for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
-                    await client.script_load(script.script)
-                again = await self._send(client, [calls[i] for i in missing])
-                for i, reply in zip(missing, again, strict=True):
-                    replies[i] = reply
+            replies = await pipelined(client, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise CoordinatorUnavailable(f"Redis is unreachable: {reply}") from reply
         return replies
 
-    @staticmethod
-    async def _send(client: Client, calls: Sequence[Call]) -> list[Any]:
-        async with client.pipeline(transaction=False) as pipe:
-            for script, keys_, args in calls:
-                if isinstance(pipe, ClusterPipeline):
-                    # redis-py refuses a script object in a cluster pipeline (it cannot load
-                    # it first); EVALSHA by hand is routed by its keys like any command.
-                    pipe.execute_command("EVALSHA", script.sha, len(keys_), *keys_, *args)
-                else:
-                    # A pipeline queues the script's EVALSHA (typed as a client in redis-py).
-                    await script(keys=keys_, args=args, client=pipe)
-            return await pipe.execute(raise_on_error=False)
-
-    async def _call(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: Script, keys_: list[str], args: list[Any]) -> Any:
         async with bounded(self._timeout_s):
             result = await script(keys=keys_, args=args)
         return result.decode() if isinstance(result, bytes) else result
