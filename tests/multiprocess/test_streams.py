@@ -43,10 +43,8 @@ from threadline.coordination import keys
 from threadline.coordination.connection import Client
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
-# The same tests against each Redis mode (tests/redis_topologies.py). Not yet cluster: run
-# events are published by a script in a pipeline, which redis-py's cluster pipeline refuses
-# (events.py, changing with the routing of events to sharded channels).
-REDIS_MODES = ("standalone", "sentinel")
+# The same tests against each Redis mode (tests/redis_topologies.py).
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 AGENT = "streamed"
 RUN = f"/api/v1/agent/{AGENT}/run"

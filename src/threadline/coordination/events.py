@@ -33,7 +33,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
-from threadline.coordination.connection import Client
+from threadline.coordination.connection import Call, Client, pipelined
 from threadline.coordination.leases import bounded
 from threadline.events import RunEvent, event_key
 
@@ -249,24 +249,27 @@ class RedisEvents:
             batch = [await self._outbox.get()]
             while len(batch) < PUBLISH_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
+            calls: list[Call] = [
+                (
+                    self._publish,
+                    [keys.events_log(event.session_id)],
+                    [
+                        self._log_max,
+                        event.to_json(),
+                        self._retention_ms,
+                        keys.events_channel(event.session_id),
+                    ],
+                )
+                for event in batch
+            ]
             try:
-                async with (
-                    bounded(self._timeout_s),
-                    self._redis.pipeline(transaction=False) as pipe,
-                ):
-                    for event in batch:
-                        sid = event.session_id
-                        await self._publish(
-                            keys=[keys.events_log(sid)],
-                            args=[
-                                self._log_max,
-                                event.to_json(),
-                                self._retention_ms,
-                                keys.events_channel(sid),
-                            ],
-                            client=pipe,  # type: ignore[arg-type]
-                        )
-                    await pipe.execute()
+                # In any Redis mode (a cluster pipeline takes no script object); a session's
+                # events go to one node, in order.
+                async with bounded(self._timeout_s):
+                    replies = await pipelined(self._redis, calls)
+                failed = [reply for reply in replies if isinstance(reply, Exception)]
+                if failed:
+                    raise failed[0]
             except Exception as exc:
                 log.warning("could not publish %d run events: %s", len(batch), exc)
 
