@@ -60,7 +60,7 @@ async def open_coordinator(
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
     alone: LocalCoordinator | None = None
-    if settings.redis_url:
+    if settings.uses_redis:
         from threadline.coordination.redis import RedisCoordinator
 
         coordinator = await RedisCoordinator.connect(
@@ -70,7 +70,7 @@ async def open_coordinator(
         coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery, tracing)
     try:
         if alone is not None:
-            # With Redis, the watchdog finds a stopped process's sessions (threadline:active).
+            # With Redis, the watchdog finds a stopped process's sessions (threadline:active:{i}).
             await alone.recover_stranded()
         yield coordinator
     finally:
@@ -259,7 +259,7 @@ def create_app(
                 "threadline %s ready: store=%s coordinator=%s model=%s",
                 __version__,
                 settings.backend,
-                "redis" if settings.redis_url else "local",
+                f"redis ({settings.redis_mode})" if settings.uses_redis else "local",
                 settings.model,
             )
             yield
