@@ -16,7 +16,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 
 from threadline.config import Settings
 
-pytest_plugins = ["tests.apps"]
+pytest_plugins = ["tests.apps", "tests.redis_topologies"]
 
 REQUIRE_SERVICES = os.environ.get("THREADLINE_REQUIRE_SERVICES") == "1"
 

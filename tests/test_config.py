@@ -96,3 +96,33 @@ def test_several_workers_need_postgres_and_redis() -> None:
     load_settings(
         workers=2, database_url="postgresql://h/db", redis_url="redis://h:6379/0"
     ).check_serving()
+
+
+def test_redis_modes_refuse_what_cannot_work() -> None:
+    with pytest.raises(ConfigError, match="database number"):
+        load_settings(redis_mode="cluster", redis_url="redis://h1:6379/2")
+    with pytest.raises(ConfigError, match="database number"):
+        load_settings(redis_mode="cluster", redis_url="redis://h1:6379,h2:6379/1")
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        load_settings(redis_mode="cluster")
+    with pytest.raises(ConfigError, match="REDIS_SENTINEL_SERVICE"):
+        load_settings(redis_mode="sentinel", redis_sentinels="s1:26379")
+    with pytest.raises(ConfigError, match="host:port"):
+        load_settings(redis_mode="sentinel", redis_sentinels="s1", redis_sentinel_service="m")
+    with pytest.raises(ConfigError, match="REDIS_MODE"):
+        load_settings(redis_mode="replicated")
+    cluster = load_settings(redis_mode="Cluster", redis_url="redis://h1:6379,h2:6379/0")
+    assert cluster.redis_mode == "cluster"
+    sentinel = load_settings(
+        redis_mode="sentinel", redis_sentinels="s1:26379, s2:26379", redis_sentinel_service="m"
+    )
+    assert sentinel.redis_sentinels == ("s1:26379", "s2:26379")
+    # Sentinel mode needs no REDIS_URL to coordinate through Redis.
+    assert sentinel.uses_redis
+    load_settings(
+        workers=2,
+        database_url="postgresql://h/db",
+        redis_mode="sentinel",
+        redis_sentinels="s1:26379",
+        redis_sentinel_service="m",
+    ).check_serving()

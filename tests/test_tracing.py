@@ -121,6 +121,27 @@ async def test_one_request_is_one_trace_from_http_to_tool_call(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_direct_model_request_keeps_its_model_span_under_the_run(
+    traced_app: Any, exporter: InMemorySpanExporter
+) -> None:
+    """THREADLINE_DIRECT_MODEL_REQUESTS: no agent graph, so no ``invoke_agent`` span, but the
+    model request is traced as the graph's is, under the run."""
+    spec = AgentSpec(name="plain", model="threadline:echo")  # no tools: the direct path
+    async with traced_app([spec], direct_model_requests=True) as (client, _):
+        exporter.clear()
+        reply = await client.post("/api/v1/agent/plain/run", json={"message_content": "hi"})
+        assert reply.status_code == 200, reply.text
+    traces = by_trace(exporter.get_finished_spans())
+    [spans] = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    [run] = named(spans, "threadline.run")
+    assert not named(spans, "invoke_agent")
+    [model] = named(spans, "chat threadline:echo")
+    assert parent_of(model, spans) is run
+    assert model.attributes is not None
+    assert model.attributes["gen_ai.usage.input_tokens"] > 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_a_merged_run_is_in_the_newest_requests_trace_and_linked_from_the_others(
     traced_app: Any, exporter: InMemorySpanExporter
 ) -> None:

@@ -13,6 +13,12 @@ alternate between them ``--reps`` times, so each meets the same share of whateve
 machine does; the table gives medians. Mind PostgreSQL's ``max_connections``: every variant
 holds a pool of up to ``--pool-max-size`` connections.
 
+With ``--openai``, every variant (and the ceiling) runs the ``assistant`` agent on a real
+provider client against one ``fake_openai_server.py`` (its own process, ``--model-delay-ms``),
+as the benchmark's ``openai`` scenario does: the way to measure the provider-path settings
+(``THREADLINE_PROVIDER_HTTP``, ``THREADLINE_PROVIDER_CLIENTS``,
+``THREADLINE_DIRECT_MODEL_REQUESTS``).
+
 Used for the figures in docs/performance.md, "What would cut CPU per turn in threadline".
 """
 
@@ -48,6 +54,9 @@ def main() -> int:
     )
     parser.add_argument("--variant", type=_variant, action="append", default=[], required=True)
     parser.add_argument("--ceiling", action="store_true", help="also run ceiling_server.py")
+    parser.add_argument(
+        "--openai", action="store_true", help="the assistant agent on a fake OpenAI server"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=800, help="per load")
     parser.add_argument("--concurrency", type=int, default=200)
@@ -66,6 +75,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         stack.callback(procs.stop_all)
         logs = Path(tmp)
+        model: str | None = None
+        if args.openai:
+            port = free_port()
+            cmd = [
+                sys.executable,
+                str(HERE / "fake_openai_server.py"),
+                "--port",
+                str(port),
+                "--delay-ms",
+                str(args.model_delay_ms),
+            ]
+            fake = procs.start(cmd, python_env(), logs / "fake-openai.log")
+            wait_healthy(f"http://127.0.0.1:{port}", fake, 60.0)
+            model = f"openai-compat:bench@http://127.0.0.1:{port}/v1"
         for name, src, settings in args.variant:
             database = f"ab_{name.lower()}"
             postgres.reset(database)
@@ -77,6 +100,7 @@ def main() -> int:
                 THREADLINE_DATABASE_URL=with_database(postgres.url, database),
                 THREADLINE_ECHO_DELAY_MS=str(args.model_delay_ms),
                 THREADLINE_POOL_MAX_SIZE=str(args.pool_max_size),
+                **({"THREADLINE_MODEL": model} if model else {}),
                 **settings,
             )
             cmd = [*threadline_command(), "serve", "--port", str(port)]
@@ -98,6 +122,7 @@ def main() -> int:
                 str(args.model_delay_ms),
                 "--pool-max-size",
                 str(args.pool_max_size),
+                *(["--openai-model", model] if model else []),
             ]
             proc = procs.start(cmd, python_env(), logs / "ceiling.log")
             servers["ceiling"] = (proc, f"http://127.0.0.1:{port}")
@@ -123,6 +148,8 @@ def main() -> int:
                         str(proc.pid),
                         "--tag",
                         f"ab{rep}",
+                        "--agent",
+                        "assistant" if model else "echo",
                         "--out",
                         str(out),
                     ],

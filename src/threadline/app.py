@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline import __version__, logs, metrics, web
 from threadline.agents import AgentRegistry, AgentSpec
+from threadline.agents.clients import ProviderClients
 from threadline.agents.registry import load_specs
 from threadline.api import contract
 from threadline.api import errors as api_errors
@@ -59,7 +60,7 @@ async def open_coordinator(
 ) -> AsyncIterator[Coordinator]:
     coordinator: Coordinator
     alone: LocalCoordinator | None = None
-    if settings.redis_url:
+    if settings.uses_redis:
         from threadline.coordination.redis import RedisCoordinator
 
         coordinator = await RedisCoordinator.connect(
@@ -69,7 +70,7 @@ async def open_coordinator(
         coordinator = alone = LocalCoordinator(store, registry, settings, on_delivery, tracing)
     try:
         if alone is not None:
-            # With Redis, the watchdog finds a stopped process's sessions (threadline:active).
+            # With Redis, the watchdog finds a stopped process's sessions (threadline:active:{i}).
             await alone.recover_stranded()
         yield coordinator
     finally:
@@ -94,6 +95,14 @@ async def open_services(
             default_model=settings.model,
             echo_delay_s=settings.echo_delay_ms / 1000,
             instrument=tracing.agents if tracing is not None else None,
+            # The most runs that may ever be in flight (the adaptive limit's ceiling, or the
+            # pinned count): a run has at most one model request open.
+            clients=ProviderClients(
+                pool_size=settings.runs_ceiling,
+                transport=settings.provider_http,
+                sharing=settings.provider_clients,
+            ),
+            direct=settings.direct_model_requests,
         )
         stack.push_async_callback(registry.aclose)
         check_webhooks(settings, registry.specs)
@@ -250,7 +259,7 @@ def create_app(
                 "threadline %s ready: store=%s coordinator=%s model=%s",
                 __version__,
                 settings.backend,
-                "redis" if settings.redis_url else "local",
+                f"redis ({settings.redis_mode})" if settings.uses_redis else "local",
                 settings.model,
             )
             yield

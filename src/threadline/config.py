@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -26,6 +27,10 @@ from threadline.errors import ConfigError
 Strategy = Literal["merge", "enqueue", "reject"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ProviderHttp = Literal["httpx", "aiohttp"]
+ProviderClients = Literal["shared", "per-model"]
+JsonEncoder = Literal["orjson", "stdlib"]
+RedisMode = Literal["standalone", "cluster", "sentinel"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -35,6 +40,13 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./threadline.db"
     redis_url: str | None = None
+    # How REDIS_URL is read (coordination/connection.py, docs/operations.md "Redis modes"):
+    # one server; a Redis Cluster (REDIS_URL names one or more seed nodes, comma-separated);
+    # or a master found through Sentinel (REDIS_SENTINELS, host:port list, and
+    # REDIS_SENTINEL_SERVICE; REDIS_URL then only gives the db, user and password, if any).
+    redis_mode: RedisMode = "standalone"
+    redis_sentinels: Annotated[tuple[str, ...], NoDecode] = ()
+    redis_sentinel_service: str | None = None
     api_key: SecretStr | None = None
     # Several keys, admin or bound to a user, with rate limits (threadline/keyfile.py); re-read
     # when it changes, checked at most every API_KEYS_RELOAD_S.
@@ -67,6 +79,22 @@ class Settings(BaseSettings):
     # start shrinking before the loop reaches the lag that users would notice.
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
     echo_delay_ms: int = Field(default=0, ge=0)
+    # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
+    # pool sized to the most runs in flight (``runs_ceiling``). aiohttp (the OpenAI SDK's
+    # DefaultAioHttpClient; OpenAI and Anthropic) cost less client CPU per call than httpx:
+    # 3 % (agent graph) to 14 % (direct request) one at a time, 12 % to 25 % at 32 in flight
+    # (one process, loaded machine: ratios only). Google and Groq stay on httpx.
+    provider_http: ProviderHttp = "aiohttp"
+    # "per-model": the clients pydantic-ai and the SDKs build for themselves, one per model with
+    # their default pools (PROVIDER_HTTP then does not apply); for A/B measurements.
+    provider_clients: ProviderClients = "shared"
+    # An agent without tools answered by one direct model request instead of pydantic-ai's
+    # agent graph (runner.py): 52-62 % less client CPU per call, and the same provider request,
+    # history, usage, deltas and errors (tests/agents/test_direct.py), except for a response
+    # without text, which the graph retries and the direct request fails: hence off.
+    direct_model_requests: bool = False
+    # The encoder of the OpenAI-compatible API's JSON bodies (api/jsonbody.py).
+    json_encoder: JsonEncoder = "orjson"
     # Seconds between keep-alive comments on an idle SSE stream (proxies close idle ones).
     stream_heartbeat_s: float = Field(default=15.0, gt=0)
 
@@ -148,7 +176,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 1, got {value!r}")
         return value
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            found = tuple(str(h).strip() for h in value if str(h).strip())
+            for address in found:
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"expected host:port, got {address!r}")
+            return found
+        return value
+
+    @field_validator("redis_mode", "log_format", "log_level", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
         if not isinstance(value, str):
@@ -187,7 +229,22 @@ class Settings(BaseSettings):
             raise ValueError("POOL_MIN_SIZE must not exceed POOL_MAX_SIZE")
         if self.adaptive_runs_min > self.adaptive_runs_max:
             raise ValueError("ADAPTIVE_RUNS_MIN must not exceed ADAPTIVE_RUNS_MAX")
+        if self.redis_mode == "cluster":
+            if self.redis_url is None:
+                raise ValueError("REDIS_MODE=cluster needs REDIS_URL (one or more seed nodes)")
+            if any(_db_of(url) != 0 for url in self.redis_url.split(",")):
+                # A cluster has database 0 only; anything else would be silently ignored.
+                raise ValueError("REDIS_MODE=cluster takes no database number in REDIS_URL")
+        if self.redis_mode == "sentinel" and not (
+            self.redis_sentinels and self.redis_sentinel_service
+        ):
+            raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS and REDIS_SENTINEL_SERVICE")
         return self
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether processes coordinate through Redis (else in process, one process)."""
+        return self.redis_url is not None or self.redis_mode == "sentinel"
 
     @property
     def adaptive_runs(self) -> bool:
@@ -221,11 +278,18 @@ class Settings(BaseSettings):
                 f"THREADLINE_HOST={self.host!r} is not loopback and neither THREADLINE_API_KEY "
                 "nor THREADLINE_API_KEYS_FILE is set: set an API key before exposing the server"
             )
-        if self.workers > 1 and (self.backend != "postgres" or self.redis_url is None):
+        if self.workers > 1 and (self.backend != "postgres" or not self.uses_redis):
             raise ConfigError(
                 "THREADLINE_WORKERS > 1 needs a postgresql:// THREADLINE_DATABASE_URL and "
                 "THREADLINE_REDIS_URL: SQLite and in-process coordination serve one process"
             )
+
+
+def _db_of(url: str) -> int:
+    """The database number a Redis URL names (path ``/N`` or ``?db=N``), 0 if none."""
+    parsed = urlsplit(url.strip() if "://" in url else f"redis://{url.strip()}")
+    db = parse_qs(parsed.query).get("db", [parsed.path.strip("/") or "0"])[0]
+    return int(db) if db.isdigit() else -1
 
 
 def load_settings(**overrides: object) -> Settings:

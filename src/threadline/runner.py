@@ -42,10 +42,14 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from pydantic_ai import Agent
+from pydantic_ai.direct import model_request, model_request_stream
 from pydantic_ai.exceptions import AgentRunError, ModelAPIError, UnexpectedModelBehavior
 from pydantic_ai.messages import (
+    AgentInstructionSource,
     FunctionToolCallEvent,
     FunctionToolResultEvent,
+    InstructionId,
+    InstructionPart,
     ModelMessage,
     ModelMessagesTypeAdapter,
     ModelRequest,
@@ -58,11 +62,12 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
+from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.run import AgentRun
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from threadline import logs, metrics
-from threadline.agents import AgentRegistry, RunDeps
+from threadline.agents import AgentRegistry, LoadedAgent, RunDeps
 from threadline.agents.tool_errors import TOOL_ERRORS
 from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
 from threadline.errors import (
@@ -224,6 +229,28 @@ class _ModelCalls:
         self._since = None
 
 
+def _instructions(own: str, caller: str | None) -> tuple[str | None, ModelRequestParameters]:
+    """The agent's instructions and its caller's as the agent's graph sends them: joined on
+    the request, and as parts (the agent's own, then the run's) that a provider may send apart
+    (OpenAI's chat API: one system message each)."""
+    parts = []
+    if own:
+        parts.append(InstructionPart(own, id=InstructionId(AgentInstructionSource())))
+    if caller:
+        parts.append(InstructionPart(caller))
+    joined = "\n\n".join(part.content for part in parts) or None
+    return joined, ModelRequestParameters(instruction_parts=parts or None)
+
+
+def _text_delta(event: object) -> str:
+    """The model's text an event of its stream carries, or ""."""
+    if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+        return event.part.content
+    if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+        return event.delta.content_delta
+    return ""
+
+
 def _streams(turn: Turn) -> bool:
     """Whether a caller of one of the run's messages streams (``RunOptions.stream``)."""
     return any(m.options is not None and m.options.get("stream") for m in turn.prompt)
@@ -265,13 +292,7 @@ class TurnRunner:
             if stream and Agent.is_model_request_node(node):
                 async with node.stream(agent_run.ctx) as events:
                     async for event in events:
-                        delta = ""
-                        if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
-                            delta = event.part.content
-                        elif isinstance(event, PartDeltaEvent) and isinstance(
-                            event.delta, TextPartDelta
-                        ):
-                            delta = event.delta.content_delta
+                        delta = _text_delta(event)
                         if delta:
                             self._emit(job, "text.delta", delta=delta)
             elif Agent.is_call_tools_node(node) and any(
@@ -300,6 +321,63 @@ class TurnRunner:
                                 tool_call_id=part.tool_call_id,
                             )
         calls.end()
+
+    async def _request(
+        self,
+        job: Job,
+        loaded: LoadedAgent,
+        prompt: str,
+        history: list[ModelMessage],
+        instructions: str | None,
+        stream: bool,
+        calls: _ModelCalls,
+    ) -> tuple[str, list[ModelMessage], dict[str, Any]]:
+        """An agent without tools (``LoadedAgent.direct``) answered by one model request, sent
+        as its graph would send it, without the graph's machinery: the reply, the run's new
+        messages (the model's response) and the usage. tests/test_direct.py holds both paths
+        to the same requests, history, usage, deltas and errors."""
+        joined, parameters = _instructions(loaded.spec.instructions, instructions)
+        request = ModelRequest(parts=[UserPromptPart(prompt)], instructions=joined)
+        messages: list[ModelMessage] = [*history, request]
+        settings = loaded.spec.model_settings
+        # Traced as the agent's model requests are (a span per request; ``tracing.py``).
+        instrument = loaded.agent.instrument
+        calls.begin()
+        if stream:
+            async with model_request_stream(
+                loaded.model,
+                messages,
+                model_settings=settings,
+                model_request_parameters=parameters,
+                instrument=instrument,
+            ) as streamed:
+                async for event in streamed:
+                    delta = _text_delta(event)
+                    if delta:
+                        self._emit(job, "text.delta", delta=delta)
+            response = streamed.get()
+        else:
+            response = await model_request(
+                loaded.model,
+                messages,
+                model_settings=settings,
+                model_request_parameters=parameters,
+                instrument=instrument,
+            )
+        calls.end()
+        # The agent's output: every text part, joined with nothing between.
+        output = "".join(p.content for p in response.parts if isinstance(p, TextPart))
+        if not output or any(isinstance(p, ToolCallPart) for p in response.parts):
+            # The graph would answer this with a retry prompt, a second request: the direct
+            # path's one difference, so it stays off by default (config.py).
+            raise UnexpectedModelBehavior("the model answered without text")
+        usage = {
+            "input_tokens": response.usage.input_tokens,
+            "output_tokens": response.usage.output_tokens,
+            "requests": 1,
+            "tool_calls": 0,
+        }
+        return output, [response], usage
 
     async def __call__(self, job: Job) -> Outcome:
         """Run ``job`` (``_run``), counting and logging how it started and ended."""
@@ -392,38 +470,52 @@ class TurnRunner:
             )
             prompt = PROMPT_SEPARATOR.join(m.content for m in turn.prompt)
             deps = RunDeps(job.session_id, job.run_id, options.user_id, options.context)
-            agent: Agent[RunDeps, str] = loaded.agent
-            async with (
-                asyncio.timeout(self._timeout),
-                agent.iter(
-                    prompt,
-                    message_history=to_model_messages(turn.history),
-                    deps=deps,
-                    # The newest answered message's caller's, appended to the agent's own.
-                    instructions=options.instructions,
-                    capabilities=[TOOL_ERRORS],
-                ) as agent_run,
-            ):
-                await self._drive(job, agent_run, _streams(turn), model_calls)
-            result = agent_run.result
-            assert result is not None
-            new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
+            history = to_model_messages(turn.history)
+            if loaded.direct:
+                async with asyncio.timeout(self._timeout):
+                    output, new, usage = await self._request(
+                        job,
+                        loaded,
+                        prompt,
+                        history,
+                        options.instructions,
+                        _streams(turn),
+                        model_calls,
+                    )
+            else:
+                agent: Agent[RunDeps, str] = loaded.agent
+                async with (
+                    asyncio.timeout(self._timeout),
+                    agent.iter(
+                        prompt,
+                        message_history=history,
+                        deps=deps,
+                        # The newest answered message's caller's, appended to the agent's own.
+                        instructions=options.instructions,
+                        capabilities=[TOOL_ERRORS],
+                    ) as agent_run,
+                ):
+                    await self._drive(job, agent_run, _streams(turn), model_calls)
+                result = agent_run.result
+                assert result is not None
+                output = result.output
+                new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
+                usage = {
+                    "input_tokens": result.usage.input_tokens,
+                    "output_tokens": result.usage.output_tokens,
+                    "requests": result.usage.requests,
+                    "tool_calls": result.usage.tool_calls,
+                }
             calls, _ = _tool_parts(new)
-            usage = {
-                "input_tokens": result.usage.input_tokens,
-                "output_tokens": result.usage.output_tokens,
-                "requests": result.usage.requests,
-                "tool_calls": result.usage.tool_calls,
-            }
             reply = NewMessage(
                 id=uuid.uuid4(),
                 role="assistant",
-                content=result.output,
+                content=output,
                 run_id=job.run_id,
                 # Plain text replies rebuild from ``content``; only tool traffic needs the payload.
                 payload=ModelMessagesTypeAdapter.dump_json(new) if calls else None,
             )
-            done = turn_result(result.output, reply.id, new, usage)
+            done = turn_result(output, reply.id, new, usage)
             owed = self._deliveries(job, turn, turn.run.message_ids, "run.succeeded", done)
             job.committing = True
             stored = await self._commit(job, Reply(reply, usage, tuple(owed)))

@@ -193,7 +193,9 @@ async def test_concurrent_requests_never_see_each_others_context(make_app: AppFa
         return _whose(ctx, key)
 
     spec = AgentSpec(name="ctx", model=echo_model(), tools=(whose,))
-    async with make_app(agents=[spec]) as (client, _):
+    # Pinned: the barrier needs all 30 runs in flight at once, and the adaptive limit may
+    # shrink below that on a loaded machine (then the barrier never opens).
+    async with make_app(agents=[spec], max_concurrent_runs=count) as (client, _):
         secrets = [str(uuid.uuid4()) for _ in range(count)]
         responses = await asyncio.gather(
             *(

@@ -43,7 +43,10 @@ class Cluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     async def pg_ctl(self, *args: str) -> None:
-        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+            " -c max_prepared_transactions=2"
+        )
         await _as_postgres(f"{BINARIES[-1]}/pg_ctl", "-D", self.data, "-w", "-o", options, *args)
 
 
@@ -98,11 +101,14 @@ async def test_restart_mid_request_is_503_and_the_next_request_succeeds(
         assert created.status_code == 200, created.text
         session_id = created.json()["session_id"]
         # Hold the session row so that the DELETE below is in flight on the server when the
-        # restart hits it.
+        # restart hits it. In a prepared transaction: a plain one's backend may die first in
+        # the shutdown and free the row, and the DELETE then commits before its own backend
+        # is stopped (204 instead of 503); a prepared transaction outlives the restart.
         locker = await asyncpg.connect(cluster.url)
         try:
             await locker.execute("BEGIN")
             await locker.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", session_id)
+            await locker.execute("PREPARE TRANSACTION 'hold-session'")
             delete = asyncio.ensure_future(client.delete(f"/api/v1/sessions/{session_id}"))
             while not await locker.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
@@ -113,6 +119,11 @@ async def test_restart_mid_request_is_503_and_the_next_request_succeeds(
         finally:
             locker.terminate()
         met = await delete
+        releaser = await asyncpg.connect(cluster.url)
+        try:
+            await releaser.execute("ROLLBACK PREPARED 'hold-session'")
+        finally:
+            await releaser.close()
         assert met.status_code == 503, met.text
         assert met.json()["error"]["code"] == "store_unavailable"
         # Every pooled connection died with the server; none may be handed out again.

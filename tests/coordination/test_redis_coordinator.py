@@ -104,6 +104,7 @@ async def test_the_dirty_mark_outlives_the_longest_run(
     assert await coordinator._leases.release(session.id) == "released"
 
 
+@pytest.mark.parametrize("topology", ["standalone"], indirect=True)  # a Redis of its own
 async def test_a_frozen_redis_fails_a_request_within_the_redis_timeout(
     store: PostgresStore, connect: Connect, tmp_path: Path
 ) -> None:
@@ -228,6 +229,7 @@ async def test_a_caller_leaving_between_its_insert_and_its_nudge_leaves_no_messa
         await asyncio.sleep(0.01)  # answered by a run in the background
 
 
+@pytest.mark.parametrize("topology", ["standalone"], indirect=True)  # reads the pool
 async def test_renewals_do_not_wait_behind_an_exhausted_request_pool(
     store: PostgresStore, connect: Connect
 ) -> None:

@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from tests.coordination.conftest import Connect, request
-from tests.multiprocess.conftest import Process, free_port, redis_client, wait_until
+from tests.multiprocess.conftest import redis_client
+from tests.redis_topologies import Topology
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.builtin import BUILTIN_AGENTS
 from threadline.coordination import TurnRequest, keys
@@ -78,6 +75,7 @@ async def test_a_takeover_answers_each_message_at_the_process_that_stored_it(
     assert traffic(bystander) == ({}, {})
 
 
+@pytest.mark.parametrize("topology", ["standalone"], indirect=True)  # reads Redis's own view
 async def test_watchers_of_one_session_share_one_subscription_while_they_watch(
     store: PostgresStore, connect: Connect, redis: Redis
 ) -> None:
@@ -102,6 +100,7 @@ async def test_watchers_of_one_session_share_one_subscription_while_they_watch(
     assert channel not in coordinator.metrics()["channels"]
 
 
+@pytest.mark.parametrize("topology", ["standalone"], indirect=True)  # reads Redis's own view
 async def test_sharded_pubsub_carries_nudges_answers_and_events(
     store: PostgresStore, connect: Connect, redis: Redis
 ) -> None:
@@ -182,74 +181,12 @@ async def test_a_repeat_at_a_third_process_gets_its_answer_there_and_the_first_c
     assert traffic(owner)[1] == {"nudge": 2}
 
 
-@contextlib.asynccontextmanager
-async def redis_cluster(cwd: Path) -> AsyncIterator[str]:
-    """A local three-master Redis Cluster; yields a seed node's URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
-    ports = [free_port() for _ in range(3)]
-    nodes: list[Process] = []
-    try:
-        for port in ports:
-            argv = (binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes")
-            argv += (
-                # The bus port, given: the default (port + 10000) may be taken or out of range.
-                "--cluster-port",
-                str(free_port()),
-                "--cluster-config-file",
-                f"nodes-{port}.conf",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            )
-            nodes.append(await Process.start(f"redis-{port}", *argv, env=dict(os.environ), cwd=cwd))
-        for port in ports:
-            await wait_until(lambda port=port: answers_ping(port))
-        create = await asyncio.create_subprocess_exec(
-            "redis-cli",
-            "--cluster",
-            "create",
-            *(f"127.0.0.1:{port}" for port in ports),
-            "--cluster-yes",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert await create.wait() == 0
-        seed = f"redis://127.0.0.1:{ports[0]}"
-        await wait_until(lambda: cluster_ok(seed))
-        yield seed
-    finally:
-        await asyncio.gather(*(node.stop() for node in nodes))
-
-
-async def answers_ping(port: int) -> bool:
-    client = redis_client(f"redis://127.0.0.1:{port}/0")
-    try:
-        return bool(await client.ping())
-    except (RedisError, OSError):
-        return False
-    finally:
-        await client.aclose()
-
-
-async def cluster_ok(seed: str) -> bool:
-    client = redis_client(seed)
-    try:
-        info = await client.execute_command("CLUSTER", "INFO")
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        return "cluster_state:ok" in text
-    finally:
-        await client.aclose()
-
-
-@pytest.mark.allow_blocking  # starts redis-server processes
 async def test_over_a_redis_cluster_events_and_answers_reach_only_their_listener(
-    tmp_path: Path,
+    redis_cluster: Topology,
 ) -> None:
-    async with redis_cluster(tmp_path) as seed, contextlib.AsyncExitStack() as stack:
-        clients = [RedisCluster.from_url(seed), RedisCluster.from_url(seed)]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [redis_cluster.client(), redis_cluster.client()]
+        assert all(isinstance(c, RedisCluster) for c in clients)
         for client in clients:
             await client.initialize()
             stack.push_async_callback(client.aclose)

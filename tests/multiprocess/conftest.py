@@ -1,5 +1,8 @@
 """Real server processes for the multi-process tests, sharing PostgreSQL and Redis.
 
+A module whose tests take the ``topology`` fixture runs once per Redis mode it lists in
+``REDIS_MODES`` (standalone only if it lists none): see ``tests/redis_topologies.py``.
+
 Each server is ``python -m threadline serve`` in its own process group, with the agents of
 ``tests/mp_agents.py``. Its output is kept in memory and shown when something goes wrong. Every
 wait here polls a condition (a port answering, a row landing); the test's timeout bounds it.
@@ -32,6 +35,7 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from tests.conftest import REQUIRE_SERVICES, service_url
+from tests.redis_topologies import Mode, Topology, topology_of
 from threadline.store import PostgresStore, Session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,13 +154,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def server_env(database_url: str, redis_url: str, **settings: object) -> dict[str, str]:
-    """The environment of a server process: ours minus any THREADLINE_ setting, plus these."""
+def server_env(database_url: str, redis: str | Topology, **settings: object) -> dict[str, str]:
+    """The environment of a server process: ours minus any THREADLINE_ setting, plus these.
+    ``redis``: a standalone Redis URL, or a topology of any mode."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(redis.env() if isinstance(redis, Topology) else {"THREADLINE_REDIS_URL": redis})
     env.update(
         THREADLINE_DATABASE_URL=database_url,
-        THREADLINE_REDIS_URL=redis_url,
         THREADLINE_AGENTS_MODULE="tests.mp_agents",
         THREADLINE_POOL_MIN_SIZE="1",
         THREADLINE_POOL_MAX_SIZE="5",
@@ -353,6 +358,18 @@ def assert_one_runner(found: list[asyncpg.Record], winner: str) -> None:
 @pytest.fixture(scope="module")
 def pg_dsn() -> str:
     return service_url("THREADLINE_TEST_DATABASE_URL")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "topology" in metafunc.fixturenames:
+        modes: tuple[Mode, ...] = getattr(metafunc.module, "REDIS_MODES", ("standalone",))
+        metafunc.parametrize("topology", modes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def topology(request: pytest.FixtureRequest) -> Topology:
+    """The Redis of the module's servers, in one of its ``REDIS_MODES``."""
+    return topology_of(request, request.param)
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,17 @@ from tests.multiprocess.conftest import (
     user_messages,
     wait_until,
 )
+from tests.redis_topologies import Topology
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
+# The same tests against each Redis mode (tests/redis_topologies.py).
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
-    async with running_servers(3, server_env(pg_dsn, redis_dsn), workdir, "scale-out") as started:
+async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterator[list[Server]]:
+    env = server_env(pg_dsn, topology)
+    async with running_servers(3, env, workdir, f"scale-out-{topology.mode}") as started:
         yield started
 
 

@@ -21,7 +21,6 @@ import httpx
 import pytest
 import pytest_asyncio
 from httpx_sse import ServerSentEvent, aconnect_sse
-from redis.asyncio import Redis
 
 from tests.multiprocess.conftest import (
     SEPARATOR,
@@ -32,17 +31,20 @@ from tests.multiprocess.conftest import (
     checked_client,
     history,
     post,
-    redis_client,
     running_servers,
     runs,
     server_env,
     stored,
     wait_until,
 )
+from tests.redis_topologies import Topology
 from threadline.agents.echo import chunks
 from threadline.coordination import keys
+from threadline.coordination.connection import Client
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
+# The same tests against each Redis mode (tests/redis_topologies.py).
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 AGENT = "streamed"
 RUN = f"/api/v1/agent/{AGENT}/run"
@@ -106,7 +108,7 @@ def deltas(events: list[Event]) -> list[str]:
 class Owners:
     """Which process owns a session: the lease in Redis against each server's node id."""
 
-    redis: Redis
+    redis: Client
 
     async def of(self, client: httpx.AsyncClient, sid: uuid.UUID, server: Server) -> bool:
         raw = await self.redis.get(keys.lease(sid))
@@ -117,8 +119,9 @@ class Owners:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
-    async with running_servers(3, server_env(pg_dsn, redis_dsn), workdir, "streams") as started:
+async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterator[list[Server]]:
+    env = server_env(pg_dsn, topology)
+    async with running_servers(3, env, workdir, f"streams-{topology.mode}") as started:
         yield started
 
 
@@ -129,8 +132,8 @@ async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def owners(redis_dsn: str) -> AsyncIterator[Owners]:
-    redis = redis_client(redis_dsn)
+async def owners(topology: Topology) -> AsyncIterator[Owners]:
+    redis = topology.client()
     try:
         yield Owners(redis)
     finally:

@@ -24,8 +24,11 @@ from tests.multiprocess.conftest import (
     start_servers,
     wait_until,
 )
+from tests.redis_topologies import Topology
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
+# The same tests against each Redis mode (tests/redis_topologies.py).
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
 async def running_run_answering(db: asyncpg.Pool, session_id: uuid.UUID, count: int) -> bool:
@@ -40,10 +43,14 @@ async def running_run_answering(db: asyncpg.Pool, session_id: uuid.UUID, count: 
 
 @pytest.mark.timeout(60)
 async def test_a_killed_owner_is_taken_over_and_nothing_is_lost_or_answered_twice(
-    pg_dsn: str, redis_dsn: str, workdir: Path, db: asyncpg.Pool, make_session: MakeSession
+    pg_dsn: str,
+    topology: Topology,
+    workdir: Path,
+    db: asyncpg.Pool,
+    make_session: MakeSession,
 ) -> None:
     # A short lease, so that the takeover comes quickly after the kill.
-    env = server_env(pg_dsn, redis_dsn, lease_ttl_ms=1000)
+    env = server_env(pg_dsn, topology, lease_ttl_ms=1000)
     victim, survivor, other = await start_servers(3, env, workdir, "takeover")
     try:
         sid = (await make_session()).id
@@ -97,7 +104,7 @@ async def test_a_killed_owner_is_taken_over_and_nothing_is_lost_or_answered_twic
 @pytest.mark.timeout(60)
 async def test_a_session_whose_callers_all_died_with_its_owner_is_still_answered(
     pg_dsn: str,
-    redis_dsn: str,
+    topology: Topology,
     workdir: Path,
     db: asyncpg.Pool,
     make_session: MakeSession,
@@ -105,7 +112,7 @@ async def test_a_session_whose_callers_all_died_with_its_owner_is_still_answered
 ) -> None:
     # Nobody waits for this session anywhere else: only the orphan sweep of the survivor's
     # watchdog can find it once the dead owner's lease has run out.
-    env = server_env(pg_dsn, redis_dsn, lease_ttl_ms=1000)
+    env = server_env(pg_dsn, topology, lease_ttl_ms=1000)
     victim, survivor = await start_servers(2, env, workdir, "orphan")
     try:
         sid = (await make_session("gated")).id

@@ -18,19 +18,17 @@ import asyncio
 import importlib
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from openai import AsyncOpenAI, Omit
 from pydantic_ai import Agent
 from pydantic_ai.models import Model, infer_model
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from threadline.agents.builtin import BUILTIN_AGENTS
+from threadline.agents.clients import ProviderClients
 from threadline.agents.echo import MODEL_NAME as ECHO_MODEL
 from threadline.agents.echo import ModelCallStats, echo_model
 from threadline.agents.spec import AgentSpec, RunDeps
@@ -52,6 +50,10 @@ class LoadedAgent:
     spec: AgentSpec
     agent: Agent[RunDeps, str]
     model_name: str
+    model: Model
+    # Runs as one direct model request rather than the agent's graph (``runner.py``): the
+    # agent has no tools and answers plain text, and THREADLINE_DIRECT_MODEL_REQUESTS is on.
+    direct: bool = False
 
 
 def load_specs(module_name: str | None) -> list[AgentSpec]:
@@ -82,6 +84,8 @@ class AgentRegistry:
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         instrument: InstrumentationSettings | None = None,
+        clients: ProviderClients | None = None,
+        direct: bool = False,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._default_model = default_model
@@ -90,9 +94,10 @@ class AgentRegistry:
         self._loaded: dict[str, LoadedAgent] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._models: dict[str, Model] = {}
-        # Provider clients this registry created; closed with the app so no connection
-        # outlives it.
-        self._clients: list[AsyncOpenAI] = []
+        # The provider clients of every model built here, shared by agents on one endpoint;
+        # owned by the registry and closed with it (so with the app): no connection outlives it.
+        self.clients = clients if clients is not None else ProviderClients()
+        self._direct = direct
         # name -> when its lazy load last failed. Requests within ``retry_after_s`` of that get
         # 503 at once instead of rerunning the setup: a broken dependency is not hammered by
         # every request, and callers do not each wait for a setup that is bound to fail.
@@ -166,9 +171,7 @@ class AgentRegistry:
         return loaded
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.close()
-        self._clients.clear()
+        await self.clients.aclose()
 
     def _build(self, spec: AgentSpec) -> LoadedAgent:
         try:
@@ -186,7 +189,8 @@ class AgentRegistry:
         )
         if self._instrument is not None:
             agent.instrument = self._instrument
-        return LoadedAgent(spec, agent, model_name)
+        direct = self._direct and not spec.tools
+        return LoadedAgent(spec, agent, model_name, model, direct)
 
     def _model(self, model: str | Model | None) -> tuple[Model, str]:
         if isinstance(model, Model):
@@ -205,12 +209,10 @@ class AgentRegistry:
             from pydantic_ai.providers.openai import OpenAIProvider
 
             model_name, base_url, key_var = parse_openai_compat(name)
-            client = compat_client(base_url, key_var)
-            self._clients.append(client)
-            provider = OpenAIProvider(openai_client=client)
+            provider = OpenAIProvider(openai_client=self.clients.compat(base_url, key_var))
             return OpenAIChatModel(model_name, provider=provider)
         try:
-            return infer_model(name)
+            return infer_model(name, provider_factory=self.clients.provider)
         except Exception as exc:
             # pydantic-ai names the variable it looked for; its message never holds a key.
             missing = _MISSING_KEY.search(str(exc))
@@ -230,37 +232,3 @@ def parse_openai_compat(name: str) -> tuple[str, str, str | None]:
             f"(KEY_VAR an environment variable's name), got {name!r}"
         )
     return model_name, base_url, key_var or None
-
-
-def compat_client(base_url: str, key_var: str | None) -> AsyncOpenAI:
-    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any.
-
-    Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
-    ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
-    names: OpenAI's key to a local model server, or to whoever runs the URL. Every credential
-    and identifier is therefore given explicitly, and the headers they would fill are omitted.
-    """
-    key = ""
-    if key_var is not None:
-        key = os.environ.get(key_var, "")
-        if not key:
-            raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
-    # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
-    omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
-    client_class = AsyncOpenAI if key else _KeylessOpenAI
-    return client_class(
-        base_url=base_url,
-        api_key=key,
-        # Not None, or the SDK would read OPENAI_ADMIN_KEY; never sent on chat requests.
-        admin_api_key="",
-        default_headers=omitted,
-    )
-
-
-class _KeylessOpenAI(AsyncOpenAI):
-    """An OpenAI client that sends no ``Authorization`` header: a local model server needs
-    none. (With an empty key the SDK leaves the header out, then refuses to send a request
-    without it unless each request omits it explicitly; this skips that check.)"""
-
-    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
-        return None

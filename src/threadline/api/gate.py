@@ -8,10 +8,10 @@ within that time and without a restart. A file that fails to parse on reload kee
 read before (logged): a half-edited file must not lock every client out, nor let anyone in.
 
 Rate limits are a moving window of ``rate_limit_per_min`` requests per minute per key, by the
-``limits`` library: in Redis when ``THREADLINE_REDIS_URL`` is set, so the limit holds across
-every process; in memory otherwise (one process). When Redis cannot answer, a request is let
-through (logged): authentication does not depend on Redis, and an outage of the limiter
-should not become an outage of the API.
+``limits`` library: in Redis (any ``THREADLINE_REDIS_MODE``) when Redis is configured, so the
+limit holds across every process; in memory otherwise (one process). When Redis cannot
+answer, a request is let through (logged): authentication does not depend on Redis, and an
+outage of the limiter should not become an outage of the API.
 """
 
 from __future__ import annotations
@@ -25,17 +25,14 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis import __version__ as redis_version
-from redis.asyncio import BlockingConnectionPool
-from redis.driver_info import DriverInfo
 
 from threadline.api.access import Caller
 from threadline.config import Settings
+from threadline.coordination.connection import limits_storage
 from threadline.errors import ConfigError
 from threadline.keyfile import ApiKey, hash_key, read_keys
 
@@ -134,34 +131,20 @@ def _read(path: Path) -> tuple[int | None, list[ApiKey]]:
 
 @contextlib.asynccontextmanager
 async def open_gate(settings: Settings) -> AsyncIterator[Gate]:
-    """The gate, with its limiter's storage (a Redis pool of its own, closed on exit)."""
-    pool: BlockingConnectionPool | None = None
-    storage: Storage
-    if settings.redis_url:
-        # As the coordinator's pools (coordination/redis.py): bounded, every call bounded by
-        # REDIS_TIMEOUT_S, and the driver named so that redis-py reads no package metadata
-        # from disk (a blocking call) on each new connection.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=LIMITER_CONNECTIONS,
-            timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
-        )
-        # The URI only picks the implementation: connections come from our pool.
-        options: dict[str, Any] = {"connection_pool": pool}  # typed as scalars in limits
-        storage = RedisStorage(
-            "async+redis://", implementation="redispy", key_prefix=REDIS_PREFIX, **options
-        )
-    else:
-        storage = MemoryStorage()
-    try:
-        gate = Gate(settings, storage)
-        await gate.load()
-        yield gate
-    finally:
-        if isinstance(storage, MemoryStorage) and storage.timer is not None:
-            storage.timer.cancel()  # its expiry sweep, the one task the storage starts
-        if pool is not None:
-            await pool.aclose()
+    """The gate, with its limiter's storage (Redis connections of its own, closed on exit)."""
+    async with contextlib.AsyncExitStack() as stack:
+        storage: Storage
+        if settings.uses_redis:
+            # On the configured Redis topology, as the coordinator (coordination/connection.py).
+            storage = await stack.enter_async_context(
+                limits_storage(settings, REDIS_PREFIX, LIMITER_CONNECTIONS)
+            )
+        else:
+            storage = MemoryStorage()
+        try:
+            gate = Gate(settings, storage)
+            await gate.load()
+            yield gate
+        finally:
+            if isinstance(storage, MemoryStorage) and storage.timer is not None:
+                storage.timer.cancel()  # its expiry sweep, the one task the storage starts

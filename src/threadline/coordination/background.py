@@ -4,8 +4,8 @@ No task waits for the answer on the caller's behalf, on purpose: once stored, a 
 to the queue, which runs it whether or not anyone waits (``TurnQueue.submit``: the insert and
 the run are the queue's tasks, and a caller that goes away cancels neither). With Redis the
 same holds on every path: the owner runs a nudged message regardless of the waiting caller,
-an owner that dies leaves its sessions to the watchdog (``threadline:active``), and an insert
-whose process dies before the nudge is found through ``threadline:inflight``. The answer
+an owner that dies leaves its sessions to the watchdog (``threadline:active:{i}``), and an insert
+whose process dies before the nudge is found through ``threadline:inflight:{i}``. The answer
 reaches the client through ``GET /messages/{id}`` and the webhook outbox instead.
 """
 

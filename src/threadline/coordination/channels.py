@@ -33,11 +33,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from threadline import metrics
+from threadline.coordination.connection import Client
 from threadline.coordination.leases import bounded
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ def publish_command(sharded: bool) -> str:
 
 
 class Channels:
-    def __init__(self, redis: Redis, listening: Redis, *, sharded: bool, timeout_s: float) -> None:
+    def __init__(
+        self, redis: Client, listening: Client, *, sharded: bool, timeout_s: float
+    ) -> None:
         """``redis`` publishes; ``listening`` gives the subscription its connection."""
         self.sharded = sharded
         self.publish_command = publish_command(sharded)

@@ -31,11 +31,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, cast
 from uuid import UUID
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-
 from threadline.coordination import keys, scripts
 from threadline.coordination.channels import Channels, Kind
+from threadline.coordination.connection import Call, Client, pipelined
 from threadline.coordination.leases import bounded
 from threadline.events import RunEvent, event_key
 
@@ -190,7 +188,7 @@ class LocalEvents:
 class RedisEvents:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         channels: Channels,
         *,
         timeout_s: float,
@@ -256,31 +254,20 @@ class RedisEvents:
             batch = [await self._outbox.get()]
             while len(batch) < PUBLISH_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
+            calls: list[Call] = [
+                (self._publish, self._keys(event), self._args(event)) for event in batch
+            ]
             try:
+                # In any Redis mode (a cluster pipeline takes no script object); a session's
+                # events go to one node, in order.
                 async with bounded(self._timeout_s):
-                    await self._send(batch)
+                    replies = await pipelined(self._redis, calls)
+                failed = [reply for reply in replies if isinstance(reply, Exception)]
+                if failed:
+                    raise failed[0]
                 self._channels.count_published("event", len(batch))
             except Exception as exc:
                 log.warning("could not publish %d run events: %s", len(batch), exc)
-
-    async def _send(self, batch: list[RunEvent]) -> None:
-        if not isinstance(self._redis, RedisCluster):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for event in batch:
-                    await self._publish(keys=self._keys(event), args=self._args(event), client=pipe)
-                await pipe.execute()
-            return
-        # redis-py's cluster pipelines refuse scripts: one call per event, sessions side by
-        # side, each session's events one after the other (their ids must keep their order).
-        by_session: dict[UUID, list[RunEvent]] = {}
-        for event in batch:
-            by_session.setdefault(event.session_id, []).append(event)
-
-        async def send(events: list[RunEvent]) -> None:
-            for event in events:
-                await self._publish(keys=self._keys(event), args=self._args(event))
-
-        await asyncio.gather(*(send(events) for events in by_session.values()))
 
     @staticmethod
     def _keys(event: RunEvent) -> list[str]:

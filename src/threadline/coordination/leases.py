@@ -18,6 +18,30 @@ scripts in ``scripts.py``:
 
 Every call is bounded by ``REDIS_TIMEOUT_S`` as a whole, retries included, and raises
 ``CoordinatorUnavailable`` beyond it.
+
+The orphan index. A process that dies holding leases never releases them; the watchdogs find
+such sessions in the index (``keys.active``): one entry per leased session, scored by when
+its lease runs out, in one of ``N_BUCKETS`` sorted sets. The lease (the session's slot) and
+its entry (the bucket's slot) cannot change in one script on a Redis Cluster, so they change
+in an order that keeps the one invariant that matters, *a held lease is listed*:
+
+* the entry is written (``LIST``) before the lease is taken or renewed, in the same
+  pipeline ahead of the claim where one connection applies both in order (standalone,
+  Sentinel), as a separate call before it on a cluster;
+* the entry is removed (``UNLIST``) only after the lease was released, and only if nobody
+  listed the session since: ``LIST`` returns a score that only grows while the entry exists,
+  and ``UNLIST`` removes the entry only at the score its releaser got back. A claim racing
+  the release lists first, so its entry survives.
+
+A crash between the two steps leaves an entry without a lease, never a lease without an
+entry; the watchdog that finds such an entry due claims the session, finds nothing to run
+and releases it (removing the entry). ``renew`` lists before it renews, so an entry's score
+is at least its lease's expiry (an entry due while its lease lives costs one failed claim).
+
+Watchdogs scan ``BUCKETS_PER_TICK`` buckets per pass, round-robin from a random start, so the
+index has no hot key; a process reads every bucket within ``N_BUCKETS / BUCKETS_PER_TICK``
+passes, so a dead owner's session is found at most that many watchdog intervals after its
+lease ran out (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,8 +49,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
@@ -34,10 +59,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
+from threadline.coordination.connection import Call, Client, Script, pipelined
 from threadline.errors import CoordinatorUnavailable
 
 if TYPE_CHECKING:
     from threadline.coordination.channels import Channels
+
+# Buckets of the orphan index one watchdog pass reads: a full round takes
+# N_BUCKETS / BUCKETS_PER_TICK passes.
+BUCKETS_PER_TICK = 8
 
 Release = Literal["released", "dirty", "lost", "unheld"]
 
@@ -56,8 +86,8 @@ async def bounded(timeout_s: float) -> AsyncIterator[None]:
 class Leases:
     def __init__(
         self,
-        redis: Redis,
-        renewal: Redis,
+        redis: Client,
+        renewal: Client,
         node: str,
         channels: Channels,
         *,
@@ -72,16 +102,28 @@ class Leases:
         self._ttl_ms = ttl_ms
         self._dirty_ttl_ms = dirty_ttl_ms
         self._timeout_s = timeout_s
+        # One connection runs a pipeline's commands in order; a cluster pipeline sends to
+        # each node apart, in no order between them.
+        self._ordered = isinstance(redis, Redis)
         self._held: dict[UUID, str] = {}
+        # The score our last LIST of each held session got back (what UNLIST must match).
+        self._scores: dict[UUID, int] = {}
         self._pins: Counter[UUID] = Counter()
         self._generation = itertools.count(1)
+        self._cursor = random.randrange(keys.N_BUCKETS)
         self._claim = redis.register_script(scripts.CLAIM)
         self._nudge = redis.register_script(scripts.NUDGE)
         self._release = redis.register_script(scripts.RELEASE)
         self._drop = redis.register_script(scripts.DROP)
+        self._list = redis.register_script(scripts.LIST)
+        self._unlist = redis.register_script(scripts.UNLIST)
+        self._due = redis.register_script(scripts.DUE)
+        self._inflight = redis.register_script(scripts.INFLIGHT)
+        self._announced = redis.register_script(scripts.ANNOUNCED)
         self._orphans = redis.register_script(scripts.ORPHANS)
         self._stranded = redis.register_script(scripts.STRANDED)
         self._renew = renewal.register_script(scripts.RENEW)
+        self._relist = renewal.register_script(scripts.LIST)
 
     def holds(self, session_id: UUID) -> bool:
         return session_id in self._held
@@ -91,23 +133,25 @@ class Leases:
 
     async def claim(self, session_id: UUID) -> bool:
         """Take the session's lease if it is free; True if this process owns it now."""
-        return await self._claim_with(session_id, self._token(), inflight_ms=0)
+        return await self._claim_with(session_id, self._token())
 
     async def claim_to_store(self, session_id: UUID) -> str | None:
         """``claim`` before storing a message: None if this process owns the session now;
-        else the token that lists the insert in flight, which its ``nudge`` must carry."""
+        else the token that lists the insert in flight (until its ``nudge``, which must
+        carry it), so that ``scan`` finds the insert should this process die in between."""
         token = self._token()
-        if await self._claim_with(session_id, token, inflight_ms=self._ttl_ms):
+        if await self._claim_with(session_id, token):
             return None
+        member = f"{session_id}|{token}"
+        await self._call(
+            self._inflight, [keys.inflight(keys.bucket(session_id))], [member, self._ttl_ms]
+        )
         return token
 
-    async def _claim_with(self, session_id: UUID, token: str, *, inflight_ms: int) -> bool:
-        owner = await self._call(
-            self._claim,
-            self._keys(session_id),
-            [token, self._ttl_ms, self._dirty_ttl_ms, str(session_id), self.node, inflight_ms],
-        )
-        return self._took(session_id, owner)
+    async def _claim_with(self, session_id: UUID, token: str) -> bool:
+        args = [token, self._ttl_ms, self._dirty_ttl_ms, self.node]
+        score, owner = await self._listed_then(session_id, self._claim, args)
+        return self._took(session_id, owner, score)
 
     async def owner(self, session_id: UUID) -> str | None:
         """The node that holds the session's lease, if any."""
@@ -125,44 +169,38 @@ class Leases:
     async def nudge(self, session_id: UUID, payload: str, token: str | None = None) -> bool:
         """Tell the owner about a stored message (unlisting the insert ``token`` stands for);
         True if the lease was free and is ours now."""
-        token = token or self._token()
-        # Sharded (Redis Cluster), the owner's channel is in another slot than the session's
-        # keys: the script marks the session dirty and we publish after it. Should this
-        # process die in between, the message is stored and the session dirty but its owner
-        # not told: it finds the mark when it next goes idle (``release`` answers "dirty",
-        # or ``renew`` finds the lease idle) and answers the message from the store then.
-        # Its caller died with this process.
-        in_script = not self._channels.sharded
-        owner = await self._call(
-            self._nudge,
-            self._keys(session_id),
-            [
-                token,
-                self._ttl_ms,
-                self._dirty_ttl_ms,
-                str(session_id),
-                self.node,
-                self._channels.publish_command if in_script else "",
-                keys.NODE_CHANNEL_PREFIX,
-                keys.NODE_CHANNEL_SUFFIX,
-                payload,
-            ],
-        )
-        if self._took(session_id, owner):
-            return True
-        if in_script:
-            self._channels.count_published("nudge")
-        else:
-            await self.tell(owner.rpartition(":")[0], payload)
-        return False
+        args = [token or self._token(), self._ttl_ms, self._dirty_ttl_ms, self.node]
+        unlist: Call | None = None
+        if token is not None:
+            # After the dirty mark is set, not before: until then the entry is what finds
+            # the insert should we die.
+            member = f"{session_id}|{token}"
+            unlist = (self._announced, [keys.inflight(keys.bucket(session_id))], [member])
+        score, owner = await self._listed_then(session_id, self._nudge, args, unlist)
+        owner_node = owner.rpartition(":")[0]
+        if owner_node != self.node:
+            # Outside the script: the owner's channel is in another slot. The dirty mark,
+            # set atomically with the owner's release, is what makes the message safe; this
+            # only makes the owner look at once rather than when it goes idle.
+            await self.tell(owner_node, payload)
+        return self._took(session_id, owner, score)
 
     async def release(self, session_id: UUID) -> Release:
         token = self._held.get(session_id)
         if token is None:
             return "unheld"
-        result = await self._call(self._release, self._keys(session_id), [token, str(session_id)])
+        # Read before the release: a LIST after it (a new claim) must keep its entry.
+        score = self._scores.get(session_id)
+        result = await self._call(self._release, self._lease_keys(session_id), [token])
         if result != "dirty" and self._held.get(session_id) == token:
             del self._held[session_id]
+            self._scores.pop(session_id, None)
+        if result == "released" and score is not None:
+            # Best effort: an entry left behind costs a watchdog one claim, nothing more.
+            with contextlib.suppress(CoordinatorUnavailable):
+                await self._call(
+                    self._unlist, [keys.active(keys.bucket(session_id))], [str(session_id), score]
+                )
         return result  # type: ignore[no-any-return]
 
     async def renew(self, wanted: Callable[[UUID], bool]) -> tuple[list[UUID], list[UUID]]:
@@ -172,54 +210,78 @@ class Leases:
         held = list(self._held.items())
         if not held:
             return [], []
-        async with bounded(self._timeout_s), self._renewal.pipeline(transaction=False) as pipe:
-            for session_id, token in held:
-                await self._renew(
-                    keys=[keys.lease(session_id), keys.ACTIVE],
-                    args=[token, self._ttl_ms, str(session_id)],
-                    client=pipe,
+        calls: list[Call] = []
+        for session_id, token in held:
+            # Listed before renewed (see the module docstring).
+            calls.append(
+                (
+                    self._relist,
+                    [keys.active(keys.bucket(session_id))],
+                    [str(session_id), self._ttl_ms],
                 )
-            renewed = await pipe.execute()
+            )
+            calls.append((self._renew, [keys.lease(session_id)], [token, self._ttl_ms]))
+        replies = await self._pipeline(self._renewal, calls)
         lost: list[UUID] = []
         idle: list[UUID] = []
-        for (session_id, token), ok in zip(held, renewed, strict=True):
+        for i, (session_id, token) in enumerate(held):
+            score, ok = replies[2 * i], replies[2 * i + 1]
             is_wanted = wanted(session_id) or self._pins[session_id] > 0
             if not ok:
                 if self._held.get(session_id) == token:
                     del self._held[session_id]
+                    self._scores.pop(session_id, None)
                 if is_wanted:
                     lost.append(session_id)
-            elif not is_wanted:
+                continue
+            if self._held.get(session_id) == token:
+                self._scores[session_id] = int(score)
+            if not is_wanted:
                 idle.append(session_id)
         return lost, idle
 
-    async def stranded(self, limit: int) -> list[UUID]:
-        """Sessions into which a process that died may have stored a message it never
-        announced (see scripts.STRANDED); each is returned to one caller only."""
-        found = await self._call(self._stranded, [keys.INFLIGHT], [limit])
-        members = [raw.decode() if isinstance(raw, bytes) else raw for raw in found]
-        return list({UUID(member.partition("|")[0]): None for member in members})
-
-    async def orphans(self, limit: int) -> list[UUID]:
-        """Sessions whose lease ran out without a release: their owner died."""
-        found = await self._call(self._orphans, [keys.ACTIVE], [limit])
-        return [UUID(raw.decode() if isinstance(raw, bytes) else raw) for raw in found]
+    async def scan(self, limit: int) -> tuple[list[UUID], list[UUID]]:
+        """The watchdog's read of the next ``BUCKETS_PER_TICK`` buckets of the index:
+        (orphans, stranded). Orphans: sessions whose lease ran out without a release (their
+        owner died). Stranded: sessions into which a process that died may have stored a
+        message it never announced (see scripts.STRANDED); each is returned to one caller
+        only."""
+        buckets = [(self._cursor + i) % keys.N_BUCKETS for i in range(BUCKETS_PER_TICK)]
+        self._cursor = (self._cursor + BUCKETS_PER_TICK) % keys.N_BUCKETS
+        calls: list[Call] = []
+        for i in buckets:
+            calls.append((self._orphans, [keys.active(i)], [limit]))
+            calls.append((self._stranded, [keys.inflight(i)], [limit]))
+        replies = await self._pipeline(self._redis, calls)
+        orphans: dict[UUID, None] = {}
+        stranded: dict[UUID, None] = {}
+        for n, found in enumerate(replies):
+            for raw in found:
+                member = raw.decode() if isinstance(raw, bytes) else str(raw)
+                into = orphans if n % 2 == 0 else stranded
+                into[UUID(member.partition("|")[0])] = None
+        return list(orphans)[:limit], list(stranded)
 
     async def drop_all(self) -> None:
         """At shutdown: let every held session go at once, dirty or not (see DROP)."""
         held, self._held = self._held, {}
+        scores, self._scores = self._scores, {}
         if not held:
             return
-        # Best effort: leases that stay expire within the TTL anyway.
+        # Best effort: leases that stay expire within the TTL anyway, and stay listed.
         with contextlib.suppress(CoordinatorUnavailable):
-            async with bounded(self._timeout_s), self._redis.pipeline(transaction=False) as pipe:
-                for session_id, token in held.items():
-                    await self._drop(
-                        keys=[keys.lease(session_id), keys.ACTIVE],
-                        args=[token, str(session_id)],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            drops: list[Call] = [
+                (self._drop, [keys.lease(session_id)], [token])
+                for session_id, token in held.items()
+            ]
+            await self._pipeline(self._redis, drops)
+            # Only once the leases are gone, so that a watchdog taking one finds it free.
+            dues: list[Call] = [
+                (self._due, [keys.active(keys.bucket(session_id))], [str(session_id), score])
+                for session_id, score in scores.items()
+                if session_id in held
+            ]
+            await self._pipeline(self._redis, dues)
 
     @contextlib.asynccontextmanager
     async def pinned(self, session_id: UUID) -> AsyncIterator[None]:
@@ -234,18 +296,48 @@ class Leases:
     def _token(self) -> str:
         return f"{self.node}:{next(self._generation)}"
 
-    def _took(self, session_id: UUID, owner: str) -> bool:
+    def _took(self, session_id: UUID, owner: str, score: int) -> bool:
         if owner.startswith(f"{self.node}:"):
             # Ours: a new claim, or the claim we hold (whose token stays what Redis holds).
             self._held[session_id] = owner
+            self._scores[session_id] = score
             return True
         return False
 
     @staticmethod
-    def _keys(session_id: UUID) -> list[str]:
-        return [keys.lease(session_id), keys.dirty(session_id), keys.ACTIVE, keys.INFLIGHT]
+    def _lease_keys(session_id: UUID) -> list[str]:
+        return [keys.lease(session_id), keys.dirty(session_id)]
 
-    async def _call(self, script: Any, keys_: list[str], args: list[Any]) -> Any:
+    async def _listed_then(
+        self, session_id: UUID, script: Script, args: list[Any], after: Call | None = None
+    ) -> tuple[int, str]:
+        """LIST the session, then run a session script that may take its lease (then
+        ``after``, if given). Returns LIST's score and the script's reply."""
+        calls: list[Call] = [
+            (self._list, [keys.active(keys.bucket(session_id))], [str(session_id), self._ttl_ms]),
+            (script, self._lease_keys(session_id), args),
+        ]
+        if after is not None:
+            calls.append(after)
+        if self._ordered:
+            replies = await self._pipeline(self._redis, calls)
+        else:
+            replies = [await self._call(*call) for call in calls]
+        reply = replies[1]
+        return int(replies[0]), reply.decode() if isinstance(reply, bytes) else reply
+
+    async def _pipeline(self, client: Client, calls: Sequence[Call]) -> list[Any]:
+        """Run scripts in one round trip per node (no transaction); raise if any failed."""
+        if not calls:
+            return []
+        async with bounded(self._timeout_s):
+            replies = await pipelined(client, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise CoordinatorUnavailable(f"Redis is unreachable: {reply}") from reply
+        return replies
+
+    async def _call(self, script: Script, keys_: list[str], args: list[Any]) -> Any:
         async with bounded(self._timeout_s):
             result = await script(keys=keys_, args=args)
         return result.decode() if isinstance(result, bytes) else result

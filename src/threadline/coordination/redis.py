@@ -46,12 +46,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from redis import __version__ as redis_version
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.driver_info import DriverInfo
-
 from threadline import metrics
 from threadline.agents import AgentRegistry
 from threadline.config import Settings
@@ -59,6 +53,7 @@ from threadline.coordination import replay
 from threadline.coordination.answers import stored_answer
 from threadline.coordination.base import OnStored, TurnRequest
 from threadline.coordination.channels import Channels
+from threadline.coordination.connection import Client, open_client, ready
 from threadline.coordination.events import RedisEvents
 from threadline.coordination.leases import Leases, bounded
 from threadline.coordination.local import (
@@ -94,31 +89,12 @@ ORPHAN_BATCH = 20
 EVENT_CONNECTIONS = 8
 
 
-def _client(settings: Settings, max_connections: int) -> Redis:
-    assert settings.redis_url is not None
-    # A bounded pool: a burst of requests queues for a connection instead of opening one per
-    # request. Every call is also bounded as a whole by REDIS_TIMEOUT_S (Leases, Mailbox).
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=max_connections,
-        timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-        # Given explicitly, redis-py skips reading its package metadata from disk, a blocking
-        # call on the event loop, on every new connection.
-        driver_info=DriverInfo(name="redis-py", lib_version=redis_version),
-    )
-    return Redis.from_pool(pool)
-
-
 class RedisCoordinator:
     def __init__(
         self,
-        redis: Redis,
-        renewal: Redis,
-        watching: Redis,
+        redis: Client,
+        renewal: Client,
+        watching: Client,
         store: Store,
         registry: AgentRegistry,
         settings: Settings,
@@ -176,15 +152,18 @@ class RedisCoordinator:
         on_delivery: Callable[[], None] | None = None,
         tracing: Tracing | None = None,
         *,
-        sharded: bool = False,
+        sharded: bool | None = None,
     ) -> RedisCoordinator:
-        """``sharded``: sharded pub/sub, which Redis Cluster needs (and Redis >= 7.0 has)."""
-        redis = _client(settings, settings.redis_max_connections)
+        """``sharded``: sharded pub/sub, which Redis Cluster needs (and Redis >= 7.0 has);
+        by default in cluster mode only (tests also run it on a standalone Redis)."""
+        if sharded is None:
+            sharded = settings.redis_mode == "cluster"
+        redis = open_client(settings, settings.redis_max_connections)
         # Renewals on a connection of their own: never behind requests queued for the pool.
-        renewal = _client(settings, 2)
+        renewal = open_client(settings, 2)
         # Run events (streams, joiners) on a pool of their own too: a subscription holds a
         # connection for good, and many joiners replaying must not starve the requests.
-        watching = _client(settings, EVENT_CONNECTIONS)
+        watching = open_client(settings, EVENT_CONNECTIONS)
         self = cls(
             redis,
             renewal,
@@ -198,7 +177,8 @@ class RedisCoordinator:
         )
         try:
             async with bounded(settings.redis_timeout_s * 2):
-                await redis.ping()
+                for client in (redis, renewal, watching):
+                    await ready(client)
                 await self._mailbox.open(self._on_nudge)
         except CoordinatorUnavailable:
             await redis.aclose()
@@ -550,11 +530,13 @@ class RedisCoordinator:
                     await self.take_over(sid)
             except ThreadlineError as exc:
                 log.warning("watchdog could not check session %s: %s", sid, exc)
-        for sid in await self._leases.stranded(ORPHAN_BATCH):
+        # The next few buckets of the orphan index (round-robin: see leases.py).
+        orphans, stranded = await self._leases.scan(ORPHAN_BATCH)
+        for sid in stranded:
             # A process died between storing a message here and telling the owner.
             log.info("session %s may hold a message nobody announced; looking", sid)
             self._recover(sid)
-        for sid in await self._leases.orphans(ORPHAN_BATCH):
+        for sid in orphans:
             try:
                 if await self._leases.claim(sid):
                     log.info("took over orphaned session %s", sid)

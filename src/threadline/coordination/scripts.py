@@ -3,89 +3,67 @@
 A lease's value is a claim token, ``node:generation``: the node says which process owns the
 session (and so where nudges go), the generation which of that process's claims it is, so a
 stale reply about an older claim (a release racing a new claim) cannot undo a newer one.
+
+Every script touches the keys of one slot only, as a Redis Cluster requires: the session
+scripts (CLAIM, NUDGE, RELEASE, RENEW, DROP) a session's lease and dirty mark (one hash tag),
+the index scripts (LIST, UNLIST, DUE, ORPHANS, STRANDED) one bucket of the orphan index.
+``leases.py`` orders the two kinds so that a held lease is always listed.
 """
 
 from __future__ import annotations
 
-# The Redis clock in milliseconds.
+# The Redis clock in milliseconds (of the node that runs the script).
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# CLAIM and NUDGE start alike. KEYS: lease, dirty, active, inflight. ARGV: token, ttl_ms,
-# dirty_ttl_ms, session id, node.
-_HEAD = (
-    _NOW
-    + """
-local lease_key, dirty_key, active_key, inflight_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local token, ttl_ms, dirty_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local session, node = ARGV[4], ARGV[5]
+# CLAIM and NUDGE start alike. KEYS: lease, dirty. ARGV: token, ttl_ms, dirty_ttl_ms, node.
+_HEAD = """
+local lease_key, dirty_key = KEYS[1], KEYS[2]
+local token, ttl_ms, dirty_ttl_ms, node = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 """
-)
 
-# A free lease is taken with this claim's token, and listed as active.
+# A free lease is taken with this claim's token (listed as active beforehand: see LIST).
 _TAKE_IF_FREE = """
 local owner = redis.call('GET', lease_key)
 if not owner then
   redis.call('SET', lease_key, token, 'PX', ttl_ms)
-  redis.call('ZADD', active_key, now + ttl_ms, session)
   return token
 end
 """
 
-# ARGV[6]: inflight_ms, 0 unless the caller is about to store a message.
 # Returns the owning token after the call. Taking a free lease makes the caller the owner. A
 # node that already owns the lease marks the session dirty, so a release racing this arrival
-# cannot drop the lease while the arrival proceeds as owner. A caller about to store a message
-# into a session another node owns lists ``session|token`` in the inflight set, due in
-# inflight_ms: should it die between its insert and its NUDGE (which unlists it), a watchdog
-# finds the entry due and has the session's store looked at again.
+# cannot drop the lease while the arrival proceeds as owner.
 CLAIM = (
     _HEAD
     + _TAKE_IF_FREE
     + """
 if string.sub(owner, 1, #node + 1) == node .. ':' then
   redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
-elseif tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', inflight_key, now + tonumber(ARGV[6]), session .. '|' .. token)
 end
 return owner
 """
 )
 
-# ARGV as CLAIM's up to node, then the publishing command (PUBLISH, SPUBLISH, or "" for none),
-# the owner's channel prefix and suffix, the payload; ``token`` is the one the CLAIM that
-# listed this insert used. Returns the owning token after the call.
-# After a message was stored: unlist the insert, then hand the message to the owner (mark
-# dirty, publish to its node's channel), or take the free lease. The dirty mark is atomic
-# with the owner's release, so no message is stranded between the owner's last look and its
-# release. With no publishing command (Redis Cluster: the owner's channel is in another slot
-# than the session's keys, which one script cannot touch) the caller publishes once the
-# script returned (``Leases.nudge``).
+# After a message was stored: hand it to the owner (mark dirty; the caller then tells the
+# owner's process on its channel), or take the free lease. Atomic with the owner's release
+# (both on the session's slot), so no message is stranded between the owner's last look and
+# its release: a release after this sees the dirty mark, one before it left the lease free.
 NUDGE = (
     _HEAD
-    + """
-redis.call('ZREM', inflight_key, session .. '|' .. token)
-"""
     + _TAKE_IF_FREE
     + """
-local publish, channel_prefix, channel_suffix, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 redis.call('SET', dirty_key, '1', 'PX', dirty_ttl_ms)
-local owner_node = string.match(owner, '^([^:]+):')
-if owner_node ~= node and publish ~= '' then
-  redis.call(publish, channel_prefix .. owner_node .. channel_suffix, payload)
-end
 return owner
 """
 )
 
-# KEYS: lease, dirty, active. ARGV: token, session id. Release the lease only if it is still
-# this claim and nothing arrived since the owner last looked: "anything new?" and the release
-# are one step.
+# KEYS: lease, dirty. ARGV: token. Release the lease only if it is still this claim and
+# nothing arrived since the owner last looked: "anything new?" and the release are one step.
 RELEASE = """
-local lease_key, dirty_key, active_key = KEYS[1], KEYS[2], KEYS[3]
-local token, session = ARGV[1], ARGV[2]
+local lease_key, dirty_key, token = KEYS[1], KEYS[2], ARGV[1]
 if redis.call('GET', lease_key) ~= token then
   return 'lost'
 end
@@ -93,43 +71,84 @@ if redis.call('DEL', dirty_key) == 1 then
   return 'dirty'
 end
 redis.call('DEL', lease_key)
-redis.call('ZREM', active_key, session)
 return 'released'
 """
 
-# KEYS: lease, active. ARGV: token, ttl_ms, session id. 1 if the claim was renewed.
-RENEW = (
+# KEYS: lease. ARGV: token, ttl_ms. 1 if the claim was renewed.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token. Let a session go at shutdown whatever its dirty mark: the dirty
+# mark stays, and whoever claims the session next answers what is unanswered (its index
+# entry is made due by DUE, so some process's watchdog does).
+DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: an active bucket. ARGV: session id, ttl_ms. List a session as leased until ttl_ms
+# from now, before its lease is taken or renewed. Returns the entry's score, which only ever
+# grows while the entry exists (at least the old score + 1): UNLIST removes the entry only
+# with the score its lister got back, so it never removes an entry someone listed since.
+LIST = (
     _NOW
     + """
-local lease_key, active_key = KEYS[1], KEYS[2]
-local token, ttl_ms, session = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if redis.call('GET', lease_key) == token then
-  redis.call('ZADD', active_key, now + ttl_ms, session)
-  return redis.call('PEXPIRE', lease_key, ttl_ms)
+local session = ARGV[1]
+local score = now + tonumber(ARGV[2])
+local old = tonumber(redis.call('ZSCORE', KEYS[1], session))
+if old and old >= score then
+  score = old + 1
+end
+redis.call('ZADD', KEYS[1], score, session)
+return score
+"""
+)
+
+# KEYS: an active bucket. ARGV: session id, the score LIST returned. After a release: unlist
+# the session unless someone listed it since (about to claim it, or holding it now).
+UNLIST = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+# KEYS: an active bucket. ARGV: session id, the score LIST returned. After DROP: make the
+# entry due now, so the next watchdog pass takes the session (unless listed since).
+DUE = (
+    _NOW
+    + """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
 end
 return 0
 """
 )
 
-# KEYS: lease, active. ARGV: token, session id. Let a session go at shutdown whatever its
-# dirty mark: the dirty mark stays, and whoever claims the session next answers what is
-# unanswered. It stays listed as active (expired now), so some process's watchdog does.
-DROP = (
+# KEYS: an inflight bucket. ARGV: member (``session|token``), due in ms. Before storing a
+# message into a session another process owns: should this process die between its insert
+# and its NUDGE, a watchdog finds the entry due (STRANDED) and has the store looked at again.
+INFLIGHT = (
     _NOW
     + """
-local lease_key, active_key = KEYS[1], KEYS[2]
-local token, session = ARGV[1], ARGV[2]
-if redis.call('GET', lease_key) == token then
-  redis.call('ZADD', active_key, now, session)
-  return redis.call('DEL', lease_key)
-end
-return 0
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 """
 )
 
-# KEYS: inflight. ARGV: how many. Inserts listed by CLAIM whose NUDGE never came (the process
-# died in between): ``session|token`` entries past due, unlisted as they are returned so that
-# one watchdog handles each.
+# KEYS: an inflight bucket. ARGV: member. After NUDGE: the insert is announced, unlist it.
+ANNOUNCED = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+# KEYS: an inflight bucket. ARGV: how many. Inserts listed by INFLIGHT whose NUDGE never came
+# (the process died in between): ``session|token`` entries past due, unlisted as they are
+# returned so that one watchdog handles each.
 STRANDED = (
     _NOW
     + """
@@ -142,7 +161,9 @@ return due
 """
 )
 
-# KEYS: active. ARGV: how many. Sessions whose lease ran out without a release.
+# KEYS: an active bucket. ARGV: how many. Sessions whose lease ran out without a release (or
+# listed by a claim that then found the lease taken, or whose release was cut short: the
+# watchdog's claim settles which).
 ORPHANS = (
     _NOW
     + """

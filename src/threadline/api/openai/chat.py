@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -30,6 +31,7 @@ from threadline.api.access import Caller
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, openai_error_body
+from threadline.api.jsonbody import json_body
 from threadline.api.openai.conversation import ContentPart, Turn, find_session, note, seed
 from threadline.api.streams import TurnStream
 from threadline.api.validation import StorableText
@@ -177,11 +179,10 @@ async def turn_request(
 )
 async def chat_completions(
     body: ChatCompletionRequest,
-    response: Response,
     services: ServicesDep,
     caller: CallerDep,
     x_session_id: Annotated[StorableText | None, Header()] = None,
-) -> dict[str, Any] | EventSourceResponse:
+) -> JSONResponse | EventSourceResponse:
     named = x_session_id or (body.metadata or {}).get("session_id")
     request = await turn_request(
         services, body.model, conversation(body.messages), named, body.user, body.stream, caller
@@ -199,8 +200,7 @@ async def chat_completions(
         raise answer.outcome.error
     result = answer.outcome.result
     assert result is not None
-    response.headers.update(headers)
-    return {
+    completion = {
         "id": f"chatcmpl-{answer.message_id.hex}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -216,6 +216,7 @@ async def chat_completions(
         "usage": usage(answer),
         "metadata": metadata(answer, request.session_id),
     }
+    return json_body(services.settings.json_encoder, completion, headers=headers)
 
 
 def _chunk(

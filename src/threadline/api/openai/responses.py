@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
@@ -43,6 +44,7 @@ from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, ServicesDep
 from threadline.api.errors import PayloadTooLarge
+from threadline.api.jsonbody import json_body
 from threadline.api.openai.conversation import ContentPart, Turn, find_session, seed
 from threadline.api.openai.response_events import semantic_events
 from threadline.api.openai.response_object import (
@@ -194,7 +196,7 @@ async def find_or_start_session(
 )
 async def create_response(
     body: ResponseRequest, services: ServicesDep, caller: CallerDep
-) -> dict[str, Any] | EventSourceResponse:
+) -> dict[str, Any] | JSONResponse | EventSourceResponse:
     created_at = time.time()
     settings, store = services.settings, services.store
     refuse_unsupported(body)
@@ -246,7 +248,8 @@ async def create_response(
     if answer.outcome.error is not None:
         raise answer.outcome.error
     ending = Ending.of_answer(answer, time.time())
-    return response_object(origin(answer.message_id), "completed", ending=ending)
+    completed = response_object(origin(answer.message_id), "completed", ending=ending)
+    return json_body(settings.json_encoder, completed)
 
 
 async def _find(store: Store, response_id: str, caller: Caller) -> tuple[Message, Session]:

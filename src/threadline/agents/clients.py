@@ -1,0 +1,199 @@
+"""Model providers' HTTP clients, shared by every agent of the process and closed with it.
+
+Left to itself, each pydantic-ai provider builds its own HTTP client: every model string gets a
+connection pool of its own (1,000 connections, 100 kept alive), and two agents on one endpoint
+keep two pools. Here there is one client per provider family and endpoint: the families read
+their base URL and key from the environment once per process, so a family is one (base URL,
+key); an ``openai-compat:`` endpoint is keyed by its base URL and key explicitly.
+
+Every client's pool is sized to the runs that can be in flight (``pool_size``: the pinned
+``MAX_CONCURRENT_RUNS``, or ``ADAPTIVE_RUNS_MAX`` with ``auto``): each run has at most one
+model request open, so that many connections are kept alive and none is opened and closed per
+turn under load. The transport is
+httpx (httpx2, pydantic-ai's default) or aiohttp through the OpenAI SDK's
+``DefaultAioHttpClient`` (``THREADLINE_PROVIDER_HTTP``) for OpenAI and Anthropic, whose SDKs
+ship it (the same vendored transport). Google's SDK ships none, and Groq's still takes a
+legacy ``httpx.AsyncClient``: those two are always on httpx.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import httpx
+import httpx2
+from openai import AsyncOpenAI, Omit
+from pydantic_ai._http import DEFAULT_HTTP_TIMEOUT, ConnectPoolTimeoutCap
+from pydantic_ai.models import get_user_agent
+from pydantic_ai.providers import Provider, infer_provider
+
+from threadline.errors import ConfigError
+
+Transport = Literal["httpx", "aiohttp"]
+# "per-model": what pydantic-ai and the SDKs do left to themselves (a client per model, their
+# default pools), kept so that A/B measurements can compare.
+Sharing = Literal["shared", "per-model"]
+
+# pydantic-ai provider names that read the same environment, so share one client.
+_FAMILIES = {
+    "openai": "openai",
+    "openai-chat": "openai",
+    "openai-responses": "openai",
+    "anthropic": "anthropic",
+    "google": "google",
+    "google-gla": "google",
+    "groq": "groq",
+}
+
+
+class ProviderClients:
+    """One HTTP client per provider family or compatible endpoint; ``aclose()`` closes them all."""
+
+    def __init__(
+        self, *, pool_size: int = 32, transport: Transport = "httpx", sharing: Sharing = "shared"
+    ) -> None:
+        self.pool_size = pool_size
+        self.transport = transport
+        self.sharing = sharing
+        # Per-model SDK clients (``sharing="per-model"``), closed with the rest.
+        self._sdk_clients: list[AsyncOpenAI] = []
+        self._http: list[httpx2.AsyncClient | httpx.AsyncClient] = []
+        self._compat: dict[tuple[str, str], AsyncOpenAI] = {}
+        self._providers: dict[str, Provider[Any]] = {}
+
+    @property
+    def limits(self) -> httpx2.Limits:
+        return httpx2.Limits(
+            max_connections=self.pool_size, max_keepalive_connections=self.pool_size
+        )
+
+    def http_client(self, *, aiohttp: bool = True) -> httpx2.AsyncClient:
+        """A new pooled client, with pydantic-ai's timeouts and user agent, closed by ``aclose``;
+        on aiohttp if so configured and ``aiohttp`` (the SDK's support for it)."""
+        timeout = httpx2.Timeout(DEFAULT_HTTP_TIMEOUT, connect=5)
+        client_class: type[httpx2.AsyncClient] = httpx2.AsyncClient
+        if self.transport == "aiohttp" and aiohttp:
+            from openai import DefaultAioHttpClient
+
+            client_class = DefaultAioHttpClient
+        client = client_class(
+            timeout=timeout,
+            limits=self.limits,
+            headers={"User-Agent": get_user_agent()},
+            # As pydantic-ai's own clients: a request's scalar timeout never lengthens the
+            # connect and pool timeouts.
+            event_hooks={
+                "request": [ConnectPoolTimeoutCap(connect=timeout.connect, pool=timeout.pool)]
+            },
+        )
+        self._http.append(client)
+        return client
+
+    def _legacy_http_client(self) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(DEFAULT_HTTP_TIMEOUT, connect=5),
+            limits=httpx.Limits(
+                max_connections=self.pool_size, max_keepalive_connections=self.pool_size
+            ),
+            headers={"User-Agent": get_user_agent()},
+        )
+        self._http.append(client)
+        return client
+
+    def compat(self, base_url: str, key_var: str | None) -> AsyncOpenAI:
+        """The client of an OpenAI-compatible endpoint (``compat_client``), one per base URL
+        and key."""
+        key = ""
+        if key_var is not None:
+            key = os.environ.get(key_var, "")
+            if not key:
+                raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
+        if self.sharing == "per-model":
+            own = compat_client(base_url, key, None)
+            self._sdk_clients.append(own)
+            return own
+        shared = self._compat.get((base_url, key))
+        if shared is None:
+            shared = compat_client(base_url, key, self.http_client())
+            self._compat[(base_url, key)] = shared
+        return shared
+
+    def provider(self, name: str) -> Provider[Any]:
+        """The provider named ``name`` on a shared client: ``infer_model``'s provider factory."""
+        family = _FAMILIES.get(name)
+        if family is None or self.sharing == "per-model":
+            return infer_provider(name)
+        provider = self._providers.get(name)
+        if provider is None:
+            provider = self._providers[name] = self._build_provider(name, family)
+        return provider
+
+    def _build_provider(self, name: str, family: str) -> Provider[Any]:
+        # The same family's providers share the client of the first one built.
+        shared = next((p for n, p in self._providers.items() if _FAMILIES.get(n) == family), None)
+        if family == "openai":
+            from pydantic_ai.providers.openai import OpenAIProvider
+
+            if shared is not None:
+                return OpenAIProvider(openai_client=shared.client)
+            return OpenAIProvider(http_client=self.http_client())
+        if family == "anthropic":
+            from pydantic_ai.providers.anthropic import AnthropicProvider
+
+            if shared is not None:
+                return AnthropicProvider(anthropic_client=shared.client)
+            return AnthropicProvider(http_client=self.http_client())
+        if family == "google":
+            from pydantic_ai.providers.google import GoogleProvider
+
+            if shared is not None:
+                return GoogleProvider(client=shared.client)
+            # google-genai ships no aiohttp client of its own: the OpenAI SDK's is not tried
+            # under it.
+            return GoogleProvider(http_client=self.http_client(aiohttp=False))
+        from pydantic_ai.providers.groq import GroqProvider
+
+        if shared is not None:
+            return GroqProvider(groq_client=shared.client)
+        return GroqProvider(http_client=self._legacy_http_client())
+
+    async def aclose(self) -> None:
+        clients, self._http = self._http, []
+        sdk_clients, self._sdk_clients = self._sdk_clients, []
+        self._compat.clear()
+        self._providers.clear()
+        for client in clients:
+            await client.aclose()
+        for sdk_client in sdk_clients:
+            await sdk_client.close()
+
+
+def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI:
+    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any.
+
+    Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
+    ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
+    names: OpenAI's key to a local model server, or to whoever runs the URL. Every credential
+    and identifier is therefore given explicitly, and the headers they would fill are omitted.
+    """
+    # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
+    omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
+    client_class = AsyncOpenAI if key else _KeylessOpenAI
+    return client_class(
+        base_url=base_url,
+        api_key=key,
+        # Not None, or the SDK would read OPENAI_ADMIN_KEY; never sent on chat requests.
+        admin_api_key="",
+        default_headers=omitted,
+        http_client=http_client,
+    )
+
+
+class _KeylessOpenAI(AsyncOpenAI):
+    """An OpenAI client that sends no ``Authorization`` header: a local model server needs
+    none. (With an empty key the SDK leaves the header out, then refuses to send a request
+    without it unless each request omits it explicitly; this skips that check.)"""
+
+    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
+        return None

@@ -1,0 +1,180 @@
+"""Provider clients: one shared, pooled HTTP client per endpoint, sized to the runs in flight,
+closed with the app; every provider kind builds on it, and the OpenAI ones run on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import pytest
+from pydantic_ai.models import Model
+
+from tests.apps import AppFactory, services
+from tests.fake_openai import running_fake_openai
+from threadline.agents import AgentRegistry, AgentSpec
+from threadline.agents.clients import ProviderClients, Transport
+
+TRANSPORTS: list[Transport] = ["httpx", "aiohttp"]
+
+
+def http_of(model: Model) -> Any:
+    """The HTTP client under a pydantic-ai model's SDK client."""
+    sdk = model.client  # type: ignore[attr-defined]
+    api_client = getattr(sdk, "_api_client", None)  # google-genai
+    if api_client is not None:
+        return api_client._async_httpx_client
+    return sdk._client
+
+
+def pool_limits(http: Any) -> tuple[int | None, int | None]:
+    transport = http._transport
+    limits = getattr(transport, "limits", None)  # aiohttp's transport keeps the Limits
+    if limits is not None:
+        return limits.max_connections, limits.max_keepalive_connections
+    pool = transport._pool
+    return pool._max_connections, pool._max_keepalive_connections
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_agents_on_one_endpoint_and_key_share_one_client_closed_with_the_app(
+    make_app: AppFactory, transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TL_KEY_A", "key-a")
+    monkeypatch.setenv("TL_KEY_B", "key-b")
+    async with running_fake_openai() as fake:
+        url = fake.base_url
+        specs = [
+            AgentSpec(name="one", model=f"openai-compat:m1@{url}#TL_KEY_A"),
+            AgentSpec(name="two", model=f"openai-compat:m2@{url}#TL_KEY_A"),
+            AgentSpec(name="other-key", model=f"openai-compat:m1@{url}#TL_KEY_B"),
+        ]
+        overrides = {"provider_http": transport, "max_concurrent_runs": 7}
+        async with make_app(agents=specs, **overrides) as (client, app):
+            registry = services(app).registry
+            one, two, other = [(await registry.get(s.name)).model for s in specs]
+            for name in ("one", "two", "other-key"):
+                reply = await client.post(
+                    f"/api/v1/agent/{name}/run", json={"message_content": "hi"}
+                )
+                assert reply.status_code == 200, reply.text
+            assert one.client is two.client  # type: ignore[attr-defined]
+            assert http_of(one) is http_of(two)
+            assert http_of(other) is not http_of(one)
+            shared = http_of(one)
+            assert isinstance(shared, httpx2.AsyncClient)
+            assert (type(shared).__name__ == "_InstalledAioHttpClient") is (transport == "aiohttp")
+            assert pool_limits(shared) == (7, 7)
+            assert not shared.is_closed
+        assert shared.is_closed
+        assert http_of(other).is_closed
+    assert [h["authorization"] for h in fake.headers] == [
+        "Bearer key-a",
+        "Bearer key-a",
+        "Bearer key-b",
+    ]
+
+
+KINDS = {
+    "openai:gpt-4o": "OpenAIResponsesModel",
+    "openai-chat:gpt-4o": "OpenAIChatModel",
+    "anthropic:claude-sonnet-4-5": "AnthropicModel",
+    "google:gemini-2.5-flash": "GoogleModel",
+    "groq:llama-3.3-70b-versatile": "GroqModel",
+}
+
+
+@pytest.fixture
+def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "GROQ_API_KEY"):
+        monkeypatch.setenv(var, "test-key")
+
+
+@pytest.mark.usefixtures("provider_keys")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_provider_kind_builds_on_a_shared_pooled_client(transport: Transport) -> None:
+    clients = ProviderClients(pool_size=5, transport=transport)
+    specs = [AgentSpec(name=f"a{i}", model=name) for i, name in enumerate(KINDS)]
+    # A second agent of each kind, to see it share.
+    specs += [AgentSpec(name=f"b{i}", model=name) for i, name in enumerate(KINDS)]
+    registry = AgentRegistry(specs, default_model="threadline:echo", clients=clients)
+    await registry.start()
+    try:
+        for i, kind in enumerate(KINDS.values()):
+            first = (await registry.get(f"a{i}")).model
+            again = (await registry.get(f"b{i}")).model
+            assert type(first).__name__ == kind
+            http = http_of(first)
+            assert http_of(again) is http
+            assert pool_limits(http) == (5, 5)
+            on_aiohttp = type(http).__name__ == "_InstalledAioHttpClient"
+            # Google's and Groq's SDKs have no aiohttp client: httpx for them.
+            expected = transport == "aiohttp" and kind not in ("GoogleModel", "GroqModel")
+            assert on_aiohttp is expected, kind
+        # openai:, openai-chat: (one environment) share one client, as do everyone's kinds.
+        assert http_of((await registry.get("a0")).model) is http_of(
+            (await registry.get("a1")).model
+        )
+        opened = list(clients._http)
+        assert len(opened) == 4  # openai, anthropic, google, groq
+    finally:
+        await registry.aclose()
+    assert all(h.is_closed for h in opened)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_openai_provider_runs_on_the_shared_client(
+    make_app: AppFactory, transport: Transport, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_fake_openai() as fake:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+        spec = AgentSpec(name="openai", model="openai-chat:fake-model")
+        async with make_app(agents=[spec], provider_http=transport) as (client, app):
+            reply = await client.post(
+                "/api/v1/agent/openai/run", json={"message_content": "hi there", "stream": stream}
+            )
+            assert reply.status_code == 200, reply.text
+            model = (await services(app).registry.get("openai")).model
+            assert any(http_of(model) is h for h in services(app).registry.clients._http)
+        if not stream:
+            assert reply.json()["message"] == "fake: hi there"
+        else:
+            assert "fake: hi there" in reply.text
+    assert fake.requests[0]["model"] == "fake-model"
+    assert fake.headers[0]["authorization"] == "Bearer sk-test"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_with_an_adaptive_limit_the_pool_holds_its_ceiling(make_app: AppFactory) -> None:
+    async with running_fake_openai() as fake:
+        spec = AgentSpec(name="remote", model=f"openai-compat:m@{fake.base_url}")
+        overrides = {"max_concurrent_runs": "auto", "adaptive_runs_max": 40}
+        async with make_app(agents=[spec], **overrides) as (_, app):
+            model = (await services(app).registry.get("remote")).model
+            assert pool_limits(http_of(model)) == (40, 40)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_per_model_clients_restore_the_sdks_own_for_a_b_measurements(
+    make_app: AppFactory,
+) -> None:
+    async with running_fake_openai() as fake:
+        specs = [
+            AgentSpec(name="one", model=f"openai-compat:m1@{fake.base_url}"),
+            AgentSpec(name="two", model=f"openai-compat:m2@{fake.base_url}"),
+        ]
+        async with make_app(agents=specs, provider_clients="per-model") as (client, app):
+            one, two = [(await services(app).registry.get(s.name)).model for s in specs]
+            for name in ("one", "two"):
+                reply = await client.post(
+                    f"/api/v1/agent/{name}/run", json={"message_content": "hi"}
+                )
+                assert reply.status_code == 200, reply.text
+            assert http_of(one) is not http_of(two)
+            # The SDK's own defaults, not the pool sized to the runs in flight.
+            assert pool_limits(http_of(one)) == (1000, 100)
+        assert http_of(one).is_closed
+        assert http_of(two).is_closed
