@@ -115,25 +115,30 @@ async def snapshot(
 def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, float]:
     """The scale model's counts for ``local`` turns (the lease was free where the message
     arrived) and ``remote`` ones (held by another process: its caller waits at one process,
-    the owner runs it), on standalone Redis with unsharded pub/sub. Not in it: SCRIPT EXISTS,
-    one per pipeline that redis-py sends with scripts in it (an event batch, a renewal),
-    which depends on batching; see the doc."""
+    the owner runs it), on standalone Redis with unsharded pub/sub, with the bucketed orphan
+    index (every script on one slot; the index written by LIST/UNLIST calls of its own). Not
+    in it: SCRIPT EXISTS, one per pipeline that redis-py sends with scripts in it (a claim,
+    an event batch, a renewal), which depends on batching; see the doc."""
     turns = local + remote
     found = {
-        # Local: CLAIM + RELEASE + 2 x PUBLISH_EVENT. Remote: CLAIM (finds it held) + NUDGE
-        # + the owner's RELEASE that finds the session dirty + 2 x PUBLISH_EVENT.
-        "cmd:evalsha": 4 * local + 5 * remote,
-        # Inside the scripts, by the same paths.
-        "cmd:time": local + 2 * remote,
-        "cmd:get": 2 * local + 3 * remote,
-        "cmd:set": turns,
-        "cmd:zadd": turns,
-        "cmd:zrem": turns,
-        "cmd:del": 2 * local + remote,
+        # Local: LIST + CLAIM (one pipeline), RELEASE, UNLIST, 2 x PUBLISH_EVENT. Remote, at
+        # the caller's process: LIST + CLAIM (finds it held), INFLIGHT, LIST + NUDGE +
+        # ANNOUNCED; at the owner: 2 x PUBLISH_EVENT and a RELEASE that finds the session
+        # dirty. The caller's LISTs raise the index entry's score, so the owner's UNLIST
+        # leaves it and a watchdog claims the session once it is due: LIST + CLAIM, RELEASE,
+        # UNLIST, later.
+        "cmd:evalsha": 6 * local + 13 * remote,
+        "cmd:time": local + 4 * remote,
+        "cmd:zscore": 2 * local + 5 * remote,
+        "cmd:zadd": local + 4 * remote,
+        "cmd:zrem": local + 2 * remote,
+        "cmd:get": 2 * local + 5 * remote,
+        "cmd:set": local + 2 * remote,
+        "cmd:del": 2 * local + 3 * remote,
         "cmd:xadd": 2 * turns,
         "cmd:pexpire": 2 * turns,
-        # 2 run events per turn (to nobody: no watcher); remote adds NUDGE's publish to the
-        # owner and the owner's publish of the answer to the caller's process.
+        # 2 run events per turn (to nobody: no watcher); remote adds the nudge to the owner
+        # and the answer to the caller's process, both sent by the client.
         "cmd:publish": 2 * turns + 2 * remote,
         "pubsub:published:event": 2 * turns,
         "pubsub:published:nudge": remote,
@@ -145,41 +150,14 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
         # add_user_message(start=...), commit_run. Remote, at the caller's process:
         # get_session, unanswered (the backlog bound), add_user_message, the mailbox's
         # answer_for; at the owner: start_run, commit_run, and the take-over after the dirty
-        # release (get_session, unanswered).
-        "pg_xacts": 3 * local + 8 * remote,
+        # release (get_session, unanswered); the watchdog's later take-over: 2 more.
+        "pg_xacts": 3 * local + 10 * remote,
     }
-    # Renewals of the leases held meanwhile (one RENEW script each).
-    for key in ("cmd:evalsha", "cmd:time", "cmd:get", "cmd:zadd", "cmd:pexpire"):
+    # Renewals of the leases held meanwhile (LIST + RENEW each).
+    for key in ("cmd:time", "cmd:zscore", "cmd:zadd", "cmd:get", "cmd:pexpire"):
         found[key] += renewals
+    found["cmd:evalsha"] += 2 * renewals
     return found
-
-
-async def session_loop(
-    client: httpx.AsyncClient,
-    urls: list[str],
-    session: str,
-    home: str,
-    turns: int,
-    routing: str,
-    rng: random.Random,
-    stagger_s: float = 0.0,
-    think_s: float = 0.0,
-) -> None:
-    for index in range(turns):
-        # A caller reads the answer before it writes again; meanwhile the owner lets the
-        # lease go (without a pause the next message races the release: see the doc).
-        await asyncio.sleep(think_s)
-        if routing == "pairs":
-            first, second = rng.sample(urls, 2)
-            # The second a little after the first: stored while the first's run is going
-            # (both at once, the second may be stored before the first's run opened, which
-            # then answers both).
-            a = asyncio.ensure_future(send(client, first, session, f"a{index}", "enqueue"))
-            await asyncio.sleep(stagger_s)
-            await asyncio.gather(a, send(client, second, session, f"b{index}", "enqueue"))
-            continue
-        url = home if routing == "sticky" else rng.choice(urls)
-        await send(client, url, session, f"m{index}", "merge")
 
 
 LATENCIES: list[float] = []
