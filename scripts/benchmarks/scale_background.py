@@ -30,7 +30,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from services import free_port
 
 from threadline.coordination.channels import Channels
-from threadline.coordination.leases import Leases
+from threadline.coordination.leases import BUCKETS_PER_TICK, Leases
 
 TTL_MS = 6_000  # the default LEASE_TTL_MS
 RENEW_S = TTL_MS / 1000 / 3
@@ -57,8 +57,7 @@ async def instance(leases: Leases, stop: asyncio.Event, ticks: Counter[str]) -> 
             if name == "renew":
                 await leases.renew(lambda _: True)
             else:
-                await leases.stranded(20)
-                await leases.orphans(20)
+                await leases.scan(20)
             ticks[name] += 1
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
@@ -108,10 +107,11 @@ async def simulate(port: int, count: int, held: int, seconds: float) -> dict[str
         "renew_ticks_per_s": ticks["renew"] / elapsed,
         "watch_ticks_per_s": ticks["watch"] / elapsed,
         "leases_lost": lost,
-        # The model: per instance, RENEW_S^-1 renewal pipelines (H scripts plus one SCRIPT
-        # EXISTS) and WATCH_S^-1 watchdog passes (two scripts).
-        "predicted_evalsha_per_s": count * (held / RENEW_S + 2 / WATCH_S),
-        "predicted_script_exists_per_s": count / RENEW_S,
+        # The model: per instance, RENEW_S^-1 renewal pipelines (LIST + RENEW per lease, one
+        # SCRIPT EXISTS) and WATCH_S^-1 watchdog passes (ORPHANS + STRANDED on each of
+        # BUCKETS_PER_TICK buckets, one pipeline, one SCRIPT EXISTS).
+        "predicted_evalsha_per_s": count * (2 * held / RENEW_S + 2 * BUCKETS_PER_TICK / WATCH_S),
+        "predicted_script_exists_per_s": count * (1 / RENEW_S + 1 / WATCH_S),
     }
 
 

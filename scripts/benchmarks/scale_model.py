@@ -160,6 +160,34 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
     return found
 
 
+async def session_loop(
+    client: httpx.AsyncClient,
+    urls: list[str],
+    session: str,
+    home: str,
+    turns: int,
+    routing: str,
+    rng: random.Random,
+    stagger_s: float = 0.0,
+    think_s: float = 0.0,
+) -> None:
+    for index in range(turns):
+        # A caller reads the answer before it writes again; meanwhile the owner lets the
+        # lease go (without a pause the next message races the release: see the doc).
+        await asyncio.sleep(think_s)
+        if routing == "pairs":
+            first, second = rng.sample(urls, 2)
+            # The second a little after the first: stored while the first's run is going
+            # (both at once, the second may be stored before the first's run opened, which
+            # then answers both).
+            a = asyncio.ensure_future(send(client, first, session, f"a{index}", "enqueue"))
+            await asyncio.sleep(stagger_s)
+            await asyncio.gather(a, send(client, second, session, f"b{index}", "enqueue"))
+            continue
+        url = home if routing == "sticky" else rng.choice(urls)
+        await send(client, url, session, f"m{index}", "merge")
+
+
 LATENCIES: list[float] = []
 
 
