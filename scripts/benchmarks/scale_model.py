@@ -124,17 +124,18 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
         # Local: LIST + CLAIM (one pipeline), RELEASE, UNLIST, 2 x PUBLISH_EVENT. Remote, at
         # the caller's process: LIST + CLAIM (finds it held), INFLIGHT, LIST + NUDGE +
         # ANNOUNCED; at the owner: 2 x PUBLISH_EVENT and a RELEASE that finds the session
-        # dirty. The caller's LISTs raise the index entry's score, so the owner's UNLIST
-        # leaves it and a watchdog claims the session once it is due: LIST + CLAIM, RELEASE,
-        # UNLIST, later.
-        "cmd:evalsha": 6 * local + 13 * remote,
-        "cmd:time": local + 4 * remote,
-        "cmd:zscore": 2 * local + 5 * remote,
-        "cmd:zadd": local + 4 * remote,
-        "cmd:zrem": local + 2 * remote,
-        "cmd:get": 2 * local + 5 * remote,
-        "cmd:set": local + 2 * remote,
-        "cmd:del": 2 * local + 3 * remote,
+        # dirty.
+        "cmd:evalsha": 6 * local + 9 * remote,
+        "cmd:time": local + 3 * remote,
+        "cmd:zscore": 2 * local + 2 * remote,
+        "cmd:zadd": local + 3 * remote,
+        # The caller's LISTs raise the index entry's score, so the owner's UNLIST after a
+        # remote turn matches nothing (unless a renewal re-listed it since) and leaves the
+        # entry until a watchdog finds it due once the session is quiet: a lower bound.
+        "cmd:zrem": local,
+        "cmd:get": 2 * local + 3 * remote,
+        "cmd:set": turns,
+        "cmd:del": 2 * local + remote,
         "cmd:xadd": 2 * turns,
         "cmd:pexpire": 2 * turns,
         # 2 run events per turn (to nobody: no watcher); remote adds the nudge to the owner
@@ -150,8 +151,8 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
         # add_user_message(start=...), commit_run. Remote, at the caller's process:
         # get_session, unanswered (the backlog bound), add_user_message, the mailbox's
         # answer_for; at the owner: start_run, commit_run, and the take-over after the dirty
-        # release (get_session, unanswered); the watchdog's later take-over: 2 more.
-        "pg_xacts": 3 * local + 10 * remote,
+        # release (get_session, unanswered).
+        "pg_xacts": 3 * local + 8 * remote,
     }
     # Renewals of the leases held meanwhile (LIST + RENEW each).
     for key in ("cmd:time", "cmd:zscore", "cmd:zadd", "cmd:get", "cmd:pexpire"):
