@@ -25,7 +25,7 @@ from typing import Any
 from limits.aio.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from redis import __version__ as redis_version
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -177,13 +177,11 @@ async def pipelined(client: Client, calls: Sequence[Call]) -> list[Any]:
 async def _send(client: Client, calls: Sequence[Call]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for script, keys, args in calls:
-            if isinstance(pipe, ClusterPipeline):
-                # redis-py refuses a script object in a cluster pipeline (it cannot load it
-                # first); EVALSHA by hand is routed by its keys like any command.
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            else:
-                # A pipeline queues the script's EVALSHA (typed as a client in redis-py).
-                await script(keys=keys, args=args, client=pipe)
+            # EVALSHA by hand, in every mode: redis-py refuses a script object in a cluster
+            # pipeline, and in a plain one it sends SCRIPT EXISTS before every execute (one
+            # more round trip per pipeline); a script the server lacks comes back as
+            # NoScriptError, which ``pipelined`` handles.
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
 
 
