@@ -43,7 +43,9 @@ Invariants, each reported under its name:
 ``slow_takeover``
     After a process was killed, a caller in flight at a survivor got its answer, or a message
     in flight at the killed process got its reply stored, later than
-    ``LEASE_TTL_MS x 1.25 + one model call`` (+ ``slack_s``) after the kill.
+    ``LEASE_TTL_MS x 1.5 + one model call`` (+ ``slack_s``) after the kill: the lease runs
+    out, then a watchdog pass every ``LEASE_TTL_MS / 4`` reads half the orphan index's
+    buckets, so two passes find any session (docs/architecture.md, "Watchdog scan").
 ``outage_error``
     A request sent while Redis or PostgreSQL was down, or to a process cut off from Redis
     alone, failed with something other than 503.
@@ -114,7 +116,9 @@ class Limits:
 
     @property
     def takeover_s(self) -> float:
-        return self.lease_ttl_s * 1.25 + self.model_call_s + self.slack_s
+        # TTL + 2 watchdog passes of max(0.2 s, TTL / 4): TTL x 1.5 from TTL 0.8 s up.
+        passes = 2 * max(0.2, self.lease_ttl_s / 4)
+        return self.lease_ttl_s + passes + self.model_call_s + self.slack_s
 
 
 @dataclass(slots=True)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
 
+import asyncpg
+
 FaultKind = Literal["kill", "redis", "postgres", "partition"]
 RequestKind = Literal["load", "probe", "final"]
 
@@ -122,3 +124,25 @@ class Snapshot:
     messages: list[StoredMessage] = field(default_factory=list)
     runs: list[StoredRun] = field(default_factory=list)
     unfinished_at_settle: list[StoredRun] = field(default_factory=list)
+
+
+async def snapshot(db: asyncpg.Pool, user_id: str) -> Snapshot:
+    """Every message and run of ``user_id``'s sessions, as the checker reads them."""
+    messages = await db.fetch(
+        """SELECT m.id, m.session_id, m.seq, m.role, m.content, m.run_id,
+                  extract(epoch FROM m.created_at)::float8 AS created_at
+           FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.user_id = $1""",
+        user_id,
+    )
+    runs = await db.fetch(
+        """SELECT r.id, r.session_id, r.status, r.message_ids, r.reply_message_id,
+                  extract(epoch FROM r.created_at)::float8 AS created_at,
+                  extract(epoch FROM r.started_at)::float8 AS started_at,
+                  extract(epoch FROM r.finished_at)::float8 AS finished_at
+           FROM runs r JOIN sessions s ON s.id = r.session_id WHERE s.user_id = $1""",
+        user_id,
+    )
+    return Snapshot(
+        [StoredMessage(**dict(row)) for row in messages],
+        [StoredRun(**{**dict(row), "message_ids": tuple(row["message_ids"])}) for row in runs],
+    )

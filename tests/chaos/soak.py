@@ -32,7 +32,7 @@ import asyncpg
 
 from tests.chaos.checker import UNFINISHED, Limits, Report, check
 from tests.chaos.faults import PHASES, ChaosLoop, FaultConfig
-from tests.chaos.history import FaultKind, History, Snapshot, StoredMessage, StoredRun
+from tests.chaos.history import FaultKind, History, Snapshot, snapshot
 from tests.chaos.load import Client, LoadConfig, run_load
 from tests.chaos.proxy import ProxyProcess
 from tests.chaos.servers import Fleet
@@ -124,10 +124,10 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
             bursts = await load
         async with _reader(postgres.url) as db:
             stranded = await _settle(db, config.settle_s)
-            settled = await _snapshot(db)
+            settled = await snapshot(db, USER_ID)
             await _final_round(db, client, rng)
-            snapshot = await _snapshot(db)
-            snapshot.unfinished_at_settle = [r for r in settled.runs if r.status in UNFINISHED]
+            found = await snapshot(db, USER_ID)
+            found.unfinished_at_settle = [r for r in settled.runs if r.status in UNFINISHED]
     finally:
         if client is not None:
             await client.aclose()
@@ -137,9 +137,9 @@ async def run_chaos(config: ChaosConfig, rundir: Path) -> ChaosResult:
             await proxies.stop()
         await redis.stop()
         await postgres.destroy()
-    report = check(history, snapshot, config.limits())
-    figures = _figures(history, snapshot, report, bursts, stranded, time.time() - started)
-    result = ChaosResult(config, history, snapshot, report, figures, rundir)
+    report = check(history, found, config.limits())
+    figures = _figures(history, found, report, bursts, stranded, time.time() - started)
+    result = ChaosResult(config, history, found, report, figures, rundir)
     _save(result)
     return result
 
@@ -237,27 +237,6 @@ async def _final_round(db: asyncpg.Pool, client: Client, rng: random.Random) -> 
             client.send(sid, client.content("final", sid), rng.randrange(len(client.urls)), "final")
             for sid in waiting
         )
-    )
-
-
-async def _snapshot(db: asyncpg.Pool) -> Snapshot:
-    messages = await db.fetch(
-        """SELECT m.id, m.session_id, m.seq, m.role, m.content, m.run_id,
-                  extract(epoch FROM m.created_at)::float8 AS created_at
-           FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.user_id = $1""",
-        USER_ID,
-    )
-    runs = await db.fetch(
-        """SELECT r.id, r.session_id, r.status, r.message_ids, r.reply_message_id,
-                  extract(epoch FROM r.created_at)::float8 AS created_at,
-                  extract(epoch FROM r.started_at)::float8 AS started_at,
-                  extract(epoch FROM r.finished_at)::float8 AS finished_at
-           FROM runs r JOIN sessions s ON s.id = r.session_id WHERE s.user_id = $1""",
-        USER_ID,
-    )
-    return Snapshot(
-        [StoredMessage(**dict(row)) for row in messages],
-        [StoredRun(**{**dict(row), "message_ids": tuple(row["message_ids"])}) for row in runs],
     )
 
 

@@ -280,7 +280,7 @@ def test_a_server_that_never_answers_after_a_fault_is_reported(world: World) -> 
 
 def test_a_slow_takeover_after_a_kill_is_reported(world: World) -> None:
     # A caller at server 1 waits through server 0's death; it is answered 4 s after the kill,
-    # beyond 2 s x 1.25 + 0.1 s + 0.5 s.
+    # beyond 2 s x 1.5 + 0.1 s + 0.5 s.
     session = uuid.uuid4()
     world.history.faults.append(Fault("kill", T0 + 20, T0 + 21, server=0))
     _, requests = world.turn(session, ["waited"], T0 + 19, server=1)

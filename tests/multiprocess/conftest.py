@@ -454,3 +454,10 @@ async def gate() -> AsyncIterator[Gate]:
         for writer in opened:
             writer.close()
         await server.wait_closed()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
+    """A checked client of the module's ``servers`` (each module starts its own)."""
+    async with checked_client(servers) as opened:
+        yield opened

@@ -23,7 +23,6 @@ from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
     Server,
-    checked_client,
     history,
     post,
     running_servers,
@@ -47,12 +46,6 @@ async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterat
     env = server_env(pg_dsn, topology, lease_ttl_ms=60_000)
     async with running_servers(3, env, workdir, f"idempotency-{topology.mode}") as started:
         yield started
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with checked_client(servers) as opened:
-        yield opened
 
 
 async def repeats_waiting(

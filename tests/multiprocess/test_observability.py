@@ -29,6 +29,7 @@ from tests.multiprocess.conftest import (
     stored,
     wait_until,
 )
+from tests.redis_topologies import Topology
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
@@ -36,10 +37,12 @@ RUN_ROUTE = "/api/v1/agent/{name}/run"
 POOL_MAX_SIZE = 5  # server_env's, per worker
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+REDIS_MODES = ("standalone", "cluster", "sentinel")
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[Server]:
-    env = server_env(pg_dsn, redis_dsn, workers=2, log_format="json")
+async def server(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterator[Server]:
+    env = server_env(pg_dsn, topology, workers=2, log_format="json")
     (started,) = await start_servers(1, env, workdir, "observed")
     try:
         # /health answered means one worker serves; the other may still be starting. Each

@@ -29,7 +29,6 @@ from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
     Server,
-    checked_client,
     post,
     redis_client,
     running_servers,
@@ -46,12 +45,6 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, py
 async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
     async with running_servers(2, server_env(pg_dsn, redis_dsn), workdir, "routing") as started:
         yield started
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with checked_client(servers) as opened:
-        yield opened
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -24,7 +24,6 @@ from tests.multiprocess.conftest import (
     MakeSession,
     Server,
     assert_one_runner,
-    checked_client,
     history,
     post,
     running_servers,
@@ -46,12 +45,6 @@ async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterat
     env = server_env(pg_dsn, topology)
     async with running_servers(3, env, workdir, f"scale-out-{topology.mode}") as started:
         yield started
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with checked_client(servers) as opened:
-        yield opened
 
 
 @pytest.mark.timeout(60)

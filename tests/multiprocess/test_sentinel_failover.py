@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from tests.chaos.checker import Limits, check
-from tests.chaos.history import Fault, History, Snapshot, StoredMessage, StoredRun
+from tests.chaos.history import Fault, History, snapshot
 from tests.chaos.load import Client, LoadConfig, run_load
 from tests.chaos.soak import ANSWERING
 from tests.multiprocess.conftest import server_env, start_servers
@@ -70,27 +70,6 @@ def _master_port(topology: Topology) -> int | None:
     except Exception:
         return None
     return node.port
-
-
-async def snapshot(db: asyncpg.Pool, user_id: str) -> Snapshot:
-    messages = await db.fetch(
-        """SELECT m.id, m.session_id, m.seq, m.role, m.content, m.run_id,
-                  extract(epoch FROM m.created_at)::float8 AS created_at
-           FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.user_id = $1""",
-        user_id,
-    )
-    runs = await db.fetch(
-        """SELECT r.id, r.session_id, r.status, r.message_ids, r.reply_message_id,
-                  extract(epoch FROM r.created_at)::float8 AS created_at,
-                  extract(epoch FROM r.started_at)::float8 AS started_at,
-                  extract(epoch FROM r.finished_at)::float8 AS finished_at
-           FROM runs r JOIN sessions s ON s.id = r.session_id WHERE s.user_id = $1""",
-        user_id,
-    )
-    return Snapshot(
-        [StoredMessage(**dict(row)) for row in messages],
-        [StoredRun(**{**dict(row), "message_ids": tuple(row["message_ids"])}) for row in runs],
-    )
 
 
 @pytest.mark.timeout(120)

@@ -28,7 +28,6 @@ from tests.multiprocess.conftest import (
     GateCall,
     MakeSession,
     Server,
-    checked_client,
     history,
     post,
     running_servers,
@@ -123,12 +122,6 @@ async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterat
     env = server_env(pg_dsn, topology)
     async with running_servers(3, env, workdir, f"streams-{topology.mode}") as started:
         yield started
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
-    async with checked_client(servers) as opened:
-        yield opened
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -28,6 +28,7 @@ from tests.multiprocess.conftest import (
     start_servers,
     wait_until,
 )
+from tests.redis_topologies import Topology
 from tests.webhook_receiver import running_receiver
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module")]
@@ -42,6 +43,8 @@ WEBHOOKS = {
     "webhook_retry_max_s": 0.2,
     "webhook_poll_interval_s": 0.1,
 }
+
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
 async def message_state(client: httpx.AsyncClient, server: Server, message_id: str) -> Any:
@@ -106,9 +109,9 @@ async def test_one_server_answers_in_the_background_and_delivers_after_a_failure
 @pytest.mark.redis
 @pytest.mark.timeout(90)
 async def test_a_delivery_owed_by_a_killed_process_is_delivered_by_another(
-    pg_dsn: str, redis_dsn: str, workdir: Path, db: asyncpg.Pool
+    pg_dsn: str, topology: Topology, workdir: Path, db: asyncpg.Pool
 ) -> None:
-    env = server_env(pg_dsn, redis_dsn, lease_ttl_ms=1000, **WEBHOOKS)
+    env = server_env(pg_dsn, topology, lease_ttl_ms=1000, **WEBHOOKS)
     async with running_receiver(["hang", "ok"]) as receiver:
         servers = await start_servers(3, env, workdir, "hooks-kill")
         try:
@@ -160,11 +163,11 @@ async def test_a_delivery_owed_by_a_killed_process_is_delivered_by_another(
 @pytest.mark.redis
 @pytest.mark.timeout(60)
 async def test_a_background_message_at_another_process_merges_into_the_owners_run(
-    pg_dsn: str, redis_dsn: str, workdir: Path, gate: Gate, make_session: MakeSession
+    pg_dsn: str, topology: Topology, workdir: Path, gate: Gate, make_session: MakeSession
 ) -> None:
     """The remote path: stored by a process that does not own the session, nudged to the owner,
     and answered there although nobody waits for it at either process."""
-    env = server_env(pg_dsn, redis_dsn, **WEBHOOKS)
+    env = server_env(pg_dsn, topology, **WEBHOOKS)
     async with running_receiver() as receiver:
         owner, other = await start_servers(2, env, workdir, "hooks-remote")
         try:
