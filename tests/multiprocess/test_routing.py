@@ -23,34 +23,44 @@ import httpx
 import pytest
 import pytest_asyncio
 from httpx_sse import aconnect_sse
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
     Server,
     post,
-    redis_client,
     running_servers,
     server_env,
     stored,
     wait_until,
 )
+from tests.redis_topologies import Topology
 from threadline.coordination import keys
+from threadline.coordination.connection import Client, ready
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
 
+# Not yet "cluster": there the events test finds a watching process received 1 of a
+# session's 6 events through sharded pub/sub (its stream still ends complete, from the
+# session's log), which is open work (docs/operations.md, "Redis modes"). The answers test
+# passes there.
+REDIS_MODES = ("standalone", "sentinel")
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def servers(pg_dsn: str, redis_dsn: str, workdir: Path) -> AsyncIterator[list[Server]]:
-    async with running_servers(2, server_env(pg_dsn, redis_dsn), workdir, "routing") as started:
+async def servers(pg_dsn: str, topology: Topology, workdir: Path) -> AsyncIterator[list[Server]]:
+    env = server_env(pg_dsn, topology)
+    async with running_servers(2, env, workdir, f"routing-{topology.mode}") as started:
         yield started
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def redis(redis_dsn: str) -> AsyncIterator[Redis]:
-    opened = redis_client(redis_dsn)
+async def redis(topology: Topology) -> AsyncIterator[Client]:
+    opened = topology.client()
     try:
+        await ready(opened)  # a cluster client learns the slot map
         yield opened
     finally:
         await opened.aclose()
@@ -82,13 +92,20 @@ class Traffic:
         return dict(delta)
 
 
-async def listeners(redis: Redis, *channels: str) -> dict[str, int]:
+async def listeners(redis: Client, *channels: str) -> dict[str, int]:
     """How many connections listen to each channel, plainly or sharded (whichever the servers
     use). (Pub/sub spans the Redis server's databases, where other test runs may listen too:
     only channels named by our own sessions and node ids are asked about.)"""
     counts = dict.fromkeys(channels, 0)
-    for found in (await redis.pubsub_numsub(*channels), await redis.pubsub_shardnumsub(*channels)):
-        for c, n in found:
+    for channel in channels:
+        # In a cluster, a sharded channel's listeners are known to the shard that owns its
+        # slot only: ask that one (redis-py would pick any node).
+        shard: dict[str, Any] = {}
+        if isinstance(redis, RedisCluster):
+            shard["target_nodes"] = redis.get_node_from_key(channel)
+        plain = await redis.pubsub_numsub(channel)
+        sharded = await redis.pubsub_shardnumsub(channel, **shard)
+        for c, n in [*plain, *sharded]:
             counts[c.decode() if isinstance(c, bytes) else c] += int(n)
     return counts
 
@@ -151,7 +168,7 @@ async def test_each_process_receives_only_the_answers_its_own_callers_wait_for(
 async def test_each_process_listens_to_a_sessions_events_only_while_it_watches_it(
     servers: list[Server],
     client: httpx.AsyncClient,
-    redis: Redis,
+    redis: Client,
     make_session: MakeSession,
     gate: Gate,
 ) -> None:
