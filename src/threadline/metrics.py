@@ -34,6 +34,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from threadline.tasks import owned
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -259,12 +261,9 @@ class Sampler:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Sampler]:
-        task = asyncio.create_task(self._tick(), name="threadline-metrics")
         try:
-            yield self
+            async with owned(self._tick(), name="threadline-metrics"):
+                yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             # This process's live gauges stop counting once it stops serving.
             forget_dead_processes(me=os.getpid())

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from threadline import metrics
+from threadline.tasks import owned
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,5 @@ class LoopLagMonitor:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[LoopLagMonitor]:
-        task = asyncio.create_task(self._beat(), name="threadline-loop-lag")
-        try:
+        async with owned(self._beat(), name="threadline-loop-lag"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
