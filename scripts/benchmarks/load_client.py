@@ -52,6 +52,7 @@ import os
 import resource
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,9 +422,8 @@ def _clock_ticks() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
 
 
-def _proc_cpu(match: Any) -> float:
-    """CPU seconds (user + system) of every live process for which ``match(pid, stat)`` holds."""
-    total = 0
+def _proc_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, comm, the fields after comm) of every live process, from /proc/<pid>/stat."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -434,8 +434,14 @@ def _proc_cpu(match: Any) -> float:
             continue
         # comm may hold spaces and parentheses: split after the last ')'.
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if match(int(entry.name), comm, fields):
+        yield int(entry.name), comm, stat[stat.rindex(")") + 2 :].split()
+
+
+def _proc_cpu(match: Any) -> float:
+    """CPU seconds (user + system) of every live process for which ``match(pid, stat)`` holds."""
+    total = 0
+    for pid, comm, fields in _proc_stats():
+        if match(pid, comm, fields):
             total += int(fields[11]) + int(fields[12])
     return total / _clock_ticks()
 
@@ -611,15 +617,11 @@ def group_rss_kib(pgids: list[int]) -> int:
     groups = set(pgids)
     page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
     total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for pid, _, fields in _proc_stats():
+        if int(fields[2]) not in groups:
             continue
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            if int(stat[stat.rindex(")") + 2 :].split()[2]) not in groups:
-                continue
-            with open(f"/proc/{entry.name}/statm") as f:
+            with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * page_kib
         except (OSError, ValueError, IndexError):
             continue
