@@ -78,6 +78,7 @@ class Node:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    argv: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -96,6 +97,15 @@ class Node:
 
     def output(self) -> str:
         return f"--- {self.log.name} ---\n" + self.log.read_text(errors="replace")[-4000:]
+
+    def restart(self) -> None:
+        """The same server again, on its port, in its directory (a cluster node finds its
+        ``nodes.conf`` there; its data is gone: nothing is persisted)."""
+        self.kill()
+        again = _start(self.log.parent, self.log.stem, *self.argv)
+        self.process, self.log = again.process, again.log
+        answering = f"redis-server on {self.port} answering"
+        _until(answering, [self], lambda: _ask(self.port, Redis.ping))
 
 
 @dataclass
@@ -138,6 +148,13 @@ class Topology:
         for node in self.sentinel_nodes + self.nodes:
             node.kill()
 
+    def restart(self) -> None:
+        """Every data node again (empty), a cluster with every slot served again."""
+        for node in self.nodes:
+            node.restart()
+        if self.mode == "cluster":
+            _cluster_ok(self.nodes)
+
 
 def _binary(name: str) -> str:
     found = shutil.which(name)
@@ -162,7 +179,7 @@ def _start(directory: Path, name: str, *argv: str) -> Node:
             start_new_session=True,
         )
     port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 0
-    return Node(port, process, log)
+    return Node(port, process, log, argv)
 
 
 def _until(what: str, nodes: list[Node], check: Any) -> None:
@@ -218,18 +235,28 @@ def start_cluster(directory: Path) -> Topology:
             capture_output=True,
             timeout=START_S,
         )
-        for node in nodes:
-            _until(
-                f"cluster_state:ok on {node.port}",
-                nodes,
-                lambda n=node: _ask(n.port, lambda c: c.cluster("info")["cluster_state"] == "ok"),
-            )
+        _cluster_ok(nodes)
     except BaseException:
         for node in nodes:
             node.kill()
         raise
     seeds = ",".join(f"redis://{n.address}" for n in nodes[:2])  # two seeds: either will do
     return Topology("cluster", seeds, nodes=nodes)
+
+
+def _cluster_ok(nodes: list[Node]) -> None:
+    for node in nodes:
+        _until(
+            f"cluster_state:ok on {node.port}",
+            nodes,
+            lambda n=node: _ask(n.port, lambda c: c.cluster("info")["cluster_state"] == "ok"),
+        )
+
+
+def start_standalone(directory: Path) -> Topology:
+    """A standalone Redis of a test's own, which it may stop and restart."""
+    node = _data_node(directory)
+    return Topology("standalone", f"redis://{node.address}/0", nodes=[node])
 
 
 def start_sentinel(directory: Path) -> Topology:

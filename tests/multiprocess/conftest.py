@@ -31,11 +31,13 @@ import pytest
 import pytest_asyncio
 from redis import __version__ as redis_version
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from tests.conftest import REQUIRE_SERVICES, service_url
 from tests.redis_topologies import Mode, Topology, topology_of
+from threadline.coordination.connection import Client
 from threadline.store import PostgresStore, Session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -461,3 +463,21 @@ async def client(servers: list[Server]) -> AsyncIterator[httpx.AsyncClient]:
     """A checked client of the module's ``servers`` (each module starts its own)."""
     async with checked_client(servers) as opened:
         yield opened
+
+
+async def listeners(redis: Client, *channels: str) -> dict[str, int]:
+    """How many connections listen to each channel, plainly or sharded (whichever the servers
+    use). (Pub/sub spans the Redis server's databases, where other test runs may listen too:
+    only channels named by our own sessions and node ids are asked about.)"""
+    counts = dict.fromkeys(channels, 0)
+    for channel in channels:
+        # In a cluster, a sharded channel's listeners are known to the shard that owns its
+        # slot only: ask that one (redis-py would pick any node).
+        shard: dict[str, Any] = {}
+        if isinstance(redis, RedisCluster):
+            shard["target_nodes"] = redis.get_node_from_key(channel)
+        plain = await redis.pubsub_numsub(channel)
+        sharded = await redis.pubsub_shardnumsub(channel, **shard)
+        for c, n in [*plain, *sharded]:
+            counts[c.decode() if isinstance(c, bytes) else c] += int(n)
+    return counts

@@ -1,9 +1,12 @@
 """Redis goes away under two server processes, then comes back (empty: no persistence).
 
-The test owns its ``redis-server``. While it is down, requests fail fast with 503 and store
-nothing; a run already in flight still finishes and every caller already accepted is answered,
-including the one waiting at the process that does not run the session, whose answer could
-not be published; once Redis is back, bursts across processes work again.
+The test owns its Redis: a standalone ``redis-server``, or a 3-master Redis Cluster whose
+every node is killed and started again (each finds its ``nodes.conf``, so the cluster forms
+again, empty). While it is down, requests fail fast with 503 and store nothing; a run already
+in flight still finishes and every caller already accepted is answered, including the one
+waiting at the process that does not run the session, whose answer could not be published;
+once Redis is back, both processes listen again (in a cluster, each on the shard that owns its
+channel) and bursts across processes work again.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from tests.multiprocess.conftest import (
     SEPARATOR,
@@ -24,17 +26,18 @@ from tests.multiprocess.conftest import (
     Server,
     assert_one_runner,
     history,
+    listeners,
     post,
-    redis_client,
     runs,
     server_env,
-    start_redis,
     start_servers,
     stored,
     user_messages,
     wait_until,
 )
+from tests.redis_topologies import Mode, Topology, start_cluster, start_standalone
 from threadline.coordination import keys
+from threadline.coordination.connection import Client, ready
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
@@ -45,29 +48,30 @@ async def node(client: httpx.AsyncClient, server: Server) -> str:
     return str(metrics["coordinator"]["node"])
 
 
-async def subscribed(redis: Redis, client: httpx.AsyncClient, servers: list[Server]) -> bool:
+async def subscribed(redis: Client, client: httpx.AsyncClient, servers: list[Server]) -> bool:
     """Whether every server listens again on its own channel (where its answers come too)."""
     channels = [keys.node_channel(await node(client, s)) for s in servers]
-    plain = dict(await redis.pubsub_numsub(*channels))
-    sharded = dict(await redis.pubsub_shardnumsub(*channels))
-    return all(plain[c.encode()] + sharded[c.encode()] == 1 for c in channels)
+    return await listeners(redis, *channels) == dict.fromkeys(channels, 1)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["standalone", "cluster"])
 async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
+    mode: Mode,
     pg_dsn: str,
-    redis_server_binary: str,
     workdir: Path,
     db: asyncpg.Pool,
     make_session: MakeSession,
     gate: Gate,
 ) -> None:
-    redis_server = await start_redis(redis_server_binary, workdir)
-    env = server_env(pg_dsn, redis_server.url, lease_ttl_ms=1000)
+    start = start_cluster if mode == "cluster" else start_standalone
+    topology: Topology = await asyncio.to_thread(start, workdir / f"outage-{mode}")
+    env = server_env(pg_dsn, topology, lease_ttl_ms=1000)
     servers: list[Server] = []
-    redis = redis_client(redis_server.url)
+    redis = topology.client()
     try:
-        servers = await start_servers(2, env, workdir, "outage")
+        await ready(redis)
+        servers = await start_servers(2, env, workdir, f"outage-{mode}")
         owner, other = servers
         # ``finished``: its run ends during the outage. ``spanning``: its run is in flight
         # across the outage. ``fresh``: first used during the outage.
@@ -86,13 +90,13 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
             spanning_first = post(client, owner, spanning, halves[0])
             await wait_until(lambda: stored(db, spanning, 1), [spanning_first])
 
-            await redis_server.child.stop()
+            await asyncio.to_thread(topology.stop)
 
             # Every new message fails fast, at either process, and nothing of it is stored.
             for server in servers:
                 for sid, agent in ((finished, "gated"), (spanning, "burst"), (fresh, "burst")):
                     refused = await post(client, server, sid, f"lost?\n{gate.line()}", agent)
-                    assert refused.status_code == 503, refused.text
+                    assert refused.status_code == 503, (refused.text, server.child.logs())
                     assert refused.json()["error"]["code"] == "coordinator_unavailable"
             assert [await user_messages(db, sid) for sid in (finished, spanning, fresh)] == [
                 2,
@@ -108,7 +112,7 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
             reply = answered.json()
             assert reply["message"] == f"echo: {merged.prompt}"
 
-            redis_server = await start_redis(redis_server_binary, workdir, redis_server.port)
+            await asyncio.to_thread(topology.restart)
             # The other process missed the answer published during the outage and finds it in
             # the store once it can take the session over.
             late = await second
@@ -154,10 +158,10 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
     finally:
         await redis.aclose()
         await asyncio.gather(*(s.child.stop() for s in servers))
-        await redis_server.child.stop()
+        await asyncio.to_thread(topology.stop)
 
 
-async def _leased(redis: Redis, session_id: uuid.UUID, owner: bytes | None) -> bool:
+async def _leased(redis: Client, session_id: uuid.UUID, owner: bytes | None) -> bool:
     """Whether node ``owner`` holds the session's lease (None: nobody does)."""
     token = await redis.get(keys.lease(session_id))  # b"node:generation"
     return (token.split(b":")[0] if token is not None else None) == owner

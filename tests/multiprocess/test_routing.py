@@ -23,12 +23,12 @@ import httpx
 import pytest
 import pytest_asyncio
 from httpx_sse import aconnect_sse
-from redis.asyncio.cluster import RedisCluster
 
 from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
     Server,
+    listeners,
     post,
     running_servers,
     server_env,
@@ -42,11 +42,7 @@ from threadline.coordination.connection import Client, ready
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres, pytest.mark.redis]
 
 
-# Not yet "cluster": there the events test finds a watching process received 1 of a
-# session's 6 events through sharded pub/sub (its stream still ends complete, from the
-# session's log), which is open work (docs/operations.md, "Redis modes"). The answers test
-# passes there.
-REDIS_MODES = ("standalone", "sentinel")
+REDIS_MODES = ("standalone", "sentinel", "cluster")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -90,24 +86,6 @@ class Traffic:
         now = await self._read()
         delta = now[direction] - self._start[direction]
         return dict(delta)
-
-
-async def listeners(redis: Client, *channels: str) -> dict[str, int]:
-    """How many connections listen to each channel, plainly or sharded (whichever the servers
-    use). (Pub/sub spans the Redis server's databases, where other test runs may listen too:
-    only channels named by our own sessions and node ids are asked about.)"""
-    counts = dict.fromkeys(channels, 0)
-    for channel in channels:
-        # In a cluster, a sharded channel's listeners are known to the shard that owns its
-        # slot only: ask that one (redis-py would pick any node).
-        shard: dict[str, Any] = {}
-        if isinstance(redis, RedisCluster):
-            shard["target_nodes"] = redis.get_node_from_key(channel)
-        plain = await redis.pubsub_numsub(channel)
-        sharded = await redis.pubsub_shardnumsub(channel, **shard)
-        for c, n in [*plain, *sharded]:
-            counts[c.decode() if isinstance(c, bytes) else c] += int(n)
-    return counts
 
 
 @pytest.mark.timeout(30)

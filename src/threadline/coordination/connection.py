@@ -32,11 +32,15 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from threadline.config import Settings
 
 # Either client: both run the commands threadline uses (scripts, pipelines, pub/sub).
+# What a Redis call raises when Redis cannot serve it. redis-py's cluster client raises
+# ``RedisClusterException`` (not a ``RedisError``) when no node answers or a slot has no owner.
+FAILURES = (RedisError, RedisClusterException, OSError)
+
 Client = Redis | RedisCluster
 Script = AsyncScript
 # One step of a pipeline: a script, its keys, its arguments.

@@ -56,10 +56,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from threadline.coordination import keys, scripts
-from threadline.coordination.connection import Call, Client, Script, pipelined
+from threadline.coordination.connection import FAILURES, Call, Client, Script, pipelined
 from threadline.errors import CoordinatorUnavailable
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ async def bounded(timeout_s: float) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(timeout_s):
             yield
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (*FAILURES, TimeoutError) as exc:
         raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
 
 
