@@ -46,7 +46,10 @@ from services import Processes, free_port, wait_healthy
 REPO = Path(__file__).resolve().parent.parent.parent
 PG_STATS_SETTLE_S = 13.0
 RENEW_S = 6.0 / 3  # LEASE_TTL_MS (default 6 s) / 3
-METRIC = re.compile(r'^threadline_redis_pubsub_(published|received)_total\{kind="(\w+)"\} (\S+)$')
+METRIC = re.compile(
+    r'^threadline_redis_(pubsub_published|pubsub_received|takeovers)_total'
+    r'\{(?:kind|reason)="(\w+)"\} (\S+)$'
+)
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Snapshot:
                 "pg_xacts": self.xacts - other.xacts,
             }
         )
-        found.update({f"pubsub:{k}": v for k, v in (self.pubsub - other.pubsub).items()})
+        found.update(self.pubsub - other.pubsub)
         return found
 
 
@@ -98,7 +101,8 @@ async def snapshot(
         for line in text.splitlines():
             match = METRIC.match(line)
             if match:
-                pubsub[f"{match[1]}:{match[2]}"] += int(float(match[3]))
+                family = match[1].replace("pubsub_", "pubsub:").replace("takeovers", "takeover")
+                pubsub[f"{family}:{match[2]}"] += int(float(match[3]))
     return Snapshot(
         time.monotonic(),
         commands,
