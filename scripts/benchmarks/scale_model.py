@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PG_STATS_SETTLE_S = 13.0
 RENEW_S = 6.0 / 3  # LEASE_TTL_MS (default 6 s) / 3
 METRIC = re.compile(
-    r'^threadline_redis_(pubsub_published|pubsub_received|takeovers)_total'
+    r"^threadline_redis_(pubsub_published|pubsub_received|takeovers)_total"
     r'\{(?:kind|reason)="(\w+)"\} (\S+)$'
 )
 
@@ -116,14 +116,25 @@ async def snapshot(
     )
 
 
-def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, float]:
+def predict(
+    local: float, remote: float, renewals: float = 0.0, cleanups: float = 0.0
+) -> dict[str, float]:
     """The scale model's counts for ``local`` turns (the lease was free where the message
     arrived) and ``remote`` ones (held by another process: its caller waits at one process,
     the owner runs it), on standalone Redis with unsharded pub/sub, with the bucketed orphan
-    index (every script on one slot; the index written by LIST/UNLIST calls of its own). Not
-    in it: SCRIPT EXISTS, one per pipeline that redis-py sends with scripts in it (a claim,
-    an event batch, a renewal), which depends on batching; see the doc."""
+    index (every script on one slot; the index written by LIST/UNLIST calls of its own).
+    ``renewals``: leases renewed meanwhile; ``cleanups``: sessions a watchdog claimed and let
+    go again, finding nothing to run (an index entry left by a remote turn, below). Not in it:
+    SCRIPT EXISTS, one per pipeline that redis-py sends with scripts in it (a claim, an event
+    batch, a renewal), which depends on batching; see the doc."""
     turns = local + remote
+    # A remote caller's LISTs raise the session's index score, so the owner's UNLIST at the
+    # end of that lease matches nothing and leaves the entry (for a watchdog to clean up once
+    # the session is quiet), unless a renewal re-listed the session after them. Lease
+    # periods with no remote turn in them (at most one per period: local - remote) end with a
+    # matching UNLIST; of the periods with one, those a renewal fell into after the remote
+    # LIST, estimated as the renewals' share of remote turns.
+    unlisted = max(local - remote, 0.0) + renewals * remote / max(turns, 1.0)
     found = {
         # Local: LIST + CLAIM (one pipeline), RELEASE, UNLIST, 2 x PUBLISH_EVENT. Remote, at
         # the caller's process: LIST + CLAIM (finds it held), INFLIGHT, LIST + NUDGE +
@@ -133,10 +144,8 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
         "cmd:time": local + 3 * remote,
         "cmd:zscore": 2 * local + 2 * remote,
         "cmd:zadd": local + 3 * remote,
-        # The caller's LISTs raise the index entry's score, so the owner's UNLIST after a
-        # remote turn matches nothing (unless a renewal re-listed it since) and leaves the
-        # entry until a watchdog finds it due once the session is quiet: a lower bound.
-        "cmd:zrem": local,
+        # ANNOUNCED (the remote caller's in-flight entry) and the UNLISTs that match.
+        "cmd:zrem": remote + unlisted,
         "cmd:get": 2 * local + 3 * remote,
         "cmd:set": turns,
         "cmd:del": 2 * local + remote,
@@ -162,6 +171,21 @@ def predict(local: float, remote: float, renewals: float = 0.0) -> dict[str, flo
     for key in ("cmd:time", "cmd:zscore", "cmd:zadd", "cmd:get", "cmd:pexpire"):
         found[key] += renewals
     found["cmd:evalsha"] += 2 * renewals
+    # A cleanup is a local turn's LIST, CLAIM, RELEASE and matching UNLIST without the run:
+    # no events, and the take-over's two reads (get_session, unanswered) in PostgreSQL.
+    for key, count in {
+        "cmd:evalsha": 4,
+        "cmd:time": 1,
+        "cmd:zscore": 2,
+        "cmd:zadd": 1,
+        "cmd:zrem": 1,
+        "cmd:get": 2,
+        "cmd:set": 1,
+        "cmd:del": 2,
+        "pg_xacts": 2,
+        "takeover:orphan": 1,
+    }.items():
+        found[key] = found.get(key, 0.0) + count * cleanups
     return found
 
 
@@ -303,7 +327,10 @@ async def measure(args: argparse.Namespace, count: int, workdir: Path) -> dict[s
     # A lease is held about as long as its caller waits; every RENEW_S each held lease is
     # renewed once (one RENEW script: TIME, GET, ZADD, PEXPIRE).
     renewals = sum(LATENCIES) / RENEW_S
-    predicted = {k: v / turns for k, v in predict(turns - remote, remote, renewals).items()}
+    cleanups = busy.get("takeover:orphan", 0.0)
+    predicted = {
+        k: v / turns for k, v in predict(turns - remote, remote, renewals, cleanups).items()
+    }
     return {
         "processes": count,
         "routing": args.routing,
