@@ -149,11 +149,17 @@ class Topology:
             node.kill()
 
     def restart(self) -> None:
-        """Every data node again (empty), a cluster with every slot served again."""
+        """Every node again (the data empty): a cluster with every slot served, or the
+        master, its replica in sync and the sentinels agreeing on both."""
         for node in self.nodes:
             node.restart()
         if self.mode == "cluster":
             _cluster_ok(self.nodes)
+        if self.mode == "sentinel":
+            _in_sync(self.nodes)
+            for sentinel in self.sentinel_nodes:
+                sentinel.restart()
+            _sentinels_agree(self.nodes, self.sentinel_nodes)
 
 
 def _binary(name: str) -> str:
@@ -259,6 +265,28 @@ def start_standalone(directory: Path) -> Topology:
     return Topology("standalone", f"redis://{node.address}/0", nodes=[node])
 
 
+def _in_sync(nodes: list[Node]) -> None:
+    """The replica (``nodes[1]``) replicates the master."""
+    _until(
+        "the replica in sync",
+        nodes,
+        lambda: _ask(nodes[1].port, lambda c: c.info("replication")["master_link_status"] == "up"),
+    )
+
+
+def _sentinels_agree(nodes: list[Node], sentinels: list[Node]) -> None:
+    def agreed() -> bool:
+        for sentinel in sentinels:
+            with contextlib.closing(_client(sentinel.port)) as client:
+                if len(client.sentinel_sentinels(SERVICE)) < 2:
+                    return False
+                if not client.sentinel_slaves(SERVICE):
+                    return False
+        return True
+
+    _until("three sentinels that know the replica and each other", nodes + sentinels, agreed)
+
+
 def start_sentinel(directory: Path) -> Topology:
     """A master, its replica, and three sentinels that agree on both."""
     nodes: list[Node] = []
@@ -268,13 +296,7 @@ def start_sentinel(directory: Path) -> Topology:
         nodes.append(master)
         replica = _data_node(directory, "--replicaof", "127.0.0.1", str(master.port))
         nodes.append(replica)
-        _until(
-            "the replica in sync",
-            nodes,
-            lambda: _ask(
-                replica.port, lambda c: c.info("replication")["master_link_status"] == "up"
-            ),
-        )
+        _in_sync(nodes)
         for _ in range(3):
             port = _free_port()
             home = directory / f"sentinel-{port}"
@@ -292,16 +314,7 @@ def start_sentinel(directory: Path) -> Topology:
             )
             sentinels[-1].port = port
 
-        def agreed() -> bool:
-            for sentinel in sentinels:
-                with contextlib.closing(_client(sentinel.port)) as client:
-                    if len(client.sentinel_sentinels(SERVICE)) < 2:
-                        return False
-                    if not client.sentinel_slaves(SERVICE):
-                        return False
-            return True
-
-        _until("three sentinels that know the replica and each other", nodes + sentinels, agreed)
+        _sentinels_agree(nodes, sentinels)
     except BaseException:
         for node in sentinels + nodes:
             node.kill()

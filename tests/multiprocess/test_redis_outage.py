@@ -1,8 +1,9 @@
 """Redis goes away under two server processes, then comes back (empty: no persistence).
 
-The test owns its Redis: a standalone ``redis-server``, or a 3-master Redis Cluster whose
-every node is killed and started again (each finds its ``nodes.conf``, so the cluster forms
-again, empty). While it is down, requests fail fast with 503 and store nothing; a run already
+The test owns its Redis, in each mode: a standalone ``redis-server``; a 3-master Redis
+Cluster whose every node is killed and started again (each finds its ``nodes.conf``, so the
+cluster forms again, empty); a master, its replica and three sentinels, all killed and started
+again (the sentinels from the configuration they rewrote). While it is down, requests fail fast with 503 and store nothing; a run already
 in flight still finishes and every caller already accepted is answered, including the one
 waiting at the process that does not run the session, whose answer could not be published;
 once Redis is back, both processes listen again (in a cluster, each on the shard that owns its
@@ -35,7 +36,13 @@ from tests.multiprocess.conftest import (
     user_messages,
     wait_until,
 )
-from tests.redis_topologies import Mode, Topology, start_cluster, start_standalone
+from tests.redis_topologies import (
+    Mode,
+    Topology,
+    start_cluster,
+    start_sentinel,
+    start_standalone,
+)
 from threadline.coordination import keys
 from threadline.coordination.connection import Client, ready
 
@@ -55,7 +62,7 @@ async def subscribed(redis: Client, client: httpx.AsyncClient, servers: list[Ser
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["standalone", "cluster"])
+@pytest.mark.parametrize("mode", ["standalone", "cluster", "sentinel"])
 async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
     mode: Mode,
     pg_dsn: str,
@@ -64,9 +71,15 @@ async def test_redis_outage_fails_fast_loses_nothing_and_recovers(
     make_session: MakeSession,
     gate: Gate,
 ) -> None:
-    start = start_cluster if mode == "cluster" else start_standalone
+    start = {"standalone": start_standalone, "cluster": start_cluster, "sentinel": start_sentinel}[
+        mode
+    ]
     topology: Topology = await asyncio.to_thread(start, workdir / f"outage-{mode}")
-    env = server_env(pg_dsn, topology, lease_ttl_ms=1000)
+    # The run in flight across the outage is superseded by the burst's second half after it:
+    # MERGE_MAX_WAIT_MS must outlast the outage (in Sentinel mode each refused request waits
+    # out REDIS_TIMEOUT_S, 2 s, for the sentinels), or the second half waits behind a run that
+    # never ends (the burst agent answers only a complete burst).
+    env = server_env(pg_dsn, topology, lease_ttl_ms=1000, merge_max_wait_ms=120_000)
     servers: list[Server] = []
     redis = topology.client()
     try:
