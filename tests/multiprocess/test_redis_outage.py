@@ -3,11 +3,12 @@
 The test owns its Redis, in each mode: a standalone ``redis-server``; a 3-master Redis
 Cluster whose every node is killed and started again (each finds its ``nodes.conf``, so the
 cluster forms again, empty); a master, its replica and three sentinels, all killed and started
-again (the sentinels from the configuration they rewrote). While it is down, requests fail fast with 503 and store nothing; a run already
-in flight still finishes and every caller already accepted is answered, including the one
-waiting at the process that does not run the session, whose answer could not be published;
-once Redis is back, both processes listen again (in a cluster, each on the shard that owns its
-channel) and bursts across processes work again.
+again (the sentinels from the configuration they rewrote). While it is down, requests fail
+fast with 503 and store nothing; a run already in flight still finishes and every caller
+already accepted is answered, including the one waiting at the process that does not run the
+session, whose answer could not be published; once Redis is back, both processes listen again
+(in a cluster, each on the shard that owns its channel) and bursts across processes work
+again.
 """
 
 from __future__ import annotations
