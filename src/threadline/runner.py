@@ -68,7 +68,6 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from threadline import logs, metrics
 from threadline.agents import AgentRegistry, LoadedAgent, RunDeps
-from threadline.agents.tool_errors import TOOL_ERRORS
 from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
 from threadline.errors import (
     AgentNotFound,
@@ -492,7 +491,6 @@ class TurnRunner:
                         deps=deps,
                         # The newest answered message's caller's, appended to the agent's own.
                         instructions=options.instructions,
-                        capabilities=[TOOL_ERRORS],
                     ) as agent_run,
                 ):
                     await self._drive(job, agent_run, _streams(turn), model_calls)

