@@ -221,11 +221,12 @@ def _data_node(directory: Path, *extra: str, cluster: bool = False) -> Node:
     raise AssertionError("unreachable")
 
 
-def start_cluster(directory: Path) -> Topology:
-    """Three masters, every slot assigned, ``cluster_state:ok`` on each."""
+def start_cluster(directory: Path, replicas: int = 0) -> Topology:
+    """Three masters (each with ``replicas`` replicas), every slot assigned,
+    ``cluster_state:ok`` on each node."""
     nodes: list[Node] = []
     try:
-        for _ in range(3):
+        for _ in range(3 * (1 + replicas)):
             nodes.append(_data_node(directory, cluster=True))
         subprocess.run(
             [
@@ -234,7 +235,7 @@ def start_cluster(directory: Path) -> Topology:
                 "create",
                 *(n.address for n in nodes),
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -242,12 +243,38 @@ def start_cluster(directory: Path) -> Topology:
             timeout=START_S,
         )
         _cluster_ok(nodes)
+        if replicas:
+            _until(
+                "every replica in sync",
+                nodes,
+                lambda: all(
+                    _ask(n.port, lambda c: c.info("replication").get("master_link_status", "up"))
+                    == "up"
+                    for n in nodes
+                ),
+            )
     except BaseException:
         for node in nodes:
             node.kill()
         raise
     seeds = ",".join(f"redis://{n.address}" for n in nodes[:2])  # two seeds: either will do
     return Topology("cluster", seeds, nodes=nodes)
+
+
+def cluster_masters(topology: Topology) -> list[Node]:
+    """The nodes a live node of the cluster sees as masters serving slots now."""
+    for node in topology.nodes:
+        if not node.running:
+            continue
+        with contextlib.suppress(RedisError, OSError):
+            seen = _ask(node.port, lambda c: c.execute_command("CLUSTER NODES"))
+            ports = {
+                int(address.rsplit(":", 1)[1])
+                for address, info in seen.items()
+                if "master" in info["flags"] and "fail" not in info["flags"] and info["slots"]
+            }
+            return [n for n in topology.nodes if n.port in ports]
+    return []
 
 
 def _cluster_ok(nodes: list[Node]) -> None:

@@ -18,10 +18,12 @@ Nothing here connects: clients connect on their first command.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from limits.aio.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from redis import __version__ as redis_version
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -36,11 +38,12 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from threadline.config import Settings
 
-# Either client: both run the commands threadline uses (scripts, pipelines, pub/sub).
 # What a Redis call raises when Redis cannot serve it. redis-py's cluster client raises
 # ``RedisClusterException`` (not a ``RedisError``) when no node answers or a slot has no owner.
 FAILURES = (RedisError, RedisClusterException, OSError)
+_REDIS_PY = os.path.dirname(redis.__file__) + os.sep
 
+# Either client: both run the commands threadline uses (scripts, pipelines, pub/sub).
 Client = Redis | RedisCluster
 Script = AsyncScript
 # One step of a pipeline: a script, its keys, its arguments.
@@ -74,6 +77,21 @@ def endpoint(settings: Settings) -> Endpoint:
         username = username or parsed.get("username")
         password = password or parsed.get("password")
     return Endpoint(tuple(nodes), db, username, password, ssl)
+
+
+def raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of redis-py (a frame of its code is on the way), whatever its
+    type. During a cluster failover redis-py's cluster client can trip over a connection that
+    another task closed under it, seen as ``AttributeError: 'NoneType' object has no attribute
+    'writelines'`` and as uvloop's ``RuntimeError: unable to perform operation on
+    <TCPTransport closed=True ...>`` from ``Connection._send_packed_command``: Redis could not
+    serve the call, which is not a bug of the code around it."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PY):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _common(settings: Settings) -> dict[str, Any]:

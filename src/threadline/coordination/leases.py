@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -58,11 +59,20 @@ from uuid import UUID
 from redis.asyncio import Redis
 
 from threadline.coordination import keys, scripts
-from threadline.coordination.connection import FAILURES, Call, Client, Script, pipelined
+from threadline.coordination.connection import (
+    FAILURES,
+    Call,
+    Client,
+    Script,
+    pipelined,
+    raised_in_client,
+)
 from threadline.errors import CoordinatorUnavailable
 
 if TYPE_CHECKING:
     from threadline.coordination.channels import Channels
+
+log = logging.getLogger(__name__)
 
 # Buckets of the orphan index one watchdog pass reads: a full round takes
 # N_BUCKETS / BUCKETS_PER_TICK passes.
@@ -74,12 +84,18 @@ Release = Literal["released", "dirty", "lost", "unheld"]
 @contextlib.asynccontextmanager
 async def bounded(timeout_s: float) -> AsyncIterator[None]:
     """One Redis step, bounded as a whole (connection wait, retries and all) by
-    ``REDIS_TIMEOUT_S``; any failure is ``CoordinatorUnavailable`` (503)."""
+    ``REDIS_TIMEOUT_S``; any failure is ``CoordinatorUnavailable`` (503), as is anything
+    redis-py itself raised (logged with its traceback); other exceptions pass."""
     try:
         async with asyncio.timeout(timeout_s):
             yield
     except (*FAILURES, TimeoutError) as exc:
         raise CoordinatorUnavailable(f"Redis is unreachable: {exc}") from exc
+    except Exception as exc:
+        if not raised_in_client(exc):
+            raise
+        log.warning("the Redis client failed", exc_info=True)
+        raise CoordinatorUnavailable(f"the Redis client failed: {exc!r}") from exc
 
 
 class Leases:

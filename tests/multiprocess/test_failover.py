@@ -1,12 +1,16 @@
-"""A Sentinel failover under load: the master is killed (SIGKILL) while two server processes
-answer a steady load over many sessions; the sentinels promote the replica, the servers find
-it through them, and the load goes on.
+"""A failover under load: a master is killed (SIGKILL) while two server processes answer a
+steady load over many sessions, and a replica takes its place; the load goes on.
+
+* Sentinel: one master and its replica; the sentinels promote the replica and the servers
+  find it through them.
+* Cluster: three masters with a replica each; the dead master's replica wins the election for
+  its slots, and the servers' cluster clients follow the new slot map.
 
 Checked afterwards from PostgreSQL with the chaos checker (``tests/chaos/checker.py``): no
 message lost, none stored twice, none answered twice, every caller got a defined answer (a
 success, or a 503 ``coordinator_unavailable`` while there was no master), none hung, and the
 servers answered again within the recovery bound once a master was back. The topology is
-the test's own: the session's shared one keeps its master.
+the test's own: the session's shared ones keep their masters.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import random
 import signal
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -26,7 +31,14 @@ from tests.chaos.history import Fault, History, snapshot
 from tests.chaos.load import Client, LoadConfig, run_load
 from tests.chaos.soak import ANSWERING
 from tests.multiprocess.conftest import server_env, start_servers
-from tests.redis_topologies import SERVICE, Topology, start_sentinel
+from tests.redis_topologies import (
+    Mode,
+    Node,
+    Topology,
+    cluster_masters,
+    start_cluster,
+    start_sentinel,
+)
 from threadline.store import PostgresStore
 
 pytestmark = [
@@ -55,28 +67,43 @@ WHERE s.user_id = $1 AND r.status IN ('queued', 'running')
 """
 
 
-async def promoted(topology: Topology, old_port: int) -> None:
-    """Wait until the sentinels name another master and it answers as one."""
+def master_of(topology: Topology) -> Node:
+    """The master to kill: Sentinel's, or the first of the cluster's."""
+    if topology.mode == "cluster":
+        return cluster_masters(topology)[0]
+    return topology.master()
+
+
+async def promoted(topology: Topology, old: Node) -> None:
+    """Wait until a replica has taken the killed master's place and answers as master."""
     while True:
         await asyncio.sleep(0.1)
-        master = await asyncio.to_thread(_master_port, topology)
-        if master is not None and master != old_port:
+        if await asyncio.to_thread(_replaced, topology, old):
             return
 
 
-def _master_port(topology: Topology) -> int | None:
+def _replaced(topology: Topology, old: Node) -> bool:
     try:
-        node = topology.master()
+        if topology.mode == "cluster":
+            masters = cluster_masters(topology)
+            return len(masters) == 3 and old not in masters
+        return topology.master().port != old.port
     except Exception:
-        return None
-    return node.port
+        return False
 
 
 @pytest.mark.timeout(120)
-async def test_a_sentinel_failover_mid_load_loses_nothing_and_answers_nothing_twice(
-    pg_dsn: str, workdir: Path, db: asyncpg.Pool, store: PostgresStore, tmp_path: Path
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+async def test_a_failover_mid_load_loses_nothing_and_answers_nothing_twice(
+    mode: Mode,
+    pg_dsn: str,
+    workdir: Path,
+    db: asyncpg.Pool,
+    store: PostgresStore,
+    tmp_path: Path,
 ) -> None:
-    topology = await asyncio.to_thread(start_sentinel, tmp_path / "sentinel")
+    start = start_sentinel if mode == "sentinel" else partial(start_cluster, replicas=1)
+    topology = await asyncio.to_thread(start, tmp_path / mode)
     user_id = f"failover-{uuid.uuid4().hex}"
     servers = []
     client: Client | None = None
@@ -92,7 +119,7 @@ async def test_a_sentinel_failover_mid_load_loses_nothing_and_answers_nothing_tw
             redis_timeout_s=REDIS_TIMEOUT_S,
             echo_delay_ms=ECHO_DELAY_MS,
         )
-        servers = await start_servers(2, env, workdir, "failover")
+        servers = await start_servers(2, env, workdir, f"failover-{mode}")
         client = Client([s.url for s in servers], history, timeout_s=30.0)
         stop = asyncio.Event()
         rng = random.Random(13)
@@ -100,12 +127,12 @@ async def test_a_sentinel_failover_mid_load_loses_nothing_and_answers_nothing_tw
         await asyncio.sleep(LOAD_BEFORE_S)  # the load runs meanwhile
         assert not load.done()
 
-        old = topology.master()
+        old = master_of(topology)
         began = time.time()
         old.kill(signal.SIGKILL)
-        await promoted(topology, old.port)
+        await promoted(topology, old)
         history.faults.append(
-            Fault("redis", began, time.time(), detail=f"{SERVICE} master killed, replica promoted")
+            Fault("redis", began, time.time(), detail=f"{mode}: master killed, replica promoted")
         )
         await asyncio.sleep(LOAD_AFTER_S)
         stop.set()
@@ -128,7 +155,12 @@ async def test_a_sentinel_failover_mid_load_loses_nothing_and_answers_nothing_tw
     finally:
         if client is not None:
             await client.aclose()
-        logs = "\n".join(s.child.logs() for s in servers)
+        # Everything but the INFO lines (warnings, errors and their tracebacks), from the
+        # start: the last lines alone would miss what happened at the failover.
+        logs = "\n".join(
+            f"--- {s.name} ---\n" + "".join(line for line in s.child.output if " INFO " not in line)
+            for s in servers
+        )
         await asyncio.gather(*(s.child.stop() for s in servers))
         await asyncio.to_thread(topology.stop)
 
