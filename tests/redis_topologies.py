@@ -350,22 +350,25 @@ def start_sentinel(directory: Path) -> Topology:
     return Topology("sentinel", None, addresses, nodes=nodes, sentinel_nodes=sentinels)
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    topology = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+@contextlib.contextmanager
+def running(topology: Topology) -> Iterator[Topology]:
+    """The topology, stopped on the way out (a fixture's body)."""
     try:
         yield topology
     finally:
         topology.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    with running(start_cluster(tmp_path_factory.mktemp("redis-cluster"))) as topology:
+        yield topology
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    topology = start_sentinel(tmp_path_factory.mktemp("redis-sentinel"))
-    try:
+    with running(start_sentinel(tmp_path_factory.mktemp("redis-sentinel"))) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 def topology_of(request: pytest.FixtureRequest, mode: Mode) -> Topology:

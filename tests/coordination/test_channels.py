@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.driver_info import DriverInfo
 
-from tests.redis_topologies import Topology, start_cluster
+from tests.redis_topologies import Topology, running, start_cluster
 from threadline.coordination import keys, scripts
 from threadline.coordination.channels import Channels, Kind
 from threadline.coordination.connection import pipelined
@@ -33,11 +33,8 @@ PER_CHANNEL = 20
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    topology = start_cluster(tmp_path_factory.mktemp("channels-cluster"))
-    try:
+    with running(start_cluster(tmp_path_factory.mktemp("channels-cluster"))) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 @pytest.fixture
