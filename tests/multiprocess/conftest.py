@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -35,7 +34,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
-from tests.conftest import REQUIRE_SERVICES, service_url
+from tests.conftest import service_url
 from tests.redis_topologies import Mode, Topology, topology_of
 from threadline.coordination.connection import Client
 from threadline.store import PostgresStore, Session
@@ -377,18 +376,6 @@ def topology(request: pytest.FixtureRequest) -> Topology:
 @pytest.fixture(scope="module")
 def redis_dsn() -> str:
     return service_url("THREADLINE_TEST_REDIS_URL")
-
-
-@pytest.fixture(scope="module")
-def redis_server_binary() -> str:
-    """``redis-server``, for tests that run (and stop) a Redis of their own."""
-    found = shutil.which("redis-server")
-    if found is None:
-        message = "redis-server is not on PATH: the Redis outage test starts its own"
-        if REQUIRE_SERVICES:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 @pytest.fixture(scope="module")

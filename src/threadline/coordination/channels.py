@@ -248,6 +248,9 @@ class Channels:
         for name in list(link.channels):
             await self._send_subscribe(name, again=True)
         link.broken = False
+        self._tell_lost()
+
+    def _tell_lost(self) -> None:
         for callback in self._on_lost:
             callback()
 
@@ -268,8 +271,7 @@ class Channels:
                 log.warning("Redis dropped the subscription to %r; subscribing again", name)
                 link.channels.discard(name)
                 await self._send_subscribe(name, again=True)
-                for callback in self._on_lost:
-                    callback()
+                self._tell_lost()
             if self._leaving[name] <= 0:
                 del self._leaving[name]
         elif kind in _MESSAGES:
