@@ -160,23 +160,35 @@ def main() -> int:
                 measured = raw["measured"]
                 ok = len(measured["latencies_ms"])
                 lags = [r["loop_lag"]["max_ms"] for r in raw["metrics_after"]]
+                p99s = [r["loop_lag"]["p99_ms"] for r in raw["metrics_after"]]
+                latencies = sorted(measured["latencies_ms"])
                 rows.setdefault(name, []).append(
                     {
                         "cpu": raw["cpu_s"]["server"] * 1000 / ok if ok else float("nan"),
                         "rps": ok / measured["elapsed_s"],
                         "lag": max(lags, default=float("nan")),
+                        "lag_p99": max(p99s, default=float("nan")),
+                        "p99": latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
                         "errors": sum(measured["errors"].values()),
                     }
                 )
 
-    print("| variant | CPU ms/req (median) | req/s (median) | loop lag max (median) | errors |")
-    print("|---|---|---|---|---|")
+    print(
+        "| variant | CPU ms/req (median) | req/s (median) | loop lag max / p99 (medians) "
+        "| latency p99 (median) | errors |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, results in rows.items():
         cpu = statistics.median(r["cpu"] for r in results)
         rps = statistics.median(r["rps"] for r in results)
         lag = statistics.median(r["lag"] for r in results)
+        lag_p99 = statistics.median(r["lag_p99"] for r in results)
+        p99 = statistics.median(r["p99"] for r in results)
         errors = sum(int(r["errors"]) for r in results)
-        print(f"| {name} | {cpu:.2f} | {rps:.0f} | {lag:.0f} ms | {errors} |")
+        print(
+            f"| {name} | {cpu:.2f} | {rps:.0f} | {lag:.0f} / {lag_p99:.0f} ms | {p99:,.0f} ms "
+            f"| {errors} |"
+        )
     return 0
 
 

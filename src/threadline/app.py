@@ -32,6 +32,7 @@ from threadline.api.access import KeyRequired, LoopbackOnly
 from threadline.api.deps import Services, ServicesDep, require_admin
 from threadline.api.errors import PayloadTooLarge, error_response
 from threadline.api.gate import open_gate
+from threadline.api.intake import Intake
 from threadline.api.openai import router as openai_router
 from threadline.api.routes import router
 from threadline.api.telemetry import RequestTelemetry
@@ -276,6 +277,10 @@ def create_app(
     app.add_middleware(KeyRequired if settings.keyed else LoopbackOnly)
     if tracing is not None:
         tracing.instrument_app(app)
+    if settings.intake_concurrency:
+        # Outside all but the telemetry: a request waiting for a slot has cost next to
+        # nothing yet, and its log line and latency still count the wait.
+        app.add_middleware(Intake, slots=settings.intake_concurrency)
     # Outermost of ours: every response gets a request id, a log line and its metrics,
     # refusals by the one above included.
     app.add_middleware(RequestTelemetry)

@@ -131,6 +131,11 @@ SLOT_WAIT = Histogram(
     "How long a session that found every concurrency slot taken waited for one.",
     buckets=_LATENCY,
 )
+INTAKE_WAITING = Gauge(
+    "threadline_intake_waiting",
+    "Requests waiting for an intake slot (INTAKE_CONCURRENCY) before the server reads them.",
+    multiprocess_mode="livesum",
+)
 CALLERS_WAITING = Gauge(
     "threadline_callers_waiting",
     "Callers (requests, streams) waiting for their message's answer.",

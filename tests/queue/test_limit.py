@@ -43,11 +43,21 @@ def test_a_fixed_limit_ignores_every_sample() -> None:
 def test_grows_to_its_maximum_while_latency_and_lag_stay_healthy() -> None:
     limit = AdaptiveLimit(initial=32, maximum=128)
     seen = [limit.value]
-    for _ in range(400):
+    for _ in range(2500):
         saturate(limit, 1)
         seen.append(limit.value)
     assert seen == sorted(seen)  # never shrinks on healthy samples
     assert limit.value == 128
+
+
+def test_grows_by_its_headroom_per_round_of_runs_not_per_run() -> None:
+    """Additive increase: a limit's worth of healthy runs adds about ``headroom`` slots (4),
+    where adding it per run (Gradient2) would have added 0.8 per run, 32 in that round."""
+    limit = AdaptiveLimit(initial=40, maximum=256)
+    saturate(limit, 40)
+    assert 43 <= limit.value <= 44
+    saturate(limit, 44)
+    assert 47 <= limit.value <= 48
 
 
 def test_does_not_grow_while_less_than_half_its_slots_are_taken() -> None:
@@ -60,7 +70,7 @@ def test_does_not_grow_while_less_than_half_its_slots_are_taken() -> None:
 
 def test_shrinks_when_latency_rises_against_its_baseline() -> None:
     limit = AdaptiveLimit(initial=32, maximum=128)
-    saturate(limit, 600)
+    saturate(limit, 2500)
     assert limit.value == 128
     seen = []
     for _ in range(30):
@@ -72,7 +82,7 @@ def test_shrinks_when_latency_rises_against_its_baseline() -> None:
 
 def test_a_single_slow_run_moves_the_limit_only_a_little() -> None:
     limit = AdaptiveLimit(initial=32, maximum=128)
-    saturate(limit, 600)
+    saturate(limit, 2500)
     limit.observe_latency(20 * BASE, limit.value)
     assert limit.value >= 128 * 0.9
 
@@ -110,7 +120,7 @@ def test_settles_where_the_loop_starts_to_lag(capacity: int) -> None:
     above it, where lag reaches the target, and stays in a narrow band."""
     limit = AdaptiveLimit(initial=32, minimum=4, maximum=256, lag_target_s=TARGET)
     seen = []
-    for _ in range(3000):
+    for _ in range(6000):
         running = limit.value
         limit.observe_latency(BASE, running)
         limit.observe_lag(0.001 + 0.002 * max(0, running - capacity), running)

@@ -4,7 +4,8 @@
 (github.com/Netflix/concurrency-limits, ``limit/Gradient2Limit.java``): compare a short-term
 latency average with a long-term one, the baseline (first learnt at light load: a server
 starts idle, and the averages learn even while the limit may not move). While the short one
-stays within ``tolerance`` of the baseline the limit grows by a few slots; once it climbs
+stays within ``tolerance`` of the baseline the limit grows by a few slots per round of runs
+(a limit's worth of them, like TCP's additive increase); once it climbs
 above, the limit shrinks in proportion (never below half in one step). Every step is
 smoothed, so one slow sample moves the limit a little, a trend moves it a lot.
 
@@ -124,8 +125,12 @@ class AdaptiveLimit:
             return
         # 1 while latency stays within tolerance of the baseline; down to 0.5 as it grows.
         gradient = max(0.5, min(1.0, self._tolerance * long / short))
-        # Headroom on top, so a healthy limit keeps probing upwards (Gradient2's queue size).
-        target = self._limit * gradient + self._headroom
+        # Headroom on top, so a healthy limit keeps probing upwards (Gradient2's queue size),
+        # spread over a limit's worth of runs: +headroom per round of runs, as TCP's window
+        # grows by one segment per round trip. Gradient2 adds it on every sample; at a few
+        # hundred runs a second that outran the lag signal, and the limit see-sawed between
+        # growing past the point where the loop lags and being cut back (docs/performance.md).
+        target = self._limit * gradient + self._headroom / (self._smoothing * self._limit)
         if self._lagging:
             target = min(target, self._limit)
         self._move_towards(target)
