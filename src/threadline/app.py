@@ -43,6 +43,7 @@ from threadline.delivery.sender import Deliverer
 from threadline.delivery.targets import check_agent_url
 from threadline.errors import ConfigError
 from threadline.monitor import LoopLagMonitor
+from threadline.shutdown import draining_on_exit
 from threadline.store import PostgresStore, Store, open_store
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ async def open_coordinator(
         if alone is not None:
             # With Redis, the watchdog finds a stopped process's sessions (threadline:active:{i}).
             await alone.recover_stranded()
-        yield coordinator
+        async with draining_on_exit(coordinator, settings.shutdown_grace_s):
+            yield coordinator
     finally:
         await coordinator.aclose(settings.shutdown_grace_s)
 

@@ -27,6 +27,8 @@ from threadline.logs import configure as configure_logs
 
 # prometheus-client's: where every worker writes its metrics (threadline/metrics.py).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds uvicorn waits past SHUTDOWN_GRACE_S for responses before cancelling requests.
+SHUTDOWN_MARGIN_S = 5
 
 
 def _import_from_cwd() -> None:
@@ -70,9 +72,11 @@ def _run_uvicorn(settings: Settings, reload: bool) -> None:
         port=settings.port,
         workers=settings.workers if not reload else None,
         reload=reload,
-        # uvicorn treats 0 as "no limit"; the lifespan then gives runs still in flight the
-        # same grace again, so a shutdown takes at most twice SHUTDOWN_GRACE_S.
-        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+        # The coordinator starts draining at the signal (shutdown.py): runs get
+        # SHUTDOWN_GRACE_S, then their callers get 503. uvicorn waits longer than that for
+        # those responses to go out before it cancels what is left (a cancelled request gets
+        # its bare 500); a stream still open after the drain holds it up to the margin.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + SHUTDOWN_MARGIN_S,
         # Our logging, not uvicorn's: the same lines with one worker or N. Its access log is
         # replaced by our per-request line (api/telemetry.py).
         log_config=None,

@@ -89,6 +89,11 @@ class Coordinator(Protocol):
         Raises ``SessionBusy``, ``QueueFull`` or ``Unavailable`` before storing anything.
         """
 
+    async def drain(self, grace: float) -> None:
+        """Stop taking messages, give runs in flight ``grace`` seconds, then fail every caller
+        still waiting with ``ShuttingDown`` (503). The start of a shutdown, while responses
+        can still go out (``shutdown.py``); ``aclose`` drains first, should nothing have."""
+
     async def cancel(self, session_id: UUID, run_id: UUID | None = None) -> bool:
         """Ask whichever process runs the session to cancel its run in flight (only if it is
         ``run_id``, when given). False if no process owns the session, or this one owns it and

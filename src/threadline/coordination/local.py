@@ -281,8 +281,11 @@ class LocalCoordinator:
             "repeats_waiting": self._repeats,
         }
 
-    async def aclose(self, grace: float = 0.0) -> None:
+    async def drain(self, grace: float) -> None:
         for task in list(self._recovering.values()):
             task.cancel()
         await asyncio.gather(*self._recovering.values(), return_exceptions=True)
         await self.queue.aclose(grace)
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        await self.drain(grace)

@@ -594,7 +594,7 @@ class RedisCoordinator:
             "channels": sorted(self._channels.listening()),
         }
 
-    async def aclose(self, grace: float = 0.0) -> None:
+    async def drain(self, grace: float) -> None:
         self._closing = True
         await self.queue.aclose(grace)
         for task in list(self._tasks):
@@ -604,6 +604,9 @@ class RedisCoordinator:
         # Let the sessions go now rather than after the lease expires, so another process
         # can take them over at once.
         await self._leases.drop_all()
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        await self.drain(grace)
         await self._channels.aclose()
         await self._redis.aclose()
         await self._renewal.aclose()
