@@ -5,11 +5,11 @@
 
 Each variant is ``threadline serve`` (the code as installed, on its own PostgreSQL database,
 the echo model answering in ``--model-delay-ms``) with extra ``THREADLINE_*`` settings. The
-client opens ``--size`` connections, then, ``--bursts`` times, resets the server's loop-lag
-window (``POST /debug/metrics/reset``), sends ``--size`` requests at once (new sessions, each
-on its own connection) and reads the worst lag of the burst from ``GET /debug/metrics``.
-Variants take turns burst by burst, so each meets the same share of whatever else the
-machine does. Used for docs/performance.md, "The intake bound".
+client, ``--bursts`` times per variant, opens ``--size`` connections (an unmeasured burst),
+resets the server's loop-lag window (``POST /debug/metrics/reset``), sends ``--size``
+requests at once (new sessions, each on its own connection) and reads the worst lag of the
+burst from ``GET /debug/metrics``. Variants take turns burst by burst, so each meets the same
+share of whatever else the machine does. Used for docs/performance.md, "The intake bound".
 """
 
 from __future__ import annotations
@@ -58,18 +58,14 @@ async def _burst(client: aiohttp.ClientSession, url: str, size: int, tag: str) -
 
 async def _measure(urls: dict[str, str], size: int, bursts: int) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    clients = {
-        name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=size)) for name in urls
-    }
-    try:
-        for name, url in urls.items():  # open every connection before measuring
-            await _burst(clients[name], url, size, "warm")
-        for number in range(bursts):
-            for name, url in urls.items():
-                found[name].append(await _burst(clients[name], url, size, str(number)))
-    finally:
-        for client in clients.values():
-            await client.close()
+    for number in range(bursts):
+        for name, url in urls.items():
+            # Fresh connections, opened by an unmeasured burst just before: a variant's idle
+            # connections would outlive uvicorn's keep-alive (5 s) while the others run.
+            connector = aiohttp.TCPConnector(limit=size)
+            async with aiohttp.ClientSession(connector=connector) as client:
+                await _burst(client, url, size, f"warm-{number}")
+                found[name].append(await _burst(client, url, size, str(number)))
     return found
 
 
