@@ -4,7 +4,7 @@ turn in arrival order.
 Intake is what a request costs the event loop before it waits for anything but the database:
 the middlewares, routing, validation, the session lookup, storing the message. Each request
 takes the loop only for a moment, but requests that arrive together are all ready together: a
-burst of 200 on one worker stalled its loop for 90-165 ms in one go (docs/performance.md), and
+burst of 200 on one worker stalled its loop for ~110 ms in one go (docs/performance.md), and
 every stream and run of that worker stalled with it. With a bound, the burst is taken in
 slices of ``slots`` requests, and between the slices the loop serves what else is ready.
 
