@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_run_bench import DEFAULT_DATABASE_URL, HERE, python_env, threadline_command
-from services import Postgres, Processes, free_port, wait_healthy, with_database
+from services import Processes, free_port, reachable_postgres, wait_healthy, with_database
 
 
 def _variant(text: str) -> tuple[str, str, dict[str, str]]:
@@ -63,10 +63,8 @@ def main() -> int:
     parser.add_argument("--model-delay-ms", type=int, default=50)
     parser.add_argument("--pool-max-size", type=int, default=20)
     args = parser.parse_args()
-    postgres = Postgres(os.environ.get("THREADLINE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
-    problem = postgres.check()
-    if problem is not None:
-        print(f"PostgreSQL unavailable: {problem}", file=sys.stderr)
+    postgres = reachable_postgres(DEFAULT_DATABASE_URL)
+    if postgres is None:
         return 2
 
     procs = Processes()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 import aiohttp
 from agent_run_bench import DEFAULT_DATABASE_URL, python_env, threadline_command
-from services import Postgres, Processes, free_port, wait_healthy, with_database
+from services import Processes, free_port, reachable_postgres, wait_healthy, with_database
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:
@@ -78,10 +77,8 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=5)
     parser.add_argument("--model-delay-ms", type=int, default=50)
     args = parser.parse_args()
-    postgres = Postgres(os.environ.get("THREADLINE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
-    problem = postgres.check()
-    if problem is not None:
-        print(f"PostgreSQL unavailable: {problem}", file=sys.stderr)
+    postgres = reachable_postgres(DEFAULT_DATABASE_URL)
+    if postgres is None:
         return 2
     procs = Processes()
     urls: dict[str, str] = {}

@@ -274,3 +274,14 @@ def flush_redis(url: str) -> None:
     client = redis.Redis.from_url(url, socket_timeout=3)
     client.flushdb()
     client.close()
+
+
+def reachable_postgres(default_url: str) -> Postgres | None:
+    """The benchmarks' PostgreSQL (``THREADLINE_BENCH_DATABASE_URL``, else ``default_url``),
+    or None once stderr says why it cannot be used."""
+    postgres = Postgres(os.environ.get("THREADLINE_BENCH_DATABASE_URL", default_url))
+    problem = postgres.check()
+    if problem is None:
+        return postgres
+    print(f"PostgreSQL unavailable: {problem}", file=sys.stderr)
+    return None
