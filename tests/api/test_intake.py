@@ -1,36 +1,56 @@
-"""``Intake`` driven as an ASGI app: which requests get in, in which order, and when their
-slots come back. Events order everything; tests/multiprocess/test_intake.py covers the routes
-through a real server."""
+"""``Intake`` driven as an ASGI app: how many requests start in one pass of the event loop, in
+which order, and that a waiting request holds no slot. Passes are counted by a callback that
+reschedules itself (it runs once per pass), so nothing here depends on timing;
+tests/multiprocess/test_intake.py covers the routes through a real server."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from threadline import metrics
-from threadline.api.intake import Intake, stored_hook
+from threadline.api.intake import Intake
 
-Script = Callable[[Scope, Send], Awaitable[None]]
+
+@contextmanager
+def counting_passes() -> Iterator[list[int]]:
+    """``[n]``: how many passes of the loop have begun since entering."""
+    loop = asyncio.get_running_loop()
+    count = [0]
+    handle: asyncio.Handle | None = None
+
+    def tick() -> None:
+        nonlocal handle
+        count[0] += 1
+        handle = loop.call_soon(tick)
+
+    handle = loop.call_soon(tick)
+    try:
+        yield count
+    finally:
+        handle.cancel()
 
 
 @dataclass
 class Inner:
-    """The app behind the middleware: each request runs the script the test gave it."""
+    """The app behind the middleware: notes the pass each request entered in, then waits
+    for its own event, the way a request waits for its reply or a database."""
 
-    entered: list[str] = field(default_factory=list)
-    arrived: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    passes: list[int]
+    entered: list[tuple[str, int]] = field(default_factory=list)
+    release: dict[str, asyncio.Event] = field(default_factory=dict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.entered.append(scope["name"])
-        await self.arrived.put(scope["name"])
-        script: Script = scope["script"]
-        await script(scope, send)
+        name = scope["name"]
+        self.entered.append((name, self.passes[0]))
+        await self.release.setdefault(name, asyncio.Event()).wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
 
 
 async def receive() -> Message:
@@ -41,20 +61,9 @@ async def discard(message: Message) -> None:
     pass
 
 
-def request(intake: Intake, name: str, script: Script) -> asyncio.Task[None]:
-    scope: dict[str, Any] = {"type": "http", "name": name, "script": script}
+def request(intake: Intake, name: str) -> asyncio.Task[None]:
+    scope: dict[str, Any] = {"type": "http", "name": name}
     return asyncio.create_task(intake(scope, receive, discard))
-
-
-def held_until(event: asyncio.Event) -> Script:
-    async def script(scope: Scope, send: Send) -> None:
-        await event.wait()
-
-    return script
-
-
-async def respond(send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
 
 
 async def settle() -> None:
@@ -64,105 +73,53 @@ async def settle() -> None:
 
 
 @pytest.mark.asyncio
-async def test_admits_slots_requests_and_the_rest_in_arrival_order() -> None:
-    inner = Inner()
-    intake = Intake(inner, slots=2)
-    gates = {name: asyncio.Event() for name in "abcde"}
-    tasks = [request(intake, name, held_until(gates[name])) for name in "abcde"]
-    await settle()
-    assert inner.entered == ["a", "b"]
-    gates["b"].set()
-    assert await inner.arrived.get() == "a"
-    assert await inner.arrived.get() == "b"
-    assert await inner.arrived.get() == "c"
-    await settle()
-    assert inner.entered == ["a", "b", "c"]
-    for name in "acde":
-        gates[name].set()
-    await asyncio.gather(*tasks)
-    assert inner.entered == ["a", "b", "c", "d", "e"]
+async def test_at_most_slots_requests_start_in_one_pass_in_arrival_order() -> None:
+    with counting_passes() as passes:
+        inner = Inner(passes)
+        intake = Intake(inner, slots=2)
+        tasks = [request(intake, name) for name in "abcde"]
+        await settle()
+        # Every request got in although none has finished: a waiting request holds no slot.
+        assert [name for name, _ in inner.entered] == list("abcde")
+        per_pass: dict[int, int] = {}
+        for _, number in inner.entered:
+            per_pass[number] = per_pass.get(number, 0) + 1
+        assert max(per_pass.values()) == 2
+        assert len(per_pass) == 3  # a b | c d | e
+        for event in inner.release.values():
+            event.set()
+        await asyncio.gather(*tasks)
 
 
 @pytest.mark.asyncio
-async def test_a_slot_comes_back_when_the_response_starts_not_when_it_ends() -> None:
-    inner = Inner()
-    intake = Intake(inner, slots=1)
-    end_stream = asyncio.Event()
+async def test_a_failing_request_leaves_its_slot_free() -> None:
+    seen: list[str] = []
 
-    async def stream(scope: Scope, send: Send) -> None:
-        await respond(send)
-        await end_stream.wait()  # a stream open for as long as it likes
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["name"])
+        if scope["name"] == "failing":
+            raise RuntimeError("boom")
 
-    streaming = request(intake, "stream", stream)
-    later = asyncio.Event()
-    after = request(intake, "after", held_until(later))
-    await settle()
-    assert inner.entered == ["stream", "after"]
-    later.set()
-    end_stream.set()
-    await asyncio.gather(streaming, after)
-
-
-@pytest.mark.asyncio
-async def test_a_stored_message_gives_the_slot_back_once() -> None:
-    inner = Inner()
-    intake = Intake(inner, slots=1)
-    reply = asyncio.Event()
-
-    async def wait_for_reply(scope: Scope, send: Send) -> None:
-        hook = stored_hook(Request(scope))
-        assert hook is not None
-        hook(None)  # type: ignore[arg-type]  # the message id is not the middleware's business
-        hook(None)  # type: ignore[arg-type]  # a second call must not free a second slot
-        await reply.wait()
-        await respond(send)
-
-    waiting = request(intake, "waiting", wait_for_reply)
-    gates = {name: asyncio.Event() for name in ("second", "third")}
-    second = request(intake, "second", held_until(gates["second"]))
-    third = request(intake, "third", held_until(gates["third"]))
-    await settle()
-    # One slot: the waiting request gave it back, the second took it, the third waits.
-    assert inner.entered == ["waiting", "second"]
-    reply.set()  # the waiting request's response start frees nothing more
-    await waiting
-    await settle()
-    assert inner.entered == ["waiting", "second"]
-    gates["second"].set()
-    gates["third"].set()
-    await asyncio.gather(second, third)
-    assert inner.entered == ["waiting", "second", "third"]
-
-
-@pytest.mark.asyncio
-async def test_a_failing_request_gives_its_slot_back() -> None:
-    inner = Inner()
-    intake = Intake(inner, slots=1)
-
-    async def fail(scope: Scope, send: Send) -> None:
-        raise RuntimeError("boom")
-
-    failing = request(intake, "failing", fail)
+    intake = Intake(app, slots=1)
     with pytest.raises(RuntimeError, match="boom"):
-        await failing
-    done = asyncio.Event()
-    done.set()
-    await request(intake, "next", held_until(done))
-    assert inner.entered == ["failing", "next"]
+        await intake({"type": "http", "name": "failing"}, receive, discard)
+    await settle()
+    await intake({"type": "http", "name": "next"}, receive, discard)
+    assert seen == ["failing", "next"]
 
 
 @pytest.mark.asyncio
 async def test_counts_the_requests_waiting_for_a_slot() -> None:
-    inner = Inner()
-    intake = Intake(inner, slots=1)
+    waiting: list[float] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        waiting.append(metrics.INTAKE_WAITING._value.get())
+
+    intake = Intake(app, slots=1)
     before = metrics.INTAKE_WAITING._value.get()
-    gates = {name: asyncio.Event() for name in "abc"}
-    tasks = [request(intake, name, held_until(gates[name])) for name in "abc"]
-    await settle()
-    assert metrics.INTAKE_WAITING._value.get() - before == 2
-    for name in "abc":
-        gates[name].set()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(intake({"type": "http"}, receive, discard) for _ in "abc"))
+    # The first went straight in; the second waited beside the third; the third alone.
+    assert [w - before for w in waiting] == [0, 1, 0]
     assert metrics.INTAKE_WAITING._value.get() == before
 
 
@@ -177,7 +134,8 @@ async def test_lets_anything_but_http_through_unbounded() -> None:
 
     intake = Intake(app, slots=1)
     tasks = [asyncio.create_task(intake({"type": "websocket"}, receive, discard)) for _ in "ab"]
-    await settle()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
     assert seen == ["websocket", "websocket"]
     release.set()
     await asyncio.gather(*tasks)
@@ -185,4 +143,4 @@ async def test_lets_anything_but_http_through_unbounded() -> None:
 
 def test_needs_a_slot() -> None:
     with pytest.raises(ValueError, match="at least 1 slot"):
-        Intake(Inner(), slots=0)
+        Intake(Inner([0]), slots=0)

@@ -1,10 +1,10 @@
 """The intake bound (``INTAKE_CONCURRENCY``, api/intake.py) through a real server process.
 
-The server admits one request at a time into intake. A request that waits for its reply, a
-stream, a background submit and the OpenAI-compatible routes must each give their slot back
-once their message is stored: otherwise the next request would wait for the first one's reply,
-and here, with every model call held at the test's gate, it would wait forever. The gate sees
-each model call start, so the tests know without timing that a request got through intake.
+The server lets one request at a time take its first step. A request that then waits for its
+reply, a stream, a background submit and the OpenAI-compatible routes must hold no slot while
+they wait: otherwise the next request would wait for the first one's reply, and here, with
+every model call held at the test's gate, it would wait forever. The gate sees each model call
+start, so the tests know without timing that a request got through intake.
 """
 
 from __future__ import annotations

@@ -1,34 +1,30 @@
-"""``Intake``: at most ``INTAKE_CONCURRENCY`` requests in intake at once; the rest wait their
-turn in arrival order.
+"""``Intake``: at most ``INTAKE_CONCURRENCY`` requests take their first step in one pass of
+the event loop; the rest wait their turn in arrival order.
 
-Intake is what a request costs the event loop before it waits for anything but the database:
-the middlewares, routing, validation, the session lookup, storing the message. Each request
-takes the loop only for a moment, but requests that arrive together are all ready together: a
-burst of 200 on one worker stalled its loop for ~110 ms in one go (docs/performance.md), and
-every stream and run of that worker stalled with it. With a bound, the burst is taken in
-slices of ``slots`` requests, and between the slices the loop serves what else is ready.
+A request's first step is the costly part of its intake: the middlewares, routing, validation
+and the route itself, up to the first time it waits (for the database, typically). Each takes
+the loop only for a moment, but requests that arrive together are all ready together: a burst
+of 200 on one worker stalled its loop for ~110 ms in one go (docs/performance.md), and every
+stream and run of that worker stalled with it. With a bound, the burst is taken in slices of
+``slots`` requests per pass, and between the slices the loop serves what else is ready.
 
-A slot is given back when the response starts, or earlier, when a route that goes on to wait
-for a run says its message is stored (``stored_hook``): waiting for a reply is not intake, and
-holding a slot through it would turn this bound into a limit on requests in flight.
+A slot is held for that one pass only, never while a request waits: not for its reply (this
+is no limit on requests in flight), and not for a database or Redis that is down (an outage
+must still fail every request fast, each on its own timeout, not one slice after another).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from threadline import metrics
-from threadline.coordination.base import OnStored
-
-# Where a request in intake finds the hook that gives its slot back (``stored_hook``).
-SCOPE_KEY = "threadline.intake_done"
 
 
 class Intake:
-    """A pure ASGI middleware: HTTP requests queue for one of ``slots`` slots."""
+    """A pure ASGI middleware: each HTTP request takes one of ``slots`` slots for its first
+    pass of the loop."""
 
     def __init__(self, app: ASGIApp, slots: int) -> None:
         if slots < 1:
@@ -45,29 +41,6 @@ class Intake:
                 await self._slots.acquire()
         else:
             await self._slots.acquire()  # free: returns at once, no yield to the loop
-        held = True
-
-        def done(*_: object) -> None:
-            nonlocal held
-            if held:
-                held = False
-                self._slots.release()
-
-        async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                done()
-            await send(message)
-
-        scope[SCOPE_KEY] = done
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            done()
-
-
-def stored_hook(request: Request) -> OnStored | None:
-    """The ``on_stored`` of a route that waits for a run: the stored message ends its intake.
-
-    ``None`` when intake is unbounded (``INTAKE_CONCURRENCY=0``)."""
-    hook: OnStored | None = request.scope.get(SCOPE_KEY)
-    return hook
+        # Given back at the next pass: by then this request has run until its first wait.
+        asyncio.get_running_loop().call_soon(self._slots.release)
+        await self.app(scope, receive, send)

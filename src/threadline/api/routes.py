@@ -22,7 +22,6 @@ from threadline.api.idempotency import (
     IdempotencyKeyHeader,
     request_key,
 )
-from threadline.api.intake import stored_hook
 from threadline.api.schemas import (
     AgentInfo,
     BackgroundAccepted,
@@ -203,7 +202,7 @@ async def run_agent(
         stream = TurnStream(services.coordinator, turn)
         await stream.start()  # errors before the message is stored are still statuses
         return stream.response(settings.stream_heartbeat_s)
-    answer = await services.coordinator.submit(turn, stored_hook(request))
+    answer = await services.coordinator.submit(turn)
     logs.bind(run_id=answer.outcome.run_id)
     if answer.replayed:
         response.headers[REPLAYED_HEADER] = "true"

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -31,7 +31,6 @@ from threadline.api.access import Caller
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, Services, ServicesDep
 from threadline.api.errors import PayloadTooLarge, openai_error_body
-from threadline.api.intake import stored_hook
 from threadline.api.jsonbody import json_body
 from threadline.api.openai.conversation import ContentPart, Turn, find_session, note, seed
 from threadline.api.streams import TurnStream
@@ -182,7 +181,6 @@ async def chat_completions(
     body: ChatCompletionRequest,
     services: ServicesDep,
     caller: CallerDep,
-    http: Request,
     x_session_id: Annotated[StorableText | None, Header()] = None,
 ) -> JSONResponse | EventSourceResponse:
     named = x_session_id or (body.metadata or {}).get("session_id")
@@ -197,7 +195,7 @@ async def chat_completions(
         chunks = _chunks(stream, body.model, include_usage)
         heartbeat = services.settings.stream_heartbeat_s
         return EventSourceResponse(chunks, ping=heartbeat, headers=headers)
-    answer = await services.coordinator.submit(request, stored_hook(http))
+    answer = await services.coordinator.submit(request)
     if answer.outcome.error is not None:
         raise answer.outcome.error
     result = answer.outcome.result

@@ -34,7 +34,7 @@ import time
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
@@ -44,7 +44,6 @@ from threadline.api.cancel import cancel_and_wait
 from threadline.api.contract import openai_errors
 from threadline.api.deps import CallerDep, ServicesDep
 from threadline.api.errors import PayloadTooLarge
-from threadline.api.intake import stored_hook
 from threadline.api.jsonbody import json_body
 from threadline.api.openai.conversation import ContentPart, Turn, find_session, seed
 from threadline.api.openai.response_events import semantic_events
@@ -196,7 +195,7 @@ async def find_or_start_session(
     responses=openai_errors(400, 404, 409, 413, 429, 502, 503, 504),
 )
 async def create_response(
-    body: ResponseRequest, services: ServicesDep, caller: CallerDep, http: Request
+    body: ResponseRequest, services: ServicesDep, caller: CallerDep
 ) -> dict[str, Any] | JSONResponse | EventSourceResponse:
     created_at = time.time()
     settings, store = services.settings, services.store
@@ -245,7 +244,7 @@ async def create_response(
     if body.background:
         message_id = await submit_in_background(services.coordinator, request)
         return response_object(origin(message_id), "queued")
-    answer = await services.coordinator.submit(request, stored_hook(http))
+    answer = await services.coordinator.submit(request)
     if answer.outcome.error is not None:
         raise answer.outcome.error
     ending = Ending.of_answer(answer, time.time())
