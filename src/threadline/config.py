@@ -78,10 +78,10 @@ class Settings(BaseSettings):
     # Half the 20 ms worst lag we aim for: the limit only shrinks as runs finish, so it must
     # start shrinking before the loop reaches the lag that users would notice.
     adaptive_lag_target_ms: float = Field(default=10.0, gt=0)
-    # Requests in intake at once per process (routing, validation, storing the message:
-    # api/intake.py); the rest wait in arrival order. Bounds how much of a burst the event loop
-    # takes on in one go; 0 turns the bound off. A slot is held for milliseconds, never while
-    # a request waits for its reply, so this is not a limit on requests in flight.
+    # Requests per process that may take their first step (middlewares, routing, validation,
+    # up to their first wait: api/intake.py) in one pass of the event loop; the rest wait in
+    # arrival order. Bounds how much of a burst the loop takes on in one go; 0 turns it off. A
+    # waiting request holds no slot: this limits neither requests in flight nor an outage's 503s.
     intake_concurrency: int = Field(default=32, ge=0)
     echo_delay_ms: int = Field(default=0, ge=0)
     # Model providers' HTTP transport (agents/clients.py): one shared client per endpoint, its
