@@ -9,7 +9,8 @@ client, ``--bursts`` times per variant, opens ``--size`` connections (an unmeasu
 resets the server's loop-lag window (``POST /debug/metrics/reset``), sends ``--size``
 requests at once (new sessions, each on its own connection) and reads the worst lag of the
 burst from ``GET /debug/metrics``. Variants take turns burst by burst, so each meets the same
-share of whatever else the machine does. Used for docs/performance.md, "The intake bound".
+share of whatever else the machine does. Used for docs/performance.md, "The event loop at
+saturation".
 """
 
 from __future__ import annotations

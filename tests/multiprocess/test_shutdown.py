@@ -18,7 +18,6 @@ import pytest
 from tests.multiprocess.conftest import (
     Gate,
     MakeSession,
-    Server,
     post,
     server_env,
     start_servers,
@@ -27,10 +26,6 @@ from tests.multiprocess.conftest import (
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres]
 
 AGENT = "gated"
-
-
-async def started(env: dict[str, str], workdir: Path, count: int, name: str) -> list[Server]:
-    return await start_servers(count, env, workdir, name)
 
 
 def assert_shutting_down(response: httpx.Response) -> None:
@@ -50,7 +45,7 @@ async def test_a_caller_waiting_when_its_server_stops_gets_503_shutting_down(
     env = server_env(pg_dsn, redis_dsn, shutdown_grace_s=1)
     if coordinator == "local":
         del env["THREADLINE_REDIS_URL"]
-    (server,) = await started(env, workdir, 1, f"shutdown-{coordinator}")
+    (server,) = await start_servers(1, env, workdir, f"shutdown-{coordinator}")
     try:
         session = await make_session(AGENT)
         async with httpx.AsyncClient(timeout=60) as client:
@@ -72,7 +67,7 @@ async def test_a_caller_waiting_for_another_process_run_gets_503_when_its_own_st
 ) -> None:
     """The caller waits in its process's mailbox for a run the session's owner makes."""
     env = server_env(pg_dsn, redis_dsn, shutdown_grace_s=1)
-    owner, other = await started(env, workdir, 2, "shutdown-remote")
+    owner, other = await start_servers(2, env, workdir, "shutdown-remote")
     try:
         session = await make_session(AGENT)
         async with httpx.AsyncClient(timeout=60) as client:

@@ -4,7 +4,7 @@ the event loop; the rest wait their turn in arrival order.
 A request's first step is the costly part of its intake: the middlewares, routing, validation
 and the route itself, up to the first time it waits (for the database, typically). Each takes
 the loop only for a moment, but requests that arrive together are all ready together: a burst
-of 200 on one worker stalled its loop for ~110 ms in one go (docs/performance.md), and every
+of 200 on one worker stalled its loop for ~100 ms in one go (docs/performance.md), and every
 stream and run of that worker stalled with it. With a bound, the burst is taken in slices of
 ``slots`` requests per pass, and between the slices the loop serves what else is ready.
 
