@@ -10,6 +10,7 @@ from threadline.queue.limit import AdaptiveLimit, FixedLimit
 
 BASE = 0.050  # a 50 ms model
 TARGET = 0.010  # the default lag target
+BUSY = 0.007  # a loop busy with its runs but under the target: no idle growth
 
 
 def saturate(limit: AdaptiveLimit, samples: int, latency: float = BASE, lag: float = 0.001) -> None:
@@ -54,10 +55,58 @@ def test_grows_by_its_headroom_per_round_of_runs_not_per_run() -> None:
     """Additive increase: a limit's worth of healthy runs adds about ``headroom`` slots (4),
     where adding it per run (Gradient2) would have added 0.8 per run, 32 in that round."""
     limit = AdaptiveLimit(initial=40, maximum=256)
-    saturate(limit, 40)
+    saturate(limit, 40, lag=BUSY)
     assert 43 <= limit.value <= 44
-    saturate(limit, 44)
+    saturate(limit, 44, lag=BUSY)
     assert 47 <= limit.value <= 48
+
+
+def test_an_idle_loop_with_every_slot_taken_lets_runs_in_within_a_second() -> None:
+    """Runs that wait on a slow model (a streamed reply takes seconds) finish too rarely for
+    latency samples to grow the limit; the idle loop does, by a few percent a heartbeat. The
+    limit held at 32 for as long as no run finished before."""
+    limit = AdaptiveLimit(initial=32, maximum=256, lag_target_s=TARGET)
+    seen = [limit.value]
+    for _ in range(100):  # one second of 10 ms heartbeats, not one run finished
+        limit.observe_lag(0.001, limit.value)
+        seen.append(limit.value)
+    assert seen == sorted(seen)
+    assert limit.value >= 200
+
+
+def test_an_idle_loop_does_not_grow_it_while_slots_are_free_or_latency_climbs() -> None:
+    free = AdaptiveLimit(initial=32, lag_target_s=TARGET)
+    for _ in range(100):
+        free.observe_lag(0.001, 31)  # one slot free: nobody waits for one
+    assert free.value == 32
+    climbing = AdaptiveLimit(initial=32, lag_target_s=TARGET)
+    saturate(climbing, 300, lag=BUSY)
+    for _ in range(10):  # runs got slower than their baseline: a provider queues
+        climbing.observe_latency(4 * BASE, climbing.value)
+    before = climbing.value
+    for _ in range(100):
+        climbing.observe_lag(0.001, climbing.value)
+    assert climbing.value <= before
+
+
+def test_idle_growth_stops_once_the_runs_let_in_keep_the_loop_busy() -> None:
+    """The loop lags 0.1 ms per run in flight: idle growth takes the limit to where the
+    average lag reaches half the target (50 runs), overshooting by the few heartbeats the
+    average takes to follow."""
+    limit = AdaptiveLimit(initial=8, maximum=256, lag_target_s=TARGET)
+    for _ in range(500):
+        limit.observe_lag(0.0001 * limit.value, limit.value)
+    assert 50 <= limit.value <= 60
+
+
+def test_one_late_heartbeat_does_not_shrink_it() -> None:
+    """A young-generation collection or one large request stalls the loop once (45 ms was
+    seen at saturation); the average over a few heartbeats stays under the target. Before
+    the average, that one heartbeat cut the limit by 15 %."""
+    limit = AdaptiveLimit(initial=64, lag_target_s=TARGET)
+    for lag in [0.003] * 20 + [0.045] + [0.003] * 20:
+        limit.observe_lag(lag, 40)  # most slots taken, none waited for: no idle growth
+    assert limit.value == 64
 
 
 def test_does_not_grow_while_less_than_half_its_slots_are_taken() -> None:

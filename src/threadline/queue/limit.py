@@ -18,9 +18,20 @@ starting to queue as the limit grows), not a steady state.
 Threadline adds a second signal, the event loop's lag, because its bottleneck is usually its
 own core rather than the model: when the loop saturates, every run slows at once and the
 latency baseline drifts up with them, while the lag measures the overload directly, against a
-fixed target that nothing learns away. A lag sample above the target shrinks the limit by
-``target / lag`` (smoothed the same way), and while the latest lag is above the target,
-latency samples may not grow it.
+fixed target that nothing learns away. The lag is judged as a short average of heartbeats
+(``lag_window``): one late heartbeat is a collection of the garbage collector or one large
+request, not an overload, and cutting runs for it only throttles a healthy server; a
+saturated loop makes every heartbeat late, which the average shows within a few. While the
+average is above the target the limit shrinks by ``target / lag`` (smoothed the same way),
+and latency samples may not grow it.
+
+The lag also grows the limit. Latency samples come one per finished run, so with a real
+model (seconds per streamed reply) additive growth takes a minute to go from 32 runs to 200,
+while the loop idles and callers wait for a slot. So while every slot is taken, the loop's
+average lag is under half its target and run latency is not climbing, each heartbeat grows
+the limit by a few percent (``idle_growth``), like TCP's slow start: runs that wait on their
+model, not the CPU, are let in within a second or two, and growth stops as soon as the runs
+let in make the loop busy.
 
 Neither signal moves the limit while fewer than half of its slots are taken (Gradient2's
 "app-limited" guard): an idle server learns nothing about its capacity, and a loop lagging
@@ -77,7 +88,9 @@ class AdaptiveLimit:
     Defaults are Gradient2's (tolerance 1.5, smoothing 0.2, a long window of 600 samples, a
     headroom of 4) except the short window: Gradient2 takes each sample (or a windowed
     average) as the short-term latency; runs of one model vary a lot, so an average over a few
-    keeps one slow answer from reading as a trend.
+    keeps one slow answer from reading as a trend. The lag is averaged over 8 heartbeats
+    (80 ms of an idle loop's 10 ms beats); an idle loop grows the limit by 2 % a heartbeat
+    (``idle_growth`` 0.1, smoothed by 0.2): from 32 to 256 runs in about a second.
     """
 
     def __init__(
@@ -92,6 +105,8 @@ class AdaptiveLimit:
         short_window: int = 10,
         long_window: int = 600,
         headroom: float = 4.0,
+        lag_window: int = 8,
+        idle_growth: float = 0.1,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r} and {maximum!r}")
@@ -104,9 +119,14 @@ class AdaptiveLimit:
         self._tolerance = tolerance
         self._smoothing = smoothing
         self._headroom = headroom
+        self._idle_growth = idle_growth
         self._short = _Average(short_window)
         self._long = _Average(long_window)
+        self._lag = _Average(lag_window)
         self._lagging = False
+        # The latest latency gradient was below 1: runs take longer than their baseline
+        # (a provider or the database pool queueing), so the idle loop is no reason to grow.
+        self._latency_rising = False
 
     @property
     def value(self) -> int:
@@ -125,6 +145,7 @@ class AdaptiveLimit:
             return
         # 1 while latency stays within tolerance of the baseline; down to 0.5 as it grows.
         gradient = max(0.5, min(1.0, self._tolerance * long / short))
+        self._latency_rising = gradient < 1.0
         # Headroom on top, so a healthy limit keeps probing upwards (Gradient2's queue size),
         # spread over a limit's worth of runs: +headroom per round of runs, as TCP's window
         # grows by one segment per round trip. Gradient2 adds it on every sample; at a few
@@ -136,10 +157,14 @@ class AdaptiveLimit:
         self._move_towards(target)
 
     def observe_lag(self, seconds: float, in_flight: int) -> None:
-        self._lagging = seconds > self._lag_target
-        if not self._lagging or self._app_limited(in_flight):
+        lag = self._lag.add(seconds)
+        self._lagging = lag > self._lag_target
+        if self._app_limited(in_flight):
             return
-        self._move_towards(self._limit * max(0.5, self._lag_target / seconds))
+        if self._lagging:
+            self._move_towards(self._limit * max(0.5, self._lag_target / lag))
+        elif lag < self._lag_target / 2 and in_flight >= self.value and not self._latency_rising:
+            self._move_towards(self._limit * (1 + self._idle_growth))
 
     def _app_limited(self, in_flight: int) -> bool:
         return in_flight < self._limit / 2
