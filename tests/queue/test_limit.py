@@ -139,12 +139,22 @@ def test_a_single_slow_run_moves_the_limit_only_a_little() -> None:
 def test_shrinks_while_the_loop_lags_more_than_its_target_and_never_grows_meanwhile() -> None:
     limit = AdaptiveLimit(initial=64, lag_target_s=TARGET)
     seen = [limit.value]
-    for _ in range(50):
+    for _ in range(400):
         limit.observe_lag(4 * TARGET, limit.value)
         limit.observe_latency(BASE, limit.value)  # latency looks fine: no help
         seen.append(limit.value)
     assert seen == sorted(seen, reverse=True)
     assert limit.value == limit.minimum
+
+
+def test_a_lagging_loop_cuts_it_once_per_window_of_heartbeats() -> None:
+    """Runs let in take a few heartbeats to show in the lag: one cut per window (8), by
+    ``target / lag`` smoothed, never one per heartbeat. Cutting on each compounded: a few
+    hundred ms of lag while 200 streams finished together took the limit from 200 to 19."""
+    limit = AdaptiveLimit(initial=200, maximum=256, lag_target_s=TARGET)
+    for _ in range(16):
+        limit.observe_lag(4 * TARGET, 200)
+    assert limit.value == int(200 * 0.9 * 0.9)  # two cuts to 0.8 + 0.2 * 0.5 of the limit
 
 
 def test_lag_under_the_target_does_not_shrink_it() -> None:
@@ -156,7 +166,7 @@ def test_lag_under_the_target_does_not_shrink_it() -> None:
 
 def test_grows_back_once_lag_and_latency_are_healthy_again() -> None:
     limit = AdaptiveLimit(initial=64, lag_target_s=TARGET)
-    saturate(limit, 100, lag=5 * TARGET)
+    saturate(limit, 400, lag=5 * TARGET)
     low = limit.value
     saturate(limit, 200)
     assert low == limit.minimum

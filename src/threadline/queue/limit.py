@@ -22,8 +22,11 @@ fixed target that nothing learns away. The lag is judged as a short average of h
 (``lag_window``): one late heartbeat is a collection of the garbage collector or one large
 request, not an overload, and cutting runs for it only throttles a healthy server; a
 saturated loop makes every heartbeat late, which the average shows within a few. While the
-average is above the target the limit shrinks by ``target / lag`` (smoothed the same way),
-and latency samples may not grow it.
+average is above the target the limit shrinks by ``target / lag`` (smoothed the same way)
+once per window of heartbeats, not on each: runs let in take a few heartbeats to show in the
+lag, and cutting on every heartbeat of one episode compounded (200 streams finishing
+together cut the limit from 200 to 19 in a second, then callers queued for a slot while the
+loop idled). Meanwhile latency samples may not grow it.
 
 The lag also grows the limit. Latency samples come one per finished run, so with a real
 model (seconds per streamed reply) additive growth takes a minute to go from 32 runs to 200,
@@ -123,7 +126,10 @@ class AdaptiveLimit:
         self._short = _Average(short_window)
         self._long = _Average(long_window)
         self._lag = _Average(lag_window)
+        self._lag_window = lag_window
         self._lagging = False
+        # Heartbeats until a lagging loop may cut the limit again.
+        self._cut_wait = 0
         # The latest latency gradient was below 1: runs take longer than their baseline
         # (a provider or the database pool queueing), so the idle loop is no reason to grow.
         self._latency_rising = False
@@ -159,10 +165,15 @@ class AdaptiveLimit:
     def observe_lag(self, seconds: float, in_flight: int) -> None:
         lag = self._lag.add(seconds)
         self._lagging = lag > self._lag_target
+        if not self._lagging:
+            self._cut_wait = 0
         if self._app_limited(in_flight):
             return
         if self._lagging:
-            self._move_towards(self._limit * max(0.5, self._lag_target / lag))
+            self._cut_wait -= 1
+            if self._cut_wait <= 0:
+                self._cut_wait = self._lag_window
+                self._move_towards(self._limit * max(0.5, self._lag_target / lag))
         elif lag < self._lag_target / 2 and in_flight >= self.value and not self._latency_rising:
             self._move_towards(self._limit * (1 + self._idle_growth))
 
