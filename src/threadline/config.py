@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     # Runs (model calls) in flight per process; the others wait in FIFO order, costing nothing.
     # "auto": a limit that adapts (queue/limit.py) between ADAPTIVE_RUNS_MIN and _MAX, starting
     # at 32, shrinking when the event loop lags more than ADAPTIVE_LAG_TARGET_MS or run latency
-    # climbs above its baseline, growing back while both are healthy. An integer pins it (size
+    # climbs above its baseline, growing back while both are healthy (fast while every slot is
+    # taken and the loop idles: runs waiting on a slow model cost it little). An integer pins it (size
     # it as target turns/s x model latency: one worker saturates its core at ~150-250 turns/s).
     max_concurrent_runs: int | Literal["auto"] = Field(default="auto")
     adaptive_runs_min: int = Field(default=4, ge=1)
