@@ -31,10 +31,11 @@ loop idled). Meanwhile latency samples may not grow it.
 The lag also grows the limit. Latency samples come one per finished run, so with a real
 model (seconds per streamed reply) additive growth takes a minute to go from 32 runs to 200,
 while the loop idles and callers wait for a slot. So while every slot is taken, the loop's
-average lag is under half its target and run latency is not climbing, each heartbeat grows
-the limit by a few percent (``idle_growth``), like TCP's slow start: runs that wait on their
-model, not the CPU, are let in within a second or two, and growth stops as soon as the runs
-let in make the loop busy.
+average lag is under a quarter of its target (an idle loop; a saturated one lags more, and
+half the target let the limit overshoot there: lag p99 +5 ms in the A/B) and run latency is
+not climbing, each heartbeat grows the limit by a few percent (``idle_growth``), like TCP's
+slow start: runs that wait on their model, not the CPU, are let in within a second or two,
+and growth stops as soon as the runs let in make the loop busy.
 
 Neither signal moves the limit while fewer than half of its slots are taken (Gradient2's
 "app-limited" guard): an idle server learns nothing about its capacity, and a loop lagging
@@ -174,7 +175,7 @@ class AdaptiveLimit:
             if self._cut_wait <= 0:
                 self._cut_wait = self._lag_window
                 self._move_towards(self._limit * max(0.5, self._lag_target / lag))
-        elif lag < self._lag_target / 2 and in_flight >= self.value and not self._latency_rising:
+        elif lag < self._lag_target / 4 and in_flight >= self.value and not self._latency_rising:
             self._move_towards(self._limit * (1 + self._idle_growth))
 
     def _app_limited(self, in_flight: int) -> bool:
