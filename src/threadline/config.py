@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     # "auto": a limit that adapts (queue/limit.py) between ADAPTIVE_RUNS_MIN and _MAX, starting
     # at 32, shrinking when the event loop lags more than ADAPTIVE_LAG_TARGET_MS or run latency
     # climbs above its baseline, growing back while both are healthy (fast while every slot is
-    # taken and the loop idles: runs waiting on a slow model cost it little). An integer pins it (size
-    # it as target turns/s x model latency: one worker saturates its core at ~150-250 turns/s).
+    # taken and the loop idles: runs waiting on a slow model cost it little). An integer pins
+    # it (size it as target turns/s x model latency: one worker saturates its core at ~150-250
+    # turns/s).
     max_concurrent_runs: int | Literal["auto"] = Field(default="auto")
     adaptive_runs_min: int = Field(default=4, ge=1)
     adaptive_runs_max: int = Field(default=256, ge=1)
