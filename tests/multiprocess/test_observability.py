@@ -132,7 +132,11 @@ async def test_counters_of_two_workers_add_up_to_the_load_sent(
     superseded = delta("threadline_runs_finished_total", outcome="superseded", agent="burst")
     assert succeeded == len(runs)
     assert superseded >= bursts  # every burst's first run, at least
-    assert started == delta("threadline_runs_finished_total") == succeeded + superseded
+    # A run may also be handed off: its process lost the session's lease (a renewal late
+    # under load; seen once in cluster mode on CI) and another process answered its messages.
+    # Every run that started still finished with a counted ending.
+    handed_off = delta("threadline_runs_finished_total", outcome="handed_off")
+    assert started == delta("threadline_runs_finished_total") == succeeded + superseded + handed_off
     assert delta("threadline_runs_started_total", agent="echo") == singles
     assert delta("threadline_messages_answered_total", outcome="succeeded") == sent
     assert delta("threadline_run_messages_sum", agent="burst") == bursts * 3
