@@ -25,12 +25,12 @@ from tests.multiprocess.conftest import (
     running_servers,
     server_env,
 )
+from threadline.coordination.local import ADAPTIVE_INITIAL_RUNS
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.postgres]
 
 AGENT = "gated"
-INITIAL_LIMIT = 32  # coordination/local.py: where the adaptive limit starts
-SESSIONS = INITIAL_LIMIT + 16
+SESSIONS = ADAPTIVE_INITIAL_RUNS + 16
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

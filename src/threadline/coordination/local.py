@@ -63,12 +63,17 @@ def build_queue(
     )
 
 
+# Where MAX_CONCURRENT_RUNS=auto starts (the old fixed default).
+ADAPTIVE_INITIAL_RUNS = 32
+
+
 def concurrency_limit(settings: Settings) -> int | ConcurrencyLimit:
-    """MAX_CONCURRENT_RUNS: a pinned count, or ``auto``: a limit that adapts from 32."""
+    """MAX_CONCURRENT_RUNS: a pinned count, or ``auto``: a limit that adapts from
+    ``ADAPTIVE_INITIAL_RUNS``."""
     if settings.max_concurrent_runs != "auto":
         return settings.max_concurrent_runs
     return AdaptiveLimit(
-        initial=32,
+        initial=ADAPTIVE_INITIAL_RUNS,
         minimum=settings.adaptive_runs_min,
         maximum=settings.adaptive_runs_max,
         lag_target_s=settings.adaptive_lag_target_ms / 1000,

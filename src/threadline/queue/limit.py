@@ -31,9 +31,9 @@ loop idled). Meanwhile latency samples may not grow it.
 The lag also grows the limit. Latency samples come one per finished run, so with a real
 model (seconds per streamed reply) additive growth takes a minute to go from 32 runs to 200,
 while the loop idles and callers wait for a slot. So while every slot is taken, the loop's
-average lag is under a quarter of its target (an idle loop; a saturated one lags more, and
-half the target let the limit overshoot there: lag p99 +5 ms in the A/B) and run latency is
-not climbing, each heartbeat grows the limit by a few percent (``idle_growth``), like TCP's
+average lag is under a quarter of its target (an idle loop: a saturated one lags 3-8 ms
+between its bursts, which half the target would count as idle) and run latency is not
+climbing, each heartbeat grows the limit by a few percent (``idle_growth``), like TCP's
 slow start: runs that wait on their model, not the CPU, are let in within a second or two,
 and growth stops as soon as the runs let in make the loop busy.
 
