@@ -62,8 +62,10 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models import ModelRequestParameters
+from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.run import AgentRun
+from pydantic_ai.settings import ModelSettings
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from threadline import logs, metrics
@@ -174,9 +176,36 @@ def _side_effects(run_id: UUID, messages: list[ModelMessage], ending: str) -> li
     ]
 
 
-def _own_messages(agent_run: AgentRun[RunDeps, str] | None) -> list[ModelMessage]:
-    """What the run itself produced: without the history it was given and without our prompt."""
-    return agent_run.new_messages()[1:] if agent_run is not None else []
+def _own_messages(
+    agent_run: AgentRun[RunDeps, str] | None, answered: ModelResponse | None = None
+) -> list[ModelMessage]:
+    """What the run itself produced: without the history it was given and without our prompt
+    (the direct request's response, ``answered``, if the graph did not take over from it)."""
+    if agent_run is not None:
+        return agent_run.new_messages()[1:]
+    return [answered] if answered is not None else []
+
+
+class _Replay(WrapperModel):
+    """The agent's model, whose first request is answered by a response already received: the
+    graph takes a run over from its direct request (``LoadedAgent.direct``) as if it had made
+    that request itself, so that what follows (the retry prompt, the retries counted, the
+    messages, the usage) is the graph's own."""
+
+    def __init__(self, wrapped: Model, first: ModelResponse) -> None:
+        super().__init__(wrapped)
+        self._first: ModelResponse | None = first
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        return await super().request(messages, model_settings, model_request_parameters)
 
 
 def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
@@ -250,6 +279,24 @@ def _text_delta(event: object) -> str:
     return ""
 
 
+def _direct_answer(
+    response: ModelResponse,
+) -> tuple[str, list[ModelMessage], dict[str, Any]] | None:
+    """The run's reply, new messages and usage when a direct request's response ends it as
+    the graph would end it: with text and no tool call. None otherwise (the graph would send
+    a retry prompt)."""
+    output = "".join(p.content for p in response.parts if isinstance(p, TextPart))
+    if not output or any(isinstance(p, ToolCallPart) for p in response.parts):
+        return None
+    usage = {
+        "input_tokens": response.usage.input_tokens,
+        "output_tokens": response.usage.output_tokens,
+        "requests": 1,
+        "tool_calls": 0,
+    }
+    return output, [response], usage
+
+
 def _streams(turn: Turn) -> bool:
     """Whether a caller of one of the run's messages streams (``RunOptions.stream``)."""
     return any(m.options is not None and m.options.get("stream") for m in turn.prompt)
@@ -280,12 +327,21 @@ class TurnRunner:
         self._events.emit(RunEvent(kind, job.session_id, job.run_id, data))
 
     async def _drive(
-        self, job: Job, agent_run: AgentRun[RunDeps, str], stream: bool, calls: _ModelCalls
+        self,
+        job: Job,
+        agent_run: AgentRun[RunDeps, str],
+        stream: bool,
+        calls: _ModelCalls,
+        replayed: bool = False,
     ) -> None:
         """Run the agent's graph to its end, telling watchers what happens: the model's text
-        as the provider streams it (``stream``), tool calls and their results."""
+        as the provider streams it (``stream``), tool calls and their results. ``replayed``:
+        the first model request is answered by ``_Replay``, already timed and streamed."""
         async for node in agent_run:
             calls.end()
+            if replayed and Agent.is_model_request_node(node):
+                replayed = False
+                continue
             if Agent.is_model_request_node(node):
                 calls.begin()
             if stream and Agent.is_model_request_node(node):
@@ -330,11 +386,12 @@ class TurnRunner:
         instructions: str | None,
         stream: bool,
         calls: _ModelCalls,
-    ) -> tuple[str, list[ModelMessage], dict[str, Any]]:
-        """An agent without tools (``LoadedAgent.direct``) answered by one model request, sent
-        as its graph would send it, without the graph's machinery: the reply, the run's new
-        messages (the model's response) and the usage. tests/test_direct.py holds both paths
-        to the same requests, history, usage, deltas and errors."""
+    ) -> ModelResponse:
+        """An agent without tools (``LoadedAgent.direct``): its first model request, sent as
+        its graph would send it, without the graph's machinery. ``_direct_answer`` says
+        whether its response is the whole run.
+        tests/agents/test_direct.py holds both paths to the same requests, history, usage,
+        deltas and errors."""
         joined, parameters = _instructions(loaded.spec.instructions, instructions)
         request = ModelRequest(parts=[UserPromptPart(prompt)], instructions=joined)
         messages: list[ModelMessage] = [*history, request]
@@ -364,19 +421,9 @@ class TurnRunner:
                 instrument=instrument,
             )
         calls.end()
-        # The agent's output: every text part, joined with nothing between.
-        output = "".join(p.content for p in response.parts if isinstance(p, TextPart))
-        if not output or any(isinstance(p, ToolCallPart) for p in response.parts):
-            # The graph would answer this with a retry prompt, a second request: the direct
-            # path's one difference, so it stays off by default (config.py).
-            raise UnexpectedModelBehavior("the model answered without text")
-        usage = {
-            "input_tokens": response.usage.input_tokens,
-            "output_tokens": response.usage.output_tokens,
-            "requests": 1,
-            "tool_calls": 0,
-        }
-        return output, [response], usage
+        # Stamped as the graph stamps its responses (seen in a stored tool-call payload).
+        response.model_id = response.model_id or loaded.model.model_id
+        return response
 
     async def __call__(self, job: Job) -> Outcome:
         """Run ``job`` (``_run``), counting and logging how it started and ended."""
@@ -435,6 +482,8 @@ class TurnRunner:
         options = job.options
         assert options is not None
         agent_run: AgentRun[RunDeps, str] | None = None
+        # The direct request's response, once it came (``LoadedAgent.direct``).
+        carried: ModelResponse | None = None
         turn: Turn | None = job.prepared
         model_calls: _ModelCalls | None = None
         error: ThreadlineError
@@ -470,9 +519,10 @@ class TurnRunner:
             prompt = PROMPT_SEPARATOR.join(m.content for m in turn.prompt)
             deps = RunDeps(job.session_id, job.run_id, options.user_id, options.context)
             history = to_model_messages(turn.history)
-            if loaded.direct:
-                async with asyncio.timeout(self._timeout):
-                    output, new, usage = await self._request(
+            answered: tuple[str, list[ModelMessage], dict[str, Any]] | None = None
+            async with asyncio.timeout(self._timeout):
+                if loaded.direct:
+                    carried = await self._request(
                         job,
                         loaded,
                         prompt,
@@ -481,23 +531,32 @@ class TurnRunner:
                         _streams(turn),
                         model_calls,
                     )
-            else:
-                agent: Agent[RunDeps, str] = loaded.agent
-                async with (
-                    asyncio.timeout(self._timeout),
-                    agent.iter(
+                    answered = _direct_answer(carried)
+                if answered is None:
+                    # No text, or a tool call, from a direct request: the graph would send a
+                    # retry prompt. It runs the turn from the start, its first request
+                    # answered by that response (``_Replay``), so the rest is its own.
+                    model = None if carried is None else _Replay(loaded.model, carried)
+                    agent: Agent[RunDeps, str] = loaded.agent
+                    async with agent.iter(
                         prompt,
                         message_history=history,
                         deps=deps,
                         # The newest answered message's caller's, appended to the agent's own.
                         instructions=options.instructions,
-                    ) as agent_run,
-                ):
-                    await self._drive(job, agent_run, _streams(turn), model_calls)
+                        model=model,
+                    ) as agent_run:
+                        await self._drive(
+                            job, agent_run, _streams(turn), model_calls, model is not None
+                        )
+            if answered is not None:
+                output, new, usage = answered
+            else:
+                assert agent_run is not None
                 result = agent_run.result
                 assert result is not None
                 output = result.output
-                new = result.new_messages()[1:]  # [0] is our own prompt, stored as user rows
+                new = _own_messages(agent_run)
                 usage = {
                     "input_tokens": result.usage.input_tokens,
                     "output_tokens": result.usage.output_tokens,
@@ -536,14 +595,14 @@ class TurnRunner:
             return Outcome(job.run_id, turn.run.message_ids, done)
         except asyncio.CancelledError:
             if not job.committing:
-                await self._record_cancel(job, turn, _own_messages(agent_run))
+                await self._record_cancel(job, turn, _own_messages(agent_run, carried))
             raise
         except TimeoutError:
             if model_calls is not None:
                 model_calls.failed("timeout")
             error = ModelTimeout(f"the model did not answer within {self._timeout:g}s", job.run_id)
             log.warning("run %s of session %s: %s", job.run_id, job.session_id, error)
-            return await self._fail(job, turn, error, agent_run)
+            return await self._fail(job, turn, error, _own_messages(agent_run, carried))
         except ToolError as exc:
             log.error(
                 "run %s of session %s: tool %r raised",
@@ -552,26 +611,26 @@ class TurnRunner:
                 exc.tool,
                 exc_info=exc.__cause__ or exc,
             )
-            return await self._fail(job, turn, exc, agent_run)
+            return await self._fail(job, turn, exc, _own_messages(agent_run, carried))
         except (ModelAPIError, UnexpectedModelBehavior, AgentRunError) as exc:
             if model_calls is not None:
                 kind = "provider" if isinstance(exc, ModelAPIError) else "unexpected"
                 model_calls.failed(kind, in_flight_only=False)
             log.warning("run %s of session %s: model failed: %r", job.run_id, job.session_id, exc)
             error = ModelError("the model provider failed to answer", job.run_id)
-            return await self._fail(job, turn, error, agent_run)
+            return await self._fail(job, turn, error, _own_messages(agent_run, carried))
         except SessionNotFound as exc:
             return Outcome(job.run_id, (), error=exc)
         except StoreUnavailable as exc:
             log.warning("run %s of session %s: %s", job.run_id, job.session_id, exc)
             error = StoreUnavailable("the database is unavailable; retry later")
-            return await self._fail(job, turn, error, agent_run)
+            return await self._fail(job, turn, error, _own_messages(agent_run, carried))
         except Exception:
             if model_calls is not None:
                 model_calls.failed("other")
             log.exception("run %s of session %s failed", job.run_id, job.session_id)
             error = RunFailed("the run failed unexpectedly", job.run_id)
-            return await self._fail(job, turn, error, agent_run)
+            return await self._fail(job, turn, error, _own_messages(agent_run, carried))
 
     async def _commit(self, job: Job, reply: Reply) -> Message | None:
         commit = asyncio.ensure_future(self._store.commit_run(job.session_id, job.run_id, reply))
@@ -713,10 +772,11 @@ class TurnRunner:
         job: Job,
         turn: Turn | None,
         error: ThreadlineError,
-        agent_run: AgentRun[RunDeps, str] | None,
+        done: list[ModelMessage],
     ) -> Outcome:
-        """End the run as ``failed``; each caller of ``_fail`` has logged why."""
-        side = _side_effects(job.run_id, _own_messages(agent_run), "failed")
+        """End the run as ``failed`` after it produced ``done``; each caller of ``_fail`` has
+        logged why."""
+        side = _side_effects(job.run_id, done, "failed")
         record = RunError(error.code, str(error))
         try:
             run = await asyncio.shield(self._record_failure(job, turn, record, side))

@@ -6,6 +6,7 @@ the same inputs both ways and compares."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from pydantic_ai.messages import (
     ModelResponse,
     TextPart,
     ThinkingPart,
+    ToolCallPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from tests.agents.test_openai_compat import read_events
@@ -254,24 +256,92 @@ async def test_a_timeout_maps_the_same_both_ways(make_app: AppFactory) -> None:
     assert graph[:2] == (504, "model_timeout")
 
 
-async def test_an_answer_without_text_is_where_the_paths_differ(make_app: AppFactory) -> None:
-    """The documented difference that keeps the direct path off by default: the graph retries
-    a response without text, the direct request fails the run with ``model_error``."""
-    calls = 0
+@dataclass
+class Scripted(Recorder):
+    """A Recorder whose n-th call answers ``script[n]``: a list of parts (a streamed call
+    sends a text part as its text and a tool call as a tool-call delta), or "echo"."""
 
-    def empty_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        nonlocal calls
-        calls += 1
-        return ModelResponse(parts=[] if calls % 2 else [TextPart("late")])
+    script: list[Any] = field(default_factory=list)
 
-    results = []
+    def _next(self, messages: list[ModelMessage], info: AgentInfo) -> Any:
+        self._record(messages, info)
+        step = self.script[min(len(self.seen), len(self.script)) - 1]
+        return [TextPart(f"echo: {last_prompt(messages)}")] if step == "echo" else step
+
+    def answer(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(
+            parts=self._next(messages, info), usage=RequestUsage(input_tokens=11, output_tokens=4)
+        )
+
+    async def stream(
+        self, messages: list[ModelMessage], info: AgentInfo
+    ) -> AsyncIterator[str | DeltaToolCalls]:
+        for part in self._next(messages, info):
+            if isinstance(part, TextPart):
+                yield part.content
+            else:
+                yield {0: DeltaToolCall(name=part.tool_name, json_args="{}", tool_call_id="c1")}
+
+
+_UNKNOWN_TOOL = [ToolCallPart("no_such_tool", {}, tool_call_id="c1")]
+
+
+@pytest.mark.parametrize(
+    ("script", "stream"),
+    [
+        ([[], "echo"], False),  # no text: the graph asks again
+        ([_UNKNOWN_TOOL, "echo"], False),  # a tool the agent does not have
+        ([[TextPart("first "), *_UNKNOWN_TOOL], "echo"], False),  # text beside that call
+        ([_UNKNOWN_TOOL, "echo"], True),
+        ([[TextPart("first "), *_UNKNOWN_TOOL], "echo"], True),  # its text streamed once
+    ],
+    ids=[
+        "empty",
+        "unknown-tool",
+        "text-and-unknown-tool",
+        "unknown-tool-streamed",
+        "text-and-unknown-tool-streamed",
+    ],
+)
+async def test_a_response_the_graph_retries_is_retried_the_same_both_ways(
+    make_app: AppFactory, script: list[Any], stream: bool
+) -> None:
+    """The direct request's response that does not end the run (no text, or a tool call)
+    hands the run to the graph, which carries on from it: the same retry prompt to the
+    model, the same stored messages (the tool traffic in the payload), usage and deltas."""
+    runs = {}
     for direct in (False, True):
-        calls = 0
-        spec = AgentSpec(name="plain", model=FunctionModel(empty_then_text))
-        async with make_app(agents=[spec], direct_model_requests=direct) as (client, _):
-            response = await client.post("/api/v1/agent/plain/run", json={"message_content": "x"})
-            results.append((response.status_code, calls))
-    assert results == [(200, 2), (502, 1)]
+        model = Scripted(script=[*script, "echo"])
+        spec = AgentSpec(name="plain", instructions="Be brief.", model=model.model())
+        talk = await converse(make_app, spec, direct, stream=stream)
+        payloads = [json.loads(p) if p else None for _, _, p in talk.pop("history")]
+        runs[direct] = (talk, [_plain(p) for p in payloads], model.seen)
+    assert runs[True] == runs[False]
+    talk, payloads, seen = runs[False]
+    # What was compared is what was meant: the first turn took two requests, the second was
+    # sent after the first response, and the second turn one request.
+    assert len(seen) == 3
+    first_call, retry_call = seen[0][0], seen[1][0]
+    assert retry_call[: len(first_call)] == first_call
+    assert [m["kind"] for m in retry_call[len(first_call) :]] == ["response", "request"]
+    assert talk["replies"][0]["usage"]["requests"] == 2
+    if not stream:  # two requests' usage (a streamed FunctionModel estimates its own)
+        assert talk["replies"][0]["usage"]["input_tokens"] == 22
+    assert talk["replies"][0]["message"].startswith("echo: ")
+    if any(isinstance(part, ToolCallPart) for part in script[0]):
+        assert payloads[1] is not None  # the tool traffic, stored as the graph stores it
+    if stream:  # each response's text, streamed once
+        text = "".join(p.content for p in script[0] if isinstance(p, TextPart))
+        assert "".join(talk["deltas"][0]) == text + talk["replies"][0]["message"]
+
+
+async def test_a_model_that_never_answers_with_text_fails_the_same_both_ways(
+    make_app: AppFactory,
+) -> None:
+    model = Scripted(script=[[]])  # every call: no text
+    graph, direct = await fail_both_ways(make_app, model.model())
+    assert graph == direct
+    assert graph[:2] == (502, "model_error")
 
 
 async def test_agents_with_tools_keep_the_graph(make_app: AppFactory) -> None:
@@ -284,16 +354,22 @@ async def test_agents_with_tools_keep_the_graph(make_app: AppFactory) -> None:
         assert reply.json()["tool_calls"][0]["tool_name"] == "current_time"
 
 
-@pytest.mark.parametrize("fail", [None, ModelHTTPError(status_code=500, model_name="recorder")])
+@pytest.mark.parametrize(
+    "fail", [None, ModelHTTPError(status_code=500, model_name="recorder"), "retried"]
+)
 async def test_model_call_metrics_count_the_same_both_ways(
-    make_app: AppFactory, fail: Exception | None
+    make_app: AppFactory, fail: Exception | str | None
 ) -> None:
     labels = {"agent": "plain", "model": "recorder"}
     duration = "threadline_model_call_duration_seconds_count"
     errors = "threadline_model_call_errors_total"
     counted = []
     for direct in (False, True):
-        spec = AgentSpec(name="plain", model=Recorder(fail=fail).model())
+        if isinstance(fail, str):  # no text first: the graph's retry, replayed on the direct path
+            model = Scripted(script=[[], "echo"]).model()
+        else:
+            model = Recorder(fail=fail).model()
+        spec = AgentSpec(name="plain", model=model)
         async with make_app(agents=[spec], direct_model_requests=direct) as (client, _):
             _, before = await scrape(client)
             await client.post("/api/v1/agent/plain/run", json={"message_content": "x"})
@@ -305,4 +381,9 @@ async def test_model_call_metrics_count_the_same_both_ways(
             )
         )
     assert counted[0] == counted[1]
-    assert counted[0] == ((1.0, 0.0) if fail is None else (0.0, 1.0))
+    if fail is None:
+        assert counted[0] == (1.0, 0.0)
+    elif fail == "retried":  # both requests timed, the replayed one once
+        assert counted[0] == (2.0, 0.0)
+    else:
+        assert counted[0] == (0.0, 1.0)
