@@ -57,6 +57,11 @@ def main() -> int:
     parser.add_argument(
         "--openai", action="store_true", help="the assistant agent on a fake OpenAI server"
     )
+    parser.add_argument(
+        "--agent",
+        help="the agent route to load (default: assistant with --openai, else echo); "
+        "bench_agents.py's agents load with THREADLINE_AGENTS_MODULE=bench_agents",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=800, help="per load")
     parser.add_argument("--concurrency", type=int, default=200)
@@ -91,8 +96,10 @@ def main() -> int:
             database = f"ab_{name.lower()}"
             postgres.reset(database)
             env = python_env()
-            if src:
-                env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+            # The variant's code first; then this folder, for THREADLINE_AGENTS_MODULE=bench_agents.
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (src, env.get("PYTHONPATH"), str(HERE)) if p
+            )
             port = free_port()
             env.update(
                 THREADLINE_DATABASE_URL=with_database(postgres.url, database),
@@ -147,7 +154,7 @@ def main() -> int:
                         "--tag",
                         f"ab{rep}",
                         "--agent",
-                        "assistant" if model else "echo",
+                        args.agent or ("assistant" if model else "echo"),
                         "--out",
                         str(out),
                     ],
