@@ -89,6 +89,14 @@ ORPHAN_BATCH = 20
 EVENT_CONNECTIONS = 8
 
 
+def next_due(last: float, interval: float, now: float) -> float:
+    """When a periodic step starts next: ``interval`` after its last start, not after its
+    end, so that a watchdog pass comes every ``LEASE_TTL_MS / 4`` however long each pass
+    takes (the takeover bound counts passes: docs/architecture.md, "Watchdog scan"). A step
+    that overran a whole interval starts the next at once, once: no burst to catch up."""
+    return max(last + interval, now)
+
+
 class RedisCoordinator:
     def __init__(
         self,
@@ -546,9 +554,13 @@ class RedisCoordinator:
                 log.warning("watchdog could not take over session %s: %s", sid, exc)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
-        """Run ``step`` forever; one failing step is logged, never the end of the loop."""
+        """Run ``step`` every ``interval`` seconds, start to start, forever; one failing step
+        is logged, never the end of the loop."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(interval)
+            due = next_due(due, interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await step()
             except CoordinatorUnavailable as exc:
