@@ -62,6 +62,9 @@ def main() -> int:
         help="the agent route to load (default: assistant with --openai, else echo); "
         "bench_agents.py's agents load with THREADLINE_AGENTS_MODULE=bench_agents",
     )
+    parser.add_argument(
+        "--stream", action="store_true", help="streamed requests (SSE; a streamed provider call)"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=800, help="per load")
     parser.add_argument("--concurrency", type=int, default=200)
@@ -157,6 +160,7 @@ def main() -> int:
                         args.agent or ("assistant" if model else "echo"),
                         "--out",
                         str(out),
+                        *(["--stream"] if args.stream else []),
                     ],
                     check=True,
                     timeout=args.requests * 0.5 + 120,
