@@ -81,7 +81,8 @@ def parent_of(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> ReadableSpan
 async def test_one_request_is_one_trace_from_http_to_tool_call(
     traced_app: Any, exporter: InMemorySpanExporter, backend: str
 ) -> None:
-    async with traced_app() as (client, _):
+    # The agent graph from the first request (the direct path's trace: the next test).
+    async with traced_app(direct_model_requests=False) as (client, _):
         exporter.clear()  # start-up's statements (migrations) are not the request's
         reply = await client.post(
             "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}"}
@@ -118,6 +119,35 @@ async def test_one_request_is_one_trace_from_http_to_tool_call(
     assert {parent_of(s, spans).name for s in sql} >= {http.name, "threadline.run"}
     if backend.endswith("+redis"):
         assert "redis" in systems
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_tool_call_on_the_direct_path_hands_the_run_to_the_graph_in_one_trace(
+    traced_app: Any, exporter: InMemorySpanExporter
+) -> None:
+    """The direct request (its span under the run) answers with a tool call; the graph takes
+    the turn over (``invoke_agent`` under the run), its first request answered by that same
+    response (a second span for it), then runs the tool and asks the model again."""
+    async with traced_app() as (client, _):
+        exporter.clear()
+        reply = await client.post(
+            "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}"}
+        )
+        assert reply.status_code == 200, reply.text
+        assert "[current_time -> " in reply.json()["message"]
+    traces = by_trace(exporter.get_finished_spans())
+    [spans] = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    [run] = named(spans, "threadline.run")
+    [agent] = named(spans, "invoke_agent echo")
+    assert parent_of(agent, spans) is run
+    models = named(spans, "chat threadline:echo")
+    assert sorted(parent_of(s, spans).name for s in models) == [
+        "invoke_agent echo",
+        "invoke_agent echo",
+        "threadline.run",
+    ]
+    [tool] = named(spans, "execute_tool current_time")
+    assert parent_of(tool, spans) is agent
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

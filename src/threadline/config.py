@@ -95,12 +95,14 @@ class Settings(BaseSettings):
     # "per-model": the clients pydantic-ai and the SDKs build for themselves, one per model with
     # their default pools (PROVIDER_HTTP then does not apply); for A/B measurements.
     provider_clients: ProviderClients = "shared"
-    # An agent without tools answered by one direct model request instead of pydantic-ai's
-    # agent graph (runner.py): end to end 45 % less server CPU per turn, 1.8x the turns/s
-    # (docs/performance.md, "Direct model requests, on by default"), with the same request,
-    # history, usage, deltas, errors and retries (tests/agents/test_direct.py). A response
-    # the graph would retry (no text, a tool call) hands the turn to the graph. Only the trace
-    # differs: no ``invoke_agent`` span. false: always the graph.
+    # Each run starts with one direct model request instead of pydantic-ai's agent graph
+    # (runner.py), for agents whose tools are the same on every run (plain functions): a
+    # reply with text and no tool call ends the run there, at about half the CPU per turn
+    # (docs/performance.md, "Direct model requests, on by default"). Any other reply (a tool
+    # call, no text) hands the turn to the graph, which carries on from it. The same request,
+    # history, usage, deltas, errors and retries both ways (tests/agents/test_direct.py);
+    # only traces differ (no ``invoke_agent`` span; a handed-over reply has two spans).
+    # false: always the graph.
     direct_model_requests: bool = True
     # The encoder of the OpenAI-compatible API's JSON bodies (api/jsonbody.py).
     json_encoder: JsonEncoder = "orjson"

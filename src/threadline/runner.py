@@ -38,6 +38,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -189,12 +190,10 @@ def _own_messages(
 class _Replay(WrapperModel):
     """The agent's model, whose first request is answered by a response already received: the
     graph takes a run over from its direct request (``LoadedAgent.direct``) as if it had made
-    that request itself, so that what follows (the retry prompt, the retries counted, the
-    messages, the usage) is the graph's own."""
+    that request itself, so that what follows (the tools run, a retry prompt, the retries
+    counted, the messages, the usage) is the graph's own."""
 
-    def __init__(self, wrapped: Model, first: ModelResponse) -> None:
-        super().__init__(wrapped)
-        self._first: ModelResponse | None = first
+    first: ModelResponse | None = None
 
     async def request(
         self,
@@ -202,10 +201,20 @@ class _Replay(WrapperModel):
         model_settings: ModelSettings | None,
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
-        first, self._first = self._first, None
+        first, self.first = self.first, None
         if first is not None:
             return first
         return await super().request(messages, model_settings, model_request_parameters)
+
+
+def _replaying(loaded: LoadedAgent, first: ModelResponse) -> Model:
+    # Not an ``InstrumentedModel`` itself, even for a traced agent: pydantic-ai calls such a
+    # model's wrapped model directly, which would skip the replay and ask the provider again.
+    # So a traced run shows the replayed request twice: the direct request's span under the
+    # run, and the graph's (answered at once) under ``invoke_agent``.
+    replay = _Replay(loaded.model)
+    replay.first = first
+    return replay
 
 
 def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
@@ -257,17 +266,20 @@ class _ModelCalls:
         self._since = None
 
 
-def _instructions(own: str, caller: str | None) -> tuple[str | None, ModelRequestParameters]:
+def _instructions(
+    own: str, caller: str | None, parameters: ModelRequestParameters
+) -> tuple[str | None, ModelRequestParameters]:
     """The agent's instructions and its caller's as the agent's graph sends them: joined on
     the request, and as parts (the agent's own, then the run's) that a provider may send apart
-    (OpenAI's chat API: one system message each)."""
+    (OpenAI's chat API: one system message each), on the agent's first-request ``parameters``
+    (its tools: ``LoadedAgent.parameters``)."""
     parts = []
     if own:
         parts.append(InstructionPart(own, id=InstructionId(AgentInstructionSource())))
     if caller:
         parts.append(InstructionPart(caller))
     joined = "\n\n".join(part.content for part in parts) or None
-    return joined, ModelRequestParameters(instruction_parts=parts or None)
+    return joined, replace(parameters, instruction_parts=parts or None)
 
 
 def _text_delta(event: object) -> str:
@@ -387,12 +399,15 @@ class TurnRunner:
         stream: bool,
         calls: _ModelCalls,
     ) -> ModelResponse:
-        """An agent without tools (``LoadedAgent.direct``): its first model request, sent as
+        """A direct agent's (``LoadedAgent.direct``) first model request, sent as
         its graph would send it, without the graph's machinery. ``_direct_answer`` says
         whether its response is the whole run.
         tests/agents/test_direct.py holds both paths to the same requests, history, usage,
         deltas and errors."""
-        joined, parameters = _instructions(loaded.spec.instructions, instructions)
+        assert loaded.parameters is not None, "a direct agent's are read when it loads"
+        joined, parameters = _instructions(
+            loaded.spec.instructions, instructions, loaded.parameters
+        )
         request = ModelRequest(parts=[UserPromptPart(prompt)], instructions=joined)
         messages: list[ModelMessage] = [*history, request]
         settings = loaded.spec.model_settings
@@ -536,7 +551,7 @@ class TurnRunner:
                     # No text, or a tool call, from a direct request: the graph would send a
                     # retry prompt. It runs the turn from the start, its first request
                     # answered by that response (``_Replay``), so the rest is its own.
-                    model = None if carried is None else _Replay(loaded.model, carried)
+                    model = None if carried is None else _replaying(loaded, carried)
                     agent: Agent[RunDeps, str] = loaded.agent
                     async with agent.iter(
                         prompt,

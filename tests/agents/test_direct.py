@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pydantic_ai import RunContext, Tool
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -23,6 +24,7 @@ from pydantic_ai.messages import (
     ToolCallPart,
 )
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.tools import ToolDefinition
 from pydantic_ai.usage import RequestUsage
 
 from tests.agents.test_openai_compat import read_events
@@ -30,6 +32,7 @@ from tests.api.test_metrics import scrape, value
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
 from threadline.agents import AgentSpec
+from threadline.agents.builtin import current_time
 from threadline.agents.echo import last_prompt
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -163,9 +166,15 @@ async def test_text_parts_join_as_the_graph_joins_them(make_app: AppFactory) -> 
     assert runs[0]["replies"][0]["message"] == "one two"
 
 
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value of {key}"
+
+
+@pytest.mark.parametrize("tools", [(), (lookup, current_time)], ids=["no-tools", "tools"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_provider_receives_the_same_request_both_ways(
-    make_app: AppFactory, stream: bool
+    make_app: AppFactory, stream: bool, tools: tuple[Any, ...]
 ) -> None:
     results = {}
     for direct in (False, True):
@@ -175,11 +184,14 @@ async def test_the_provider_receives_the_same_request_both_ways(
                 instructions="Be brief.",
                 model=f"openai-compat:fake-model@{fake.base_url}",
                 model_settings={"temperature": 0.25, "max_tokens": 50},
+                tools=tools,
             )
             talk = await converse(make_app, spec, direct, stream=stream)
         results[direct] = (talk, fake.requests)
     assert results[True] == results[False]
     talk, sent = results[False]
+    # The tools' definitions went out with every request, as the graph resolves them.
+    assert [t["function"]["name"] for t in sent[0].get("tools", [])] == [t.__name__ for t in tools]
     assert [m["role"] for m in sent[1]["messages"]] == ["system", "user", "assistant", "user"]
     assert sent[1]["temperature"] == 0.25
     assert talk["replies"][1]["usage"]["input_tokens"] == 7
@@ -280,7 +292,8 @@ class Scripted(Recorder):
             if isinstance(part, TextPart):
                 yield part.content
             else:
-                yield {0: DeltaToolCall(name=part.tool_name, json_args="{}", tool_call_id="c1")}
+                args = json.dumps(part.args_as_dict())
+                yield {0: DeltaToolCall(part.tool_name, args, tool_call_id=part.tool_call_id)}
 
 
 _UNKNOWN_TOOL = [ToolCallPart("no_such_tool", {}, tool_call_id="c1")]
@@ -344,14 +357,41 @@ async def test_a_model_that_never_answers_with_text_fails_the_same_both_ways(
     assert graph[:2] == (502, "model_error")
 
 
-async def test_agents_with_tools_keep_the_graph(make_app: AppFactory) -> None:
-    async with make_app(direct_model_requests=True) as (client, app):
-        assert not (await services(app).registry.get("echo")).direct
-        reply = await client.post(
-            "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}\nhi"}
-        )
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["tool_calls"][0]["tool_name"] == "current_time"
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_agent_with_tools_calls_them_the_same_both_ways(
+    make_app: AppFactory, stream: bool
+) -> None:
+    """The direct request's response calls a tool: the graph takes the turn over, runs the
+    tool and asks the model again, as it does on its own. The model sees the same tools, the
+    caller the same tool calls, results, deltas and usage, the store the same messages."""
+    runs = {}
+    for direct in (False, True):
+        call = ToolCallPart("lookup", {"key": "a"}, tool_call_id="c1")
+        model = Scripted(script=[[call], "echo", "echo"])
+        spec = AgentSpec(name="tooled", model=model.model(), tools=(lookup,))
+        talk = await converse(make_app, spec, direct, stream=stream)
+        payloads = [json.loads(p) if p else None for _, _, p in talk.pop("history")]
+        runs[direct] = (talk, [_plain(p) for p in payloads], model.seen)
+    assert runs[True] == runs[False]
+    talk, payloads, seen = runs[False]
+    assert [t.name for t in seen[0][1]["function_tools"]] == ["lookup"]
+    first = talk["replies"][0]
+    assert [c["tool_name"] for c in first["tool_calls"]] == ["lookup"]
+    assert first["tool_outputs"][0]["content"] == "value of a"
+    assert first["usage"]["requests"] == 2
+    assert payloads[1] is not None
+    # The second turn's text answer came from the direct request alone: one request.
+    assert talk["replies"][1]["usage"]["requests"] == 1
+
+
+async def test_tools_that_change_per_run_keep_the_graph(make_app: AppFactory) -> None:
+    async def only_sometimes(ctx: RunContext[Any], tool_def: ToolDefinition) -> ToolDefinition:
+        return tool_def
+
+    spec = AgentSpec(name="dynamic", tools=(Tool(lookup, prepare=only_sometimes),))
+    async with make_app(agents=[spec], direct_model_requests=True) as (_, app):
+        assert not (await services(app).registry.get("dynamic")).direct
+        assert (await services(app).registry.get("echo")).direct
 
 
 @pytest.mark.parametrize(

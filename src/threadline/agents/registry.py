@@ -21,16 +21,17 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic_ai import Agent
-from pydantic_ai.models import Model, infer_model
+from pydantic_ai.models import Model, ModelRequestParameters, infer_model
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from threadline.agents.builtin import BUILTIN_AGENTS
 from threadline.agents.clients import ProviderClients
 from threadline.agents.echo import MODEL_NAME as ECHO_MODEL
 from threadline.agents.echo import ModelCallStats, echo_model
+from threadline.agents.parameters import first_request_parameters, static_tools
 from threadline.agents.spec import AgentSpec, RunDeps
 from threadline.agents.tool_errors import TOOL_ERRORS
 from threadline.errors import AgentNotFound, AgentUnavailable, ConfigError
@@ -52,9 +53,11 @@ class LoadedAgent:
     agent: Agent[RunDeps, str]
     model_name: str
     model: Model
-    # Runs as one direct model request rather than the agent's graph (``runner.py``): the
-    # agent has no tools and answers plain text, and THREADLINE_DIRECT_MODEL_REQUESTS is on.
+    # Starts each run with one direct model request rather than the agent's graph
+    # (``runner.py``): THREADLINE_DIRECT_MODEL_REQUESTS is on and the agent's tools are the
+    # same on every run. ``parameters``: that request's, as the graph sends them.
     direct: bool = False
+    parameters: ModelRequestParameters | None = None
 
 
 def load_specs(module_name: str | None) -> list[AgentSpec]:
@@ -135,7 +138,7 @@ class AgentRegistry:
                     await setup()
                 except Exception as exc:
                     raise ConfigError(f"agent {name!r}: setup failed: {exc!r}") from exc
-            self._loaded[name] = loaded
+            self._loaded[name] = await self._ready(loaded)
 
     def check(self) -> None:
         """Build every agent's model without running setups: a configuration check."""
@@ -162,7 +165,7 @@ class AgentRegistry:
                 try:
                     if spec.setup is not None:
                         await spec.setup()
-                    loaded = self._loaded[name] = self._build(spec)
+                    loaded = self._loaded[name] = await self._ready(self._build(spec))
                 except Exception as exc:
                     # The cause stays in the log: it may name hosts or credentials.
                     log.exception("agent %r failed to load", name)
@@ -192,10 +195,17 @@ class AgentRegistry:
             # tool can fail.
             capabilities=[TOOL_ERRORS] if spec.tools else None,
         )
-        if self._instrument is not None:
-            agent.instrument = self._instrument
-        direct = self._direct and not spec.tools
+        direct = self._direct and static_tools(spec.tools)
         return LoadedAgent(spec, agent, model_name, model, direct)
+
+    async def _ready(self, loaded: LoadedAgent) -> LoadedAgent:
+        """Read the direct path's request parameters off the agent's graph, then instrument
+        it (after: the probe run is nobody's trace)."""
+        if loaded.direct:
+            loaded = replace(loaded, parameters=await first_request_parameters(loaded.agent))
+        if self._instrument is not None:
+            loaded.agent.instrument = self._instrument
+        return loaded
 
     def _model(self, model: str | Model | None) -> tuple[Model, str]:
         if isinstance(model, Model):
