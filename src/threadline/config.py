@@ -95,14 +95,14 @@ class Settings(BaseSettings):
     # "per-model": the clients pydantic-ai and the SDKs build for themselves, one per model with
     # their default pools (PROVIDER_HTTP then does not apply); for A/B measurements.
     provider_clients: ProviderClients = "shared"
-    # Each run starts with one direct model request instead of pydantic-ai's agent graph
-    # (runner.py), for agents whose tools are the same on every run (plain functions): a
-    # reply with text and no tool call ends the run there, at about half the CPU per turn
+    # A run starts with one direct model request instead of pydantic-ai's agent graph
+    # (runner.py) when its agent's tools are plain functions and its history is text turns
+    # only: a complete text reply ends the run there, at about half the CPU per turn
     # (docs/performance.md, "Direct model requests, on by default"). Any other reply (a tool
-    # call, no text) hands the turn to the graph, which carries on from it. The same request,
-    # history, usage, deltas, errors and retries both ways (tests/agents/test_direct.py);
-    # only traces differ (no ``invoke_agent`` span; a handed-over reply has two spans).
-    # false: always the graph.
+    # call, no text) hands the turn to the graph, which carries on from it; any other history
+    # (tool traffic, retries) takes the graph from the start. The same requests, history,
+    # usage, deltas, errors and retries either way (tests/agents/test_direct.py); traces
+    # differ (no ``invoke_agent`` span; a handed-over reply has two spans). false: the graph.
     direct_model_requests: bool = True
     # The encoder of the OpenAI-compatible API's JSON bodies (api/jsonbody.py).
     json_encoder: JsonEncoder = "orjson"

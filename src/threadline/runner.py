@@ -59,6 +59,7 @@ from pydantic_ai.messages import (
     PartStartEvent,
     TextPart,
     TextPartDelta,
+    ThinkingPart,
     ToolCallPart,
     ToolReturnPart,
     UserPromptPart,
@@ -291,14 +292,36 @@ def _text_delta(event: object) -> str:
     return ""
 
 
+def _plain_history(history: Sequence[ModelMessage]) -> bool:
+    """Whether the graph would send ``history`` as it is: text turns only (a user prompt, then
+    a text reply), none following one of its own kind. Anything else (tool traffic, retries,
+    two prompts in a row after a failed run) the graph repairs, merges or reorders before it
+    sends it (``pydantic_ai.messages.repair_messages``, the model's ``prepare_messages``), so
+    such a run takes the graph from its first request."""
+    kind = "response"
+    for message in history:
+        if message.kind == kind:
+            return False
+        kind = message.kind
+        plain = UserPromptPart if isinstance(message, ModelRequest) else TextPart
+        if not all(isinstance(part, plain) for part in message.parts):
+            return False
+    return kind == "response"
+
+
 def _direct_answer(
     response: ModelResponse,
 ) -> tuple[str, list[ModelMessage], dict[str, Any]] | None:
     """The run's reply, new messages and usage when a direct request's response ends it as
-    the graph would end it: with text and no tool call. None otherwise (the graph would send
-    a retry prompt)."""
+    the graph would end it: complete, with text, and nothing but text and thinking (no tool
+    call, no provider-side tool, no failed attempt of a fallback model to count). None
+    otherwise: the graph takes the turn over (runs the tools, asks again, ...)."""
+    if response.state != "complete" or response.failed_attempts:
+        return None
+    if not all(isinstance(p, TextPart | ThinkingPart) for p in response.parts):
+        return None
     output = "".join(p.content for p in response.parts if isinstance(p, TextPart))
-    if not output or any(isinstance(p, ToolCallPart) for p in response.parts):
+    if not output:
         return None
     usage = {
         "input_tokens": response.usage.input_tokens,
@@ -536,7 +559,7 @@ class TurnRunner:
             history = to_model_messages(turn.history)
             answered: tuple[str, list[ModelMessage], dict[str, Any]] | None = None
             async with asyncio.timeout(self._timeout):
-                if loaded.direct:
+                if loaded.direct and _plain_history(history):
                     carried = await self._request(
                         job,
                         loaded,
@@ -548,9 +571,10 @@ class TurnRunner:
                     )
                     answered = _direct_answer(carried)
                 if answered is None:
-                    # No text, or a tool call, from a direct request: the graph would send a
-                    # retry prompt. It runs the turn from the start, its first request
-                    # answered by that response (``_Replay``), so the rest is its own.
+                    # Not a direct agent, or a reply the run does not end on (a tool call, no
+                    # text): the graph runs the turn from the start, its first request
+                    # answered by the direct request's reply if there was one (``_Replay``),
+                    # so the rest (tools run, a retry prompt, ...) is its own.
                     model = None if carried is None else _replaying(loaded, carried)
                     agent: Agent[RunDeps, str] = loaded.agent
                     async with agent.iter(

@@ -384,13 +384,20 @@ async def test_an_agent_with_tools_calls_them_the_same_both_ways(
     assert talk["replies"][1]["usage"]["requests"] == 1
 
 
-async def test_tools_that_change_per_run_keep_the_graph(make_app: AppFactory) -> None:
+async def test_tool_objects_keep_the_graph(make_app: AppFactory) -> None:
+    """A ``Tool`` may change its definition per run (``prepare``), per model or per history,
+    which the definitions read once when the agent loads would miss: only plain functions."""
+
     async def only_sometimes(ctx: RunContext[Any], tool_def: ToolDefinition) -> ToolDefinition:
         return tool_def
 
-    spec = AgentSpec(name="dynamic", tools=(Tool(lookup, prepare=only_sometimes),))
-    async with make_app(agents=[spec], direct_model_requests=True) as (_, app):
+    specs = [
+        AgentSpec(name="dynamic", tools=(Tool(lookup, prepare=only_sometimes),)),
+        AgentSpec(name="wrapped", tools=(Tool(lookup),)),
+    ]
+    async with make_app(agents=specs, direct_model_requests=True) as (_, app):
         assert not (await services(app).registry.get("dynamic")).direct
+        assert not (await services(app).registry.get("wrapped")).direct
         assert (await services(app).registry.get("echo")).direct
 
 

@@ -18,7 +18,7 @@ def test_a_step_starts_one_interval_after_the_last_start_whatever_it_took() -> N
     assert starts == [0.0, 0.5, 1.0, 1.5]
 
 
-def test_a_step_that_overran_starts_the_next_at_once_without_a_catch_up_burst() -> None:
+def test_a_step_that_overran_is_followed_by_a_short_gap_not_a_catch_up_burst() -> None:
     after_slow = next_due(0.0, 0.5, now=1.7)  # the step took 3.4 intervals
-    assert after_slow == 1.7
-    assert next_due(after_slow, 0.5, now=1.7) == 2.2  # then the cadence again, from there
+    assert after_slow == 1.7 + 0.125  # a quarter interval: a Redis that is down gets a rest
+    assert next_due(after_slow, 0.5, now=after_slow + 0.1) == after_slow + 0.5

@@ -5,8 +5,13 @@ itself, as the graph would send it. For an agent with tools that request carries
 definitions as the graph resolves them (names, schemas, the toolset they belong to, whether
 the model sees them). Rather than rebuild those from pydantic-ai's internals, they are read off
 one graph run of the agent on a model that answers at once, in this process: no tool runs and
-nothing is sent anywhere. Only tools whose definitions cannot change per run qualify (plain
-functions, or ``Tool``s without ``prepare``): ``static_tools``.
+nothing is sent anywhere. The parameters are kept as the graph hands them to a model, before
+the model prepares them for its own API (which the real model then does on every request, as
+it does for the graph).
+
+Only plain functions qualify as tools (``static_tools``): a ``Tool`` may change its definition
+per run (``prepare``), per model (``include_return_schema``, native variants) or per history
+(``defer_loading``), which one reading cannot capture.
 """
 
 from __future__ import annotations
@@ -17,26 +22,45 @@ from typing import Any
 
 from pydantic_ai import Agent, Tool
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models import ModelRequestParameters
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.settings import ModelSettings
 
 from threadline.agents.spec import RunDeps
 
 
 def static_tools(tools: Iterable[Callable[..., Any]]) -> bool:
-    """Whether every tool's definition is the same on every run."""
-    return all(not isinstance(tool, Tool) or tool.prepare is None for tool in tools)
+    """Whether every tool's definition is the same on every run, for every model."""
+    return not any(isinstance(tool, Tool) for tool in tools)
+
+
+class _Probe(Model):
+    """Answers at once, keeping the parameters of each request as the graph passed them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[ModelRequestParameters] = []
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        self.seen.append(model_request_parameters)
+        return ModelResponse(parts=[TextPart("probe")])
+
+    @property
+    def model_name(self) -> str:
+        return "probe"
+
+    @property
+    def system(self) -> str:
+        return "probe"
 
 
 async def first_request_parameters(agent: Agent[RunDeps, str]) -> ModelRequestParameters:
-    """The parameters of the graph's first model request for ``agent``, without a caller's
-    instructions (the runner adds those per run)."""
-    seen: list[ModelRequestParameters] = []
-
-    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        seen.append(info.model_request_parameters)
-        return ModelResponse(parts=[TextPart("probe")])
-
-    deps = RunDeps(uuid.uuid4(), uuid.uuid4(), None)
-    await agent.run("probe", model=FunctionModel(answer), deps=deps)
-    return seen[0]
+    """The parameters of the graph's first model request for ``agent``: its tools and the
+    agent's own instructions (the runner puts a run's caller's next to those)."""
+    probe = _Probe()
+    await agent.run("probe", model=probe, deps=RunDeps(uuid.uuid4(), uuid.uuid4(), None))
+    return probe.seen[0]

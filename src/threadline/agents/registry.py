@@ -200,9 +200,14 @@ class AgentRegistry:
 
     async def _ready(self, loaded: LoadedAgent) -> LoadedAgent:
         """Read the direct path's request parameters off the agent's graph, then instrument
-        it (after: the probe run is nobody's trace)."""
+        it (after: the probe run is nobody's trace, unless the application instruments every
+        agent with ``Agent.instrument_all``)."""
         if loaded.direct:
-            loaded = replace(loaded, parameters=await first_request_parameters(loaded.agent))
+            try:
+                parameters = await first_request_parameters(loaded.agent)
+            except Exception as exc:
+                raise ConfigError(f"agent {loaded.spec.name!r}: {exc!r}") from exc
+            loaded = replace(loaded, parameters=parameters)
         if self._instrument is not None:
             loaded.agent.instrument = self._instrument
         return loaded

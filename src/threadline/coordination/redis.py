@@ -91,10 +91,12 @@ EVENT_CONNECTIONS = 8
 
 def next_due(last: float, interval: float, now: float) -> float:
     """When a periodic step starts next: ``interval`` after its last start, not after its
-    end, so that a watchdog pass comes every ``LEASE_TTL_MS / 4`` however long each pass
-    takes (the takeover bound counts passes: docs/architecture.md, "Watchdog scan"). A step
-    that overran a whole interval starts the next at once, once: no burst to catch up."""
-    return max(last + interval, now)
+    end, so that a watchdog pass comes every ``LEASE_TTL_MS / 4`` while passes take less
+    than that (the takeover bound counts passes: docs/architecture.md, "Watchdog scan"). A
+    step that overran the interval (Redis timing out, say) is followed by a quarter of one:
+    no burst to catch up, and no back-to-back passes hammering a Redis that is down."""
+    due = last + interval
+    return due if now <= due else now + interval / 4
 
 
 class RedisCoordinator:
