@@ -77,12 +77,11 @@ def parent_of(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> ReadableSpan
     return parent
 
 
-@pytest.mark.parametrize("backend", ["postgres", "postgres+redis"], indirect=True)
-async def test_one_request_is_one_trace_from_http_to_tool_call(
-    traced_app: Any, exporter: InMemorySpanExporter, backend: str
-) -> None:
-    # The agent graph from the first request (the direct path's trace: the next test).
-    async with traced_app(direct_model_requests=False) as (client, _):
+async def tool_call_trace(
+    traced_app: Any, exporter: InMemorySpanExporter, **settings: Any
+) -> tuple[Any, list[Any]]:
+    """One request whose reply calls a tool: the response and the spans of its trace."""
+    async with traced_app(**settings) as (client, _):
         exporter.clear()  # start-up's statements (migrations) are not the request's
         reply = await client.post(
             "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}"}
@@ -91,6 +90,15 @@ async def test_one_request_is_one_trace_from_http_to_tool_call(
         assert "[current_time -> " in reply.json()["message"]
     traces = by_trace(exporter.get_finished_spans())
     [spans] = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    return reply, spans
+
+
+@pytest.mark.parametrize("backend", ["postgres", "postgres+redis"], indirect=True)
+async def test_one_request_is_one_trace_from_http_to_tool_call(
+    traced_app: Any, exporter: InMemorySpanExporter, backend: str
+) -> None:
+    # The agent graph from the first request (the direct path's trace: the next test).
+    reply, spans = await tool_call_trace(traced_app, exporter, direct_model_requests=False)
     [http] = named(spans, "POST /api/v1/agent/{name}/run")
     assert http.parent is None
     [wait] = named(spans, "threadline.queue_wait")
@@ -128,15 +136,7 @@ async def test_a_tool_call_on_the_direct_path_hands_the_run_to_the_graph_in_one_
     """The direct request (its span under the run) answers with a tool call; the graph takes
     the turn over (``invoke_agent`` under the run), its first request answered by that same
     response (a second span for it), then runs the tool and asks the model again."""
-    async with traced_app() as (client, _):
-        exporter.clear()
-        reply = await client.post(
-            "/api/v1/agent/echo/run", json={"message_content": "/call current_time {}"}
-        )
-        assert reply.status_code == 200, reply.text
-        assert "[current_time -> " in reply.json()["message"]
-    traces = by_trace(exporter.get_finished_spans())
-    [spans] = [t for t in traces.values() if named(t, "POST /api/v1/agent")]
+    _, spans = await tool_call_trace(traced_app, exporter)
     [run] = named(spans, "threadline.run")
     [agent] = named(spans, "invoke_agent echo")
     assert parent_of(agent, spans) is run

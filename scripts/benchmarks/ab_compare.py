@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument(
         "--stream", action="store_true", help="streamed requests (SSE; a streamed provider call)"
     )
+    parser.add_argument(
+        "--tool-call", action="store_true", help="echo agent: every turn calls a tool first"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=800, help="per load")
     parser.add_argument("--concurrency", type=int, default=200)
@@ -161,6 +164,7 @@ def main() -> int:
                         "--out",
                         str(out),
                         *(["--stream"] if args.stream else []),
+                        *(["--tool-call"] if args.tool_call else []),
                     ],
                     check=True,
                     timeout=args.requests * 0.5 + 120,

@@ -175,15 +175,19 @@ class Plan:
     lane_sessions: bool = False
     # Filler words after each prompt's marker: a longer reply, streamed in more chunks.
     prompt_words: int = 0
+    # Each prompt asks the echo model to call its current_time tool first: every turn runs a
+    # tool and makes two model requests.
+    tool_call: bool = False
 
     @property
     def route(self) -> str:
         return f"/api/v1/agent/{self.agent}/run"
 
     def prompt(self, marker: str) -> str:
-        if self.prompt_words <= 0:
-            return f"<{marker}>"
-        return f"<{marker}> " + " ".join(f"w{i}" for i in range(self.prompt_words))
+        text = f"<{marker}>"
+        if self.prompt_words > 0:
+            text += " " + " ".join(f"w{i}" for i in range(self.prompt_words))
+        return f"/call current_time {{}}\n{text}" if self.tool_call else text
 
 
 def _check(body: Any, prompts: list[str]) -> str | None:
@@ -724,6 +728,9 @@ def main() -> None:
     )
     parser.add_argument("--prompt-words", type=int, default=0, help="filler words per prompt")
     parser.add_argument(
+        "--tool-call", action="store_true", help="echo agent: every turn calls a tool first"
+    )
+    parser.add_argument(
         "--webhook-secret",
         help="send background requests with a webhook to a receiver here (the server's secret)",
     )
@@ -756,6 +763,7 @@ def main() -> None:
         agent=args.agent,
         lane_sessions=args.lane_sessions,
         prompt_words=args.prompt_words,
+        tool_call=args.tool_call,
     )
     watch = Watch(args.watch_pgid, args.watch_pid, args.watch_provider_pgid, args.provider_url)
     # 10,000 streams need 10,000 sockets: up to the hard limit.
