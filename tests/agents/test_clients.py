@@ -7,12 +7,17 @@ from typing import Any
 
 import httpx2
 import pytest
+from openai import AsyncOpenAI
+from pydantic_ai import Agent
 from pydantic_ai.models import Model
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.clients import ProviderClients, Transport
+from threadline.agents.completions import PlainBodyOpenAI
 
 TRANSPORTS: list[Transport] = ["httpx", "aiohttp"]
 
@@ -178,3 +183,41 @@ async def test_per_model_clients_restore_the_sdks_own_for_a_b_measurements(
             assert pool_limits(http_of(one)) == (1000, 100)
         assert http_of(one).is_closed
         assert http_of(two).is_closed
+
+
+def _lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value of {key}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_compat_client_sends_the_body_a_plain_sdk_client_sends(stream: bool) -> None:
+    """``compat_client`` skips the OpenAI SDK's request transform (agents/completions.py):
+    through pydantic-ai's OpenAI model, with history, instructions, settings and tools, a
+    server receives the same JSON bodies from it as from a plain ``AsyncOpenAI``."""
+    bodies = []
+    for client_class in (AsyncOpenAI, PlainBodyOpenAI):
+        async with running_fake_openai() as fake:
+            sdk = client_class(base_url=fake.base_url, api_key="k")
+            model = OpenAIChatModel("m", provider=OpenAIProvider(openai_client=sdk))
+            agent = Agent(
+                model,
+                instructions="Be brief.",
+                tools=[_lookup],
+                model_settings={"temperature": 0.25, "max_tokens": 50},
+            )
+            history = (await agent.run("first")).all_messages()
+            if stream:
+                async with agent.run_stream("second", message_history=history) as run:
+                    await run.get_output()
+            else:
+                await agent.run("second", message_history=history)
+            await sdk.close()
+        bodies.append(fake.requests)
+    plain, ours = bodies
+    assert ours == plain
+    # What was compared is what was meant: history, tools and settings were in the body.
+    assert len(plain[-1]["messages"]) == 4
+    assert [t["function"]["name"] for t in plain[-1]["tools"]] == ["_lookup"]
+    assert plain[-1]["temperature"] == 0.25
+    assert plain[-1].get("stream", False) is stream

@@ -28,6 +28,7 @@ from pydantic_ai._http import DEFAULT_HTTP_TIMEOUT, ConnectPoolTimeoutCap
 from pydantic_ai.models import get_user_agent
 from pydantic_ai.providers import Provider, infer_provider
 
+from threadline.agents.completions import PlainBodyOpenAI
 from threadline.errors import ConfigError
 
 Transport = Literal["httpx", "aiohttp"]
@@ -170,7 +171,8 @@ class ProviderClients:
 
 
 def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI:
-    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any.
+    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any, and
+    its chat bodies without the SDK's transform (``completions.PlainBodyOpenAI``).
 
     Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
     ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
@@ -179,7 +181,7 @@ def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | Non
     """
     # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
     omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
-    client_class = AsyncOpenAI if key else _KeylessOpenAI
+    client_class = PlainBodyOpenAI if key else _KeylessOpenAI
     return client_class(
         base_url=base_url,
         api_key=key,
@@ -190,7 +192,7 @@ def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | Non
     )
 
 
-class _KeylessOpenAI(AsyncOpenAI):
+class _KeylessOpenAI(PlainBodyOpenAI):
     """An OpenAI client that sends no ``Authorization`` header: a local model server needs
     none. (With an empty key the SDK leaves the header out, then refuses to send a request
     without it unless each request omits it explicitly; this skips that check.)"""
