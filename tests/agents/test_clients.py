@@ -144,6 +144,8 @@ async def test_the_openai_provider_runs_on_the_shared_client(
             assert reply.status_code == 200, reply.text
             model = (await services(app).registry.get("openai")).model
             assert any(http_of(model) is h for h in services(app).registry.clients._http)
+            # Its bodies skip the SDK's request transform, as an openai-compat endpoint's.
+            assert isinstance(model.client, PlainBodyOpenAI)  # type: ignore[attr-defined]
         if not stream:
             assert reply.json()["message"] == "fake: hi there"
         else:

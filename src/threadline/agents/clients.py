@@ -138,7 +138,15 @@ class ProviderClients:
 
             if shared is not None:
                 return OpenAIProvider(openai_client=shared.client)
-            return OpenAIProvider(http_client=self.http_client())
+            http = self.http_client()
+            # pydantic-ai's provider reads the environment and checks the key; its client is
+            # built again as a PlainBodyOpenAI from what it found (the SDK reads the rest of
+            # the environment itself, as it did): no request transform (completions.py).
+            checked = OpenAIProvider(http_client=http).client
+            sdk = PlainBodyOpenAI(
+                base_url=checked.base_url, api_key=checked.api_key, http_client=http
+            )
+            return OpenAIProvider(openai_client=sdk)
         if family == "anthropic":
             from pydantic_ai.providers.anthropic import AnthropicProvider
 

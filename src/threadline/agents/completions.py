@@ -7,7 +7,8 @@ JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's se
 (docs/performance.md, "Where a provider turn's CPU goes"). ``messages`` and ``tools``, the
 large fields, go out through the SDK's own ``extra_body`` instead, which it merges into the
 JSON body unchanged; everything else takes the usual path. tests/agents/test_clients.py holds
-the bodies a server receives to those of a plain ``AsyncOpenAI``.
+the bodies a server receives to those of a plain ``AsyncOpenAI``. Used for ``openai-compat:``
+endpoints and the ``openai`` provider family (``clients.py``).
 """
 
 from __future__ import annotations
