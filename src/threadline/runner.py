@@ -192,9 +192,16 @@ class _Replay(WrapperModel):
     """The agent's model, whose first request is answered by a response already received: the
     graph takes a run over from its direct request (``LoadedAgent.direct``) as if it had made
     that request itself, so that what follows (the tools run, a retry prompt, the retries
-    counted, the messages, the usage) is the graph's own."""
+    counted, the messages, the usage) is the graph's own.
 
-    first: ModelResponse | None = None
+    Not an ``InstrumentedModel`` itself, even for a traced agent: pydantic-ai calls such a
+    model's wrapped model directly, which would skip the replay and ask the provider again. So
+    a traced run shows the replayed request twice: the direct request's span under the run,
+    and the graph's (answered at once) under ``invoke_agent``."""
+
+    def __init__(self, wrapped: Model, first: ModelResponse) -> None:
+        super().__init__(wrapped)
+        self.first: ModelResponse | None = first
 
     async def request(
         self,
@@ -206,16 +213,6 @@ class _Replay(WrapperModel):
         if first is not None:
             return first
         return await super().request(messages, model_settings, model_request_parameters)
-
-
-def _replaying(loaded: LoadedAgent, first: ModelResponse) -> Model:
-    # Not an ``InstrumentedModel`` itself, even for a traced agent: pydantic-ai calls such a
-    # model's wrapped model directly, which would skip the replay and ask the provider again.
-    # So a traced run shows the replayed request twice: the direct request's span under the
-    # run, and the graph's (answered at once) under ``invoke_agent``.
-    replay = _Replay(loaded.model)
-    replay.first = first
-    return replay
 
 
 def until_the_store_answers(*also: type[Exception]) -> AsyncRetrying:
@@ -374,17 +371,17 @@ class TurnRunner:
         the first model request is answered by ``_Replay``, already timed and streamed."""
         async for node in agent_run:
             calls.end()
-            if replayed and Agent.is_model_request_node(node):
-                replayed = False
-                continue
             if Agent.is_model_request_node(node):
+                if replayed:
+                    replayed = False
+                    continue
                 calls.begin()
-            if stream and Agent.is_model_request_node(node):
-                async with node.stream(agent_run.ctx) as events:
-                    async for event in events:
-                        delta = _text_delta(event)
-                        if delta:
-                            self._emit(job, "text.delta", delta=delta)
+                if stream:
+                    async with node.stream(agent_run.ctx) as events:
+                        async for event in events:
+                            delta = _text_delta(event)
+                            if delta:
+                                self._emit(job, "text.delta", delta=delta)
             elif Agent.is_call_tools_node(node) and any(
                 isinstance(part, ToolCallPart) for part in node.model_response.parts
             ):
@@ -575,7 +572,7 @@ class TurnRunner:
                     # text): the graph runs the turn from the start, its first request
                     # answered by the direct request's reply if there was one (``_Replay``),
                     # so the rest (tools run, a retry prompt, ...) is its own.
-                    model = None if carried is None else _replaying(loaded, carried)
+                    model = None if carried is None else _Replay(loaded.model, carried)
                     agent: Agent[RunDeps, str] = loaded.agent
                     async with agent.iter(
                         prompt,
