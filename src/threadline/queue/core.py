@@ -508,6 +508,11 @@ class TurnQueue:
     def _on_run_done(self, state: _Session, job: Job, task: asyncio.Task[Outcome]) -> None:
         state.job = None
         state.task = None
+        # ``settle`` closes over the job itself: a reference cycle that only the garbage
+        # collector would free, with all the run's state hanging off it. Freed by reference
+        # counting instead, a turn's objects never pile up for one long collection that
+        # stalls the loop (docs/performance.md, "Reference cycles").
+        job.settle = None
         if not task.cancelled() and task.exception() is None and task.result().error is None:
             # Only a run that answered tells how long a run takes: a cancelled one was cut
             # short, and a failed one (a timeout, a provider error) says nothing of our load.
