@@ -406,3 +406,40 @@ async def test_an_idle_stream_gets_heartbeats(make_server: AppFactory) -> None:
             gate.release.set()
             rest = [line async for line in lines]
     assert "event: run.completed" in rest
+
+
+async def test_events_of_an_ended_turn_leave_memory_and_a_joiner_mid_run_still_replays(
+    make_server: AppFactory, backend: str
+) -> None:
+    # One process keeps a session's events in memory only while a run of it is live or
+    # watched: a joiner after the end reads the store (above), so nothing else needs them.
+    gate = StreamGate()
+    async with make_server(agents=[AgentSpec(name="gate", model=gate.model())]) as (client, app):
+        store = services(app).store
+        sid = (await store.create_session("gate", user_id="u")).id
+        body = {"message_content": "wait for it", "session_id": str(sid)}
+        blocking = asyncio.create_task(client.post(RUN.format(agent="gate"), json=body))
+        await gate.called.wait()
+        (message,) = await store.unanswered(sid)
+        url = f"/api/v1/messages/{message.id}/events"
+        async with streaming(client, "GET", url) as joiner:
+            # Nobody watched the run from its start; its live log still replays it.
+            assert (await joiner.next()).kind == "message.accepted"
+            assert (await joiner.next()).kind == "run.started"
+            gate.release.set()
+            joined = await joiner.rest()
+        reply = await blocking
+        for i in range(5):
+            assert (await post(client, f"s-{uuid.uuid4()}", f"turn {i}")).status_code == 200
+        async with run_stream(client, f"s-{uuid.uuid4()}", "streamed") as stream:
+            streamed = await stream.rest()
+        metrics = services(app).coordinator.metrics()
+
+    assert reply.status_code == 200
+    assert joined[-1].kind == "run.completed"
+    assert joined[-1].data["message"] == reply.json()["message"]
+    assert streamed[-1].kind == "run.completed"
+    if backend.endswith("+redis"):
+        assert "event_logs" not in metrics  # events live in Redis streams there
+    else:
+        assert metrics["event_logs"] == 0

@@ -4,7 +4,11 @@ Each session's events get ids in order and stay in a short log, so a watcher tha
 or reconnects (``Last-Event-ID``) replays what it missed, then follows live events; a
 ``Watch`` drops what it has seen already, so replay and live overlap without duplicates.
 
-* ``LocalEvents``: one process. The log is in memory, the ids count up from 1.
+* ``LocalEvents``: one process. The log is in memory, the ids count up from 1, and a session's
+  log goes as soon as a run of it ends with nobody watching: joiners after the end read the
+  store (``api/streams.py``), so an ended log serves no one, while kept for ``RETENTION_S`` it
+  held every session of the last ten minutes in memory, and the garbage collector walked them
+  all (docs/performance.md, "Reference cycles and retained logs").
 * ``RedisEvents``: several processes. The log is a Redis stream per session (ids are stream
   ids) and each event is also published on the session's channel. A process listens to a
   session's channel only while it has a watcher of it (``Channels`` counts references):
@@ -128,6 +132,8 @@ class _Log:
     events: deque[RunEvent]
     watchers: set[Watch] = dataclasses.field(default_factory=set)
     touched: float = 0.0
+    # The last event ended a run: nothing of the session is live.
+    ended: bool = False
 
 
 class LocalEvents:
@@ -145,13 +151,26 @@ class LocalEvents:
         self._logs.move_to_end(session_id)
         return entry
 
+    @property
+    def logs(self) -> int:
+        """Sessions whose events are held here."""
+        return len(self._logs)
+
     def emit(self, event: RunEvent) -> None:
         entry = self._log(event.session_id)
         event = dataclasses.replace(event, id=str(next(self._ids)))
         entry.events.append(event)
+        entry.ended = event.terminal
         for watcher in entry.watchers:
             watcher.push(event)
+        self._drop_if_done(event.session_id, entry)
         self._evict()
+
+    def _drop_if_done(self, session_id: UUID, entry: _Log) -> None:
+        # A watcher that joins later finds the run ended in the store; a run that starts
+        # later begins a new log, its ids still after these.
+        if entry.ended and not entry.watchers and self._logs.get(session_id) is entry:
+            del self._logs[session_id]
 
     def _evict(self) -> None:
         # Least recently touched first: stop at the first log still in use or still fresh.
@@ -173,6 +192,7 @@ class LocalEvents:
             yield watcher
         finally:
             entry.watchers.discard(watcher)
+            self._drop_if_done(session_id, entry)
 
     async def replay(self, session_id: UUID, after: str) -> list[RunEvent]:
         entry = self._logs.get(session_id)

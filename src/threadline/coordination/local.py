@@ -283,6 +283,7 @@ class LocalCoordinator:
             "runs_in_flight": self.queue.running,
             "waiting_for_slot": self.queue.waiting_for_slot,
             "watchers": len(self.events),
+            "event_logs": self.events.logs,
             "repeats_waiting": self._repeats,
         }
 
