@@ -7,17 +7,20 @@ from typing import Any
 
 import httpx2
 import pytest
+from groq import AsyncGroq
 from openai import AsyncOpenAI
 from pydantic_ai import Agent
 from pydantic_ai.models import Model
+from pydantic_ai.models.groq import GroqModel
 from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.groq import GroqProvider
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
 from threadline.agents import AgentRegistry, AgentSpec
 from threadline.agents.clients import ProviderClients, Transport
-from threadline.agents.completions import PlainBodyOpenAI
+from threadline.agents.completions import PlainBodyGroq, PlainBodyOpenAI
 
 TRANSPORTS: list[Transport] = ["httpx", "aiohttp"]
 
@@ -155,6 +158,30 @@ async def test_the_openai_provider_runs_on_the_shared_client(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_groq_provider_runs_on_the_shared_client_without_the_transform(
+    make_app: AppFactory, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_fake_openai() as fake:
+        monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+        # Groq's SDK posts to /openai/v1/chat/completions under it; the fake takes any path.
+        monkeypatch.setenv("GROQ_BASE_URL", f"http://127.0.0.1:{fake.port}")
+        spec = AgentSpec(name="groq", model="groq:fake-model")
+        async with make_app(agents=[spec]) as (client, app):
+            reply = await client.post(
+                "/api/v1/agent/groq/run", json={"message_content": "hi there", "stream": stream}
+            )
+            assert reply.status_code == 200, reply.text
+            model = (await services(app).registry.get("groq")).model
+            assert any(http_of(model) is h for h in services(app).registry.clients._http)
+            assert isinstance(model.client, PlainBodyGroq)  # type: ignore[attr-defined]
+        assert "fake: hi there" in reply.text
+    assert fake.requests[0]["model"] == "fake-model"
+    assert fake.requests[0]["messages"][-1] == {"role": "user", "content": "hi there"}
+    assert fake.headers[0]["authorization"] == "Bearer gsk-test"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_with_an_adaptive_limit_the_pool_holds_its_ceiling(make_app: AppFactory) -> None:
     async with running_fake_openai() as fake:
         spec = AgentSpec(name="remote", model=f"openai-compat:m@{fake.base_url}")
@@ -192,16 +219,36 @@ def _lookup(key: str) -> str:
     return f"value of {key}"
 
 
+def _openai_model(client_class: type[AsyncOpenAI], port: int) -> tuple[Model, Any]:
+    sdk = client_class(base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+    return OpenAIChatModel("m", provider=OpenAIProvider(openai_client=sdk)), sdk
+
+
+def _groq_model(client_class: type[AsyncGroq], port: int) -> tuple[Model, Any]:
+    sdk = client_class(base_url=f"http://127.0.0.1:{port}", api_key="k")
+    return GroqModel("m", provider=GroqProvider(groq_client=sdk)), sdk
+
+
+SDKS: dict[str, tuple[Any, Any, Any]] = {
+    "openai": (AsyncOpenAI, PlainBodyOpenAI, _openai_model),
+    "groq": (AsyncGroq, PlainBodyGroq, _groq_model),
+}
+
+
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_compat_client_sends_the_body_a_plain_sdk_client_sends(stream: bool) -> None:
-    """``compat_client`` skips the OpenAI SDK's request transform (agents/completions.py):
-    through pydantic-ai's OpenAI model, with history, instructions, settings and tools, a
-    server receives the same JSON bodies from it as from a plain ``AsyncOpenAI``."""
+@pytest.mark.parametrize("sdk_name", list(SDKS))
+async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
+    stream: bool, sdk_name: str
+) -> None:
+    """``PlainBodyOpenAI`` and ``PlainBodyGroq`` skip their SDK's request transform
+    (agents/completions.py): through pydantic-ai's model, with history, instructions,
+    settings and tools, a server receives the same JSON bodies from them as from the SDK's
+    own client."""
+    plain_class, our_class, build = SDKS[sdk_name]
     bodies = []
-    for client_class in (AsyncOpenAI, PlainBodyOpenAI):
+    for client_class in (plain_class, our_class):
         async with running_fake_openai() as fake:
-            sdk = client_class(base_url=fake.base_url, api_key="k")
-            model = OpenAIChatModel("m", provider=OpenAIProvider(openai_client=sdk))
+            model, sdk = build(client_class, fake.port)
             agent = Agent(
                 model,
                 instructions="Be brief.",

@@ -28,7 +28,7 @@ from pydantic_ai._http import DEFAULT_HTTP_TIMEOUT, ConnectPoolTimeoutCap
 from pydantic_ai.models import get_user_agent
 from pydantic_ai.providers import Provider, infer_provider
 
-from threadline.agents.completions import PlainBodyOpenAI
+from threadline.agents.completions import PlainBodyGroq, PlainBodyOpenAI
 from threadline.errors import ConfigError
 
 Transport = Literal["httpx", "aiohttp"]
@@ -165,7 +165,14 @@ class ProviderClients:
 
         if shared is not None:
             return GroqProvider(groq_client=shared.client)
-        return GroqProvider(http_client=self._legacy_http_client())
+        legacy = self._legacy_http_client()
+        # As for openai: pydantic-ai reads and checks the environment, the client is built
+        # again without the request transform (completions.py).
+        found = GroqProvider(http_client=legacy).client
+        groq_sdk = PlainBodyGroq(
+            base_url=str(found.base_url), api_key=found.api_key, http_client=legacy
+        )
+        return GroqProvider(groq_client=groq_sdk)
 
     async def aclose(self) -> None:
         clients, self._http = self._http, []

@@ -1,4 +1,4 @@
-"""An OpenAI client whose Chat Completions requests skip the SDK's client-side transform.
+"""OpenAI and Groq clients whose Chat Completions requests skip the SDK's client-side transform.
 
 Before it sends a request, the OpenAI SDK walks the whole body (every message, every tool's
 JSON schema) against the annotations of its ``CompletionCreateParams`` TypedDicts, to rename
@@ -7,31 +7,51 @@ JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's se
 (docs/performance.md, "Where a provider turn's CPU goes"). ``messages`` and ``tools``, the
 large fields, go out through the SDK's own ``extra_body`` instead, which it merges into the
 JSON body unchanged; everything else takes the usual path. tests/agents/test_clients.py holds
-the bodies a server receives to those of a plain ``AsyncOpenAI``. Used for ``openai-compat:``
-endpoints and the ``openai`` provider family (``clients.py``).
+the bodies a server receives to those of the plain SDK clients. Used for ``openai-compat:``
+endpoints and the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is
+generated the same way and walks its bodies the same way. Anthropic's (2.x) sends its
+message bodies as given, so it needs nothing of this.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
+import groq
+from groq.resources.chat import AsyncChat as AsyncGroqChat
+from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from openai import AsyncOpenAI, NotGiven, Omit
-from openai._compat import cached_property
 from openai.resources.chat import AsyncChat, AsyncCompletions
 
 # The fields of a chat completion body passed through as they are: the large ones.
 _AS_IS = ("messages", "tools")
 
 
+def _as_is(params: dict[str, Any], given: Callable[[object], bool]) -> dict[str, Any]:
+    """``create``'s arguments with the large fields moved into ``extra_body``; ``given`` tells
+    a value from the SDK's "not given" markers."""
+    body = dict(params.pop("extra_body", None) or {})
+    for name in _AS_IS:
+        value = params.pop(name, None)
+        if value is not None and given(value):
+            body.setdefault(name, value)
+    # ``messages`` is required by the signature; extra_body's replaces it in the body.
+    return {**params, "messages": [], "extra_body": body}
+
+
+def _openai_given(value: object) -> bool:
+    return not isinstance(value, Omit | NotGiven)
+
+
+def _groq_given(value: object) -> bool:
+    return not isinstance(value, groq.Omit | groq.NotGiven)
+
+
 class _Completions(AsyncCompletions):
     async def create(self, **params: Any) -> Any:
-        body = dict(params.pop("extra_body", None) or {})
-        for name in _AS_IS:
-            value = params.pop(name, None)
-            if value is not None and not isinstance(value, Omit | NotGiven):
-                body.setdefault(name, value)
-        # ``messages`` is required by the signature; extra_body's replaces it in the body.
-        return await super().create(messages=[], extra_body=body, **params)
+        return await super().create(**_as_is(params, _openai_given))
 
 
 class _Chat(AsyncChat):
@@ -46,3 +66,22 @@ class PlainBodyOpenAI(AsyncOpenAI):
     @cached_property
     def chat(self) -> AsyncChat:
         return _Chat(self)
+
+
+class _GroqCompletions(AsyncGroqCompletions):
+    async def create(self, **params: Any) -> Any:
+        return await super().create(**_as_is(params, _groq_given))
+
+
+class _GroqChat(AsyncGroqChat):
+    @cached_property
+    def completions(self) -> AsyncGroqCompletions:
+        return _GroqCompletions(self._client)
+
+
+class PlainBodyGroq(groq.AsyncGroq):
+    """``AsyncGroq`` whose ``chat.completions.create`` sends messages and tools as given."""
+
+    @cached_property
+    def chat(self) -> AsyncGroqChat:
+        return _GroqChat(self)
