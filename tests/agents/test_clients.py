@@ -130,55 +130,61 @@ async def test_every_provider_kind_builds_on_a_shared_pooled_client(transport: T
     assert all(h.is_closed for h in opened)
 
 
+# provider family: (model, key variable, key, base URL variable, the base URL under the fake
+# server's port, the client class its requests skip the SDK's transform with).
+FAMILIES: dict[str, tuple[str, str, str, str, str, type[Any]]] = {
+    "openai": (
+        "openai-chat:fake-model",
+        "OPENAI_API_KEY",
+        "sk-test",
+        "OPENAI_BASE_URL",
+        "http://127.0.0.1:{port}/v1",
+        PlainBodyOpenAI,
+    ),
+    # Groq's SDK posts to /openai/v1/chat/completions under its base; the fake takes any path.
+    "groq": (
+        "groq:fake-model",
+        "GROQ_API_KEY",
+        "gsk-test",
+        "GROQ_BASE_URL",
+        "http://127.0.0.1:{port}",
+        PlainBodyGroq,
+    ),
+}
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("stream", [False, True])
-async def test_the_openai_provider_runs_on_the_shared_client(
-    make_app: AppFactory, transport: Transport, stream: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_a_provider_family_runs_on_the_shared_client_without_the_transform(
+    make_app: AppFactory,
+    transport: Transport,
+    stream: bool,
+    family: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    model_name, key_var, key, base_var, base, client_class = FAMILIES[family]
     async with running_fake_openai() as fake:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
-        spec = AgentSpec(name="openai", model="openai-chat:fake-model")
+        monkeypatch.setenv(key_var, key)
+        monkeypatch.setenv(base_var, base.format(port=fake.port))
+        spec = AgentSpec(name="remote", model=model_name)
         async with make_app(agents=[spec], provider_http=transport) as (client, app):
             reply = await client.post(
-                "/api/v1/agent/openai/run", json={"message_content": "hi there", "stream": stream}
+                "/api/v1/agent/remote/run", json={"message_content": "hi there", "stream": stream}
             )
             assert reply.status_code == 200, reply.text
-            model = (await services(app).registry.get("openai")).model
+            model = (await services(app).registry.get("remote")).model
             assert any(http_of(model) is h for h in services(app).registry.clients._http)
             # Its bodies skip the SDK's request transform, as an openai-compat endpoint's.
-            assert isinstance(model.client, PlainBodyOpenAI)  # type: ignore[attr-defined]
+            assert isinstance(model.client, client_class)  # type: ignore[attr-defined]
         if not stream:
             assert reply.json()["message"] == "fake: hi there"
         else:
             assert "fake: hi there" in reply.text
     assert fake.requests[0]["model"] == "fake-model"
-    assert fake.headers[0]["authorization"] == "Bearer sk-test"
-
-
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-@pytest.mark.parametrize("stream", [False, True])
-async def test_the_groq_provider_runs_on_the_shared_client_without_the_transform(
-    make_app: AppFactory, stream: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with running_fake_openai() as fake:
-        monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
-        # Groq's SDK posts to /openai/v1/chat/completions under it; the fake takes any path.
-        monkeypatch.setenv("GROQ_BASE_URL", f"http://127.0.0.1:{fake.port}")
-        spec = AgentSpec(name="groq", model="groq:fake-model")
-        async with make_app(agents=[spec]) as (client, app):
-            reply = await client.post(
-                "/api/v1/agent/groq/run", json={"message_content": "hi there", "stream": stream}
-            )
-            assert reply.status_code == 200, reply.text
-            model = (await services(app).registry.get("groq")).model
-            assert any(http_of(model) is h for h in services(app).registry.clients._http)
-            assert isinstance(model.client, PlainBodyGroq)  # type: ignore[attr-defined]
-        assert "fake: hi there" in reply.text
-    assert fake.requests[0]["model"] == "fake-model"
     assert fake.requests[0]["messages"][-1] == {"role": "user", "content": "hi there"}
-    assert fake.headers[0]["authorization"] == "Bearer gsk-test"
+    assert fake.headers[0]["authorization"] == f"Bearer {key}"
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

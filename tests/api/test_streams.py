@@ -87,6 +87,16 @@ def post(client: httpx.AsyncClient, session: str, text: str, agent: str = "gate"
     return asyncio.create_task(client.post(RUN.format(agent=agent), json=body))
 
 
+async def join_mid_run(client: httpx.AsyncClient, url: str, gate: StreamGate) -> list[Event]:
+    """Join a message's stream while its run waits on ``gate``: it replays the acceptance
+    and the run's start; then let the run finish and read the rest."""
+    async with streaming(client, "GET", url) as joiner:
+        assert (await joiner.next()).kind == "message.accepted"
+        assert (await joiner.next()).kind == "run.started"
+        gate.release.set()
+        return await joiner.rest()
+
+
 def text_of(events: list[Event], run_id: str) -> str:
     return "".join(
         e.data["delta"] for e in events if e.kind == "text.delta" and e.data["run_id"] == run_id
@@ -297,11 +307,7 @@ async def test_joining_a_message_follows_it_to_its_answer(make_server: AppFactor
             message_id = (await stream.next()).data["message_id"]
             await stream.until("text.delta")
             url = f"/api/v1/messages/{message_id}/events"
-            async with streaming(client, "GET", url) as joiner:
-                assert (await joiner.next()).kind == "message.accepted"
-                assert (await joiner.next()).kind == "run.started"
-                gate.release.set()
-                joined = await joiner.rest()
+            joined = await join_mid_run(client, url, gate)
             await stream.rest()
         async with streaming(client, "GET", url) as late:
             after_end = await late.rest()
@@ -421,13 +427,8 @@ async def test_events_of_an_ended_turn_leave_memory_and_a_joiner_mid_run_still_r
         blocking = asyncio.create_task(client.post(RUN.format(agent="gate"), json=body))
         await gate.called.wait()
         (message,) = await store.unanswered(sid)
-        url = f"/api/v1/messages/{message.id}/events"
-        async with streaming(client, "GET", url) as joiner:
-            # Nobody watched the run from its start; its live log still replays it.
-            assert (await joiner.next()).kind == "message.accepted"
-            assert (await joiner.next()).kind == "run.started"
-            gate.release.set()
-            joined = await joiner.rest()
+        # Nobody watched the run from its start; its live log still replays it.
+        joined = await join_mid_run(client, f"/api/v1/messages/{message.id}/events", gate)
         reply = await blocking
         for i in range(5):
             assert (await post(client, f"s-{uuid.uuid4()}", f"turn {i}")).status_code == 200
