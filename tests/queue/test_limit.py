@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from threadline.queue.limit import AdaptiveLimit, FixedLimit
 
 BASE = 0.050  # a 50 ms model
-TARGET = 0.010  # the default lag target
+TARGET = 0.010  # the lag target these tests set (the default is 3 ms)
 BUSY = 0.007  # a loop busy with its runs but under the target: no idle growth
 
 
@@ -54,7 +54,7 @@ def test_grows_to_its_maximum_while_latency_and_lag_stay_healthy() -> None:
 def test_grows_by_its_headroom_per_round_of_runs_not_per_run() -> None:
     """Additive increase: a limit's worth of healthy runs adds about ``headroom`` slots (4),
     where adding it per run (Gradient2) would have added 0.8 per run, 32 in that round."""
-    limit = AdaptiveLimit(initial=40, maximum=256)
+    limit = AdaptiveLimit(initial=40, maximum=256, lag_target_s=TARGET)
     saturate(limit, 40, lag=BUSY)
     assert 43 <= limit.value <= 44
     saturate(limit, 44, lag=BUSY)
@@ -72,6 +72,19 @@ def test_an_idle_loop_with_every_slot_taken_lets_runs_in_within_a_second() -> No
         seen.append(limit.value)
     assert seen == sorted(seen)
     assert limit.value >= 200
+
+
+def test_at_the_default_target_an_idle_loop_still_lets_runs_in() -> None:
+    """The default target is low (3 ms: a saturated loop lags in spikes), and an idle loop's
+    heartbeats still read as idle under it: an idle uvloop's lag p99 was 0.43 ms here."""
+    limit = AdaptiveLimit(initial=32, maximum=256)
+    for _ in range(100):
+        limit.observe_lag(0.0004, limit.value)
+    assert limit.value >= 200
+    busy = AdaptiveLimit(initial=32, maximum=256)
+    for _ in range(100):
+        busy.observe_lag(0.004, busy.value)  # over the default target: cut, never grown
+    assert busy.value < 32
 
 
 def test_an_idle_loop_does_not_grow_it_while_slots_are_free_or_latency_climbs() -> None:

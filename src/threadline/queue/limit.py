@@ -103,7 +103,7 @@ class AdaptiveLimit:
         initial: int = 32,
         minimum: int = 4,
         maximum: int = 256,
-        lag_target_s: float = 0.010,
+        lag_target_s: float = 0.003,
         tolerance: float = 1.5,
         smoothing: float = 0.2,
         short_window: int = 10,
