@@ -8,7 +8,7 @@ or reconnects (``Last-Event-ID``) replays what it missed, then follows live even
   log goes as soon as a run of it ends with nobody watching: joiners after the end read the
   store (``api/streams.py``), so an ended log serves no one, while kept for ``RETENTION_S`` it
   held every session of the last ten minutes in memory, and the garbage collector walked them
-  all (docs/performance.md, "Reference cycles and retained logs").
+  all (docs/performance.md, "Reference cycles and retained event logs").
 * ``RedisEvents``: several processes. The log is a Redis stream per session (ids are stream
   ids) and each event is also published on the session's channel. A process listens to a
   session's channel only while it has a watcher of it (``Channels`` counts references):
@@ -132,8 +132,11 @@ class _Log:
     events: deque[RunEvent]
     watchers: set[Watch] = dataclasses.field(default_factory=set)
     touched: float = 0.0
-    # The last event ended a run: nothing of the session is live.
-    ended: bool = False
+
+    @property
+    def ended(self) -> bool:
+        """The last event ended a run: nothing of the session is live."""
+        return bool(self.events) and self.events[-1].terminal
 
 
 class LocalEvents:
@@ -160,7 +163,6 @@ class LocalEvents:
         entry = self._log(event.session_id)
         event = dataclasses.replace(event, id=str(next(self._ids)))
         entry.events.append(event)
-        entry.ended = event.terminal
         for watcher in entry.watchers:
             watcher.push(event)
         self._drop_if_done(event.session_id, entry)
