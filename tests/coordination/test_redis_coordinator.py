@@ -20,7 +20,9 @@ import pytest
 from tests.coordination.conftest import Connect, request
 from tests.multiprocess.conftest import start_redis
 from threadline.coordination import TurnRequest, keys
+from threadline.coordination.leases import BUCKETS_PER_TICK
 from threadline.coordination.local import user_message
+from threadline.coordination.redis import WATCH_CONCURRENCY
 from threadline.errors import CoordinatorUnavailable, StoreUnavailable
 from threadline.queue.job import RunOptions
 from threadline.store import PostgresStore
@@ -304,3 +306,55 @@ async def test_a_message_adopted_twice_has_its_answer_published_once(
     await asyncio.gather(*answering)
     assert owner._channels.published["answer"] == 1
     other._mailbox.forget(message.id)
+
+
+class MeetingStore(FlakyStore):
+    """The real store, whose first ``parties`` reads of unanswered messages wait for each
+    other: they only get through if that many takeovers run at once."""
+
+    def __init__(self, store: PostgresStore, parties: int) -> None:
+        super().__init__(store)
+        self.failures = 0
+        self.met = asyncio.Barrier(parties)
+        self.parties = parties
+
+    async def unanswered(self, session_id: uuid.UUID) -> Any:
+        if self.parties:
+            self.parties -= 1
+            # A guard against hanging the suite when takeovers run one after another.
+            async with asyncio.timeout(10):
+                await self.met.wait()
+        return await self._store.unanswered(session_id)
+
+
+async def test_one_watchdog_pass_takes_over_every_orphan_it_finds_several_at_once(
+    store: PostgresStore, connect: Connect
+) -> None:
+    """A process died holding more sessions than a pass once took (20), all in the buckets
+    the survivor's next pass reads: that pass adopts every one, WATCH_CONCURRENCY at a time,
+    so none waits for later passes beyond the takeover bound."""
+    dead = await connect(store, lease_ttl_ms=60_000)
+    meeting = MeetingStore(store, WATCH_CONCURRENCY)
+    survivor = await connect(meeting, lease_ttl_ms=60_000)  # no pass of its own in the test
+    survivor._leases._cursor = 0
+    read_next = {i % keys.N_BUCKETS for i in range(BUCKETS_PER_TICK)}
+    messages: dict[uuid.UUID, uuid.UUID] = {}
+    while len(messages) < 30:
+        session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+        if keys.bucket(session.id) not in read_next:
+            continue
+        assert await dead._leases.claim(session.id)
+        asked = request(session.id, f"message {len(messages)}")
+        message, _ = await store.add_user_message(session.id, user_message(asked))
+        messages[session.id] = message.id
+    # It dies: its leases are gone and due in the index, as once their TTL ran out.
+    await dead._leases.drop_all()
+
+    await survivor._watch()
+
+    adopted = {sid for sid in messages if survivor.queue.has(sid)}
+    answered = {sid for sid, mid in messages.items() if await store.answer_for(mid)}
+    assert adopted | answered == set(messages)
+    for mid in messages.values():
+        while await store.answer_for(mid) is None:
+            await asyncio.sleep(0.01)  # the adopted runs commit in the background

@@ -256,11 +256,11 @@ class Leases:
         return lost, idle
 
     async def scan(self, limit: int) -> tuple[list[UUID], list[UUID]]:
-        """The watchdog's read of the next ``BUCKETS_PER_TICK`` buckets of the index:
-        (orphans, stranded). Orphans: sessions whose lease ran out without a release (their
-        owner died). Stranded: sessions into which a process that died may have stored a
-        message it never announced (see scripts.STRANDED); each is returned to one caller
-        only."""
+        """The watchdog's read of the next ``BUCKETS_PER_TICK`` buckets of the index, at most
+        ``limit`` entries of each kind per bucket: (orphans, stranded). Orphans: sessions
+        whose lease ran out without a release (their owner died). Stranded: sessions into
+        which a process that died may have stored a message it never announced (see
+        scripts.STRANDED); each is returned to one caller only."""
         buckets = [(self._cursor + i) % keys.N_BUCKETS for i in range(BUCKETS_PER_TICK)]
         self._cursor = (self._cursor + BUCKETS_PER_TICK) % keys.N_BUCKETS
         calls: list[Call] = []
@@ -275,7 +275,7 @@ class Leases:
                 member = raw.decode() if isinstance(raw, bytes) else str(raw)
                 into = orphans if n % 2 == 0 else stranded
                 into[UUID(member.partition("|")[0])] = None
-        return list(orphans)[:limit], list(stranded)
+        return list(orphans), list(stranded)
 
     async def drop_all(self) -> None:
         """At shutdown: let every held session go at once, dirty or not (see DROP)."""

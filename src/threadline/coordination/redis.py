@@ -83,8 +83,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Orphaned sessions one watchdog pass takes on at most; the next pass takes the rest.
-ORPHAN_BATCH = 20
+# Orphaned sessions one read of one bucket of the orphan index returns at most: a bound on
+# a reply's size, far above what a bucket holds due at once (a pass reads BUCKETS_PER_TICK).
+ORPHANS_PER_BUCKET = 200
+# Sessions one watchdog pass looks at, or takes over, at once (each holds a store connection
+# while it reads the session's messages).
+WATCH_CONCURRENCY = 8
 # Connections for run events: the subscription, the publisher, and replays for joiners.
 EVENT_CONNECTIONS = 8
 
@@ -528,32 +532,60 @@ class RedisCoordinator:
     async def _watch(self) -> None:
         """Take over sessions whose owner died: those callers here wait on, then any other
         session whose lease ran out without a release, so its unanswered messages are
-        answered even when every caller of it was connected to the dead process."""
-        for sid in self._mailbox.sessions(older_than_s=self._ttl_s):
-            if self.queue.has(sid):
-                continue  # our own run answers them
+        answered even when every caller of it was connected to the dead process.
+
+        Every session the pass finds is looked at in this pass, ``WATCH_CONCURRENCY`` at a
+        time: a process dying with many sessions leaves its survivors that many takeovers at
+        once, and the takeover bound (docs/architecture.md, "Watchdog scan") counts passes,
+        so neither a cap on a pass nor one takeover after another may push some to later
+        passes."""
+        limit = asyncio.Semaphore(WATCH_CONCURRENCY)
+        unreachable: CoordinatorUnavailable | None = None
+        # The steps log their own failures, so the group fails only if the pass is cancelled.
+        async with asyncio.TaskGroup() as group:
+            for sid in self._mailbox.sessions(older_than_s=self._ttl_s):
+                if not self.queue.has(sid):  # else our own run answers them
+                    group.create_task(self._watched(limit, sid, self._take_if_waiting))
             try:
-                still_waiting = await self._mailbox.settle(sid)
-                if still_waiting and await self._leases.claim(sid):
-                    log.info("took over session %s", sid)
-                    metrics.TAKEOVERS.labels("dead_owner").inc()
-                    await self.take_over(sid)
-            except ThreadlineError as exc:
-                log.warning("watchdog could not check session %s: %s", sid, exc)
-        # The next few buckets of the orphan index (round-robin: see leases.py).
-        orphans, stranded = await self._leases.scan(ORPHAN_BATCH)
-        for sid in stranded:
-            # A process died between storing a message here and telling the owner.
-            log.info("session %s may hold a message nobody announced; looking", sid)
-            self._recover(sid)
-        for sid in orphans:
+                # The next few buckets of the orphan index (round-robin: see leases.py).
+                orphans, stranded = await self._leases.scan(ORPHANS_PER_BUCKET)
+            except CoordinatorUnavailable as exc:
+                unreachable, orphans, stranded = exc, [], []
+            for sid in stranded:
+                # A process died between storing a message here and telling the owner.
+                log.info("session %s may hold a message nobody announced; looking", sid)
+                self._recover(sid)
+            for sid in orphans:
+                group.create_task(self._watched(limit, sid, self._take_orphan))
+        if unreachable is not None:
+            raise unreachable  # for ``_every`` to log, once the steps already begun are done
+
+    async def _watched(
+        self,
+        limit: asyncio.Semaphore,
+        sid: UUID,
+        step: Callable[[UUID], Awaitable[None]],
+    ) -> None:
+        """One session's step of a watchdog pass; its failure is logged, never the pass's."""
+        async with limit:
             try:
-                if await self._leases.claim(sid):
-                    log.info("took over orphaned session %s", sid)
-                    metrics.TAKEOVERS.labels("orphan").inc()
-                    await self.take_over(sid)
+                await step(sid)
             except ThreadlineError as exc:
                 log.warning("watchdog could not take over session %s: %s", sid, exc)
+            except Exception:
+                log.exception("watchdog failed on session %s", sid)
+
+    async def _take_if_waiting(self, sid: UUID) -> None:
+        if await self._mailbox.settle(sid) and await self._leases.claim(sid):
+            log.info("took over session %s", sid)
+            metrics.TAKEOVERS.labels("dead_owner").inc()
+            await self.take_over(sid)
+
+    async def _take_orphan(self, sid: UUID) -> None:
+        if await self._leases.claim(sid):
+            log.info("took over orphaned session %s", sid)
+            metrics.TAKEOVERS.labels("orphan").inc()
+            await self.take_over(sid)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         """Run ``step`` every ``interval`` seconds, start to start, forever; one failing step
@@ -569,6 +601,16 @@ class RedisCoordinator:
                 log.warning("background step %s: %s", step.__name__, exc)
             except Exception:
                 log.exception("background step %s failed", step.__name__)
+            else:
+                took = loop.time() - due
+                if took > interval:
+                    # The takeover bound counts passes of ``interval``: say when one ran long.
+                    log.warning(
+                        "background step %s took %.2fs, over its %.2fs interval",
+                        step.__name__,
+                        took,
+                        interval,
+                    )
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
