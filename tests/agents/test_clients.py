@@ -259,7 +259,18 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
                 model,
                 instructions="Be brief.",
                 tools=[_lookup],
-                model_settings={"temperature": 0.25, "max_tokens": 50},
+                model_settings={
+                    "temperature": 0.25,
+                    "max_tokens": 50,
+                    "top_p": 0.5,
+                    "seed": 7,
+                    "stop_sequences": ["END"],
+                    "presence_penalty": 0.1,
+                    "parallel_tool_calls": False,
+                    # The caller's own extra body: merged last, over a field it repeats.
+                    "extra_body": {"custom": {"a": [1]}, "top_p": 0.75},
+                    "extra_headers": {"X-Test": "1"},
+                },
             )
             history = (await agent.run("first")).all_messages()
             if stream:
@@ -275,4 +286,8 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
     assert len(plain[-1]["messages"]) == 4
     assert [t["function"]["name"] for t in plain[-1]["tools"]] == ["_lookup"]
     assert plain[-1]["temperature"] == 0.25
+    assert plain[-1]["stop"] == ["END"]
+    assert (plain[-1]["top_p"], plain[-1]["custom"]) == (0.75, {"a": [1]})
     assert plain[-1].get("stream", False) is stream
+    if sdk_name == "openai":  # pydantic-ai asks Groq for no usage chunk
+        assert ("stream_options" in plain[-1]) is stream

@@ -4,9 +4,9 @@ Before it sends a request, the OpenAI SDK walks the whole body (every message, e
 JSON schema) against the annotations of its ``CompletionCreateParams`` TypedDicts, to rename
 and reformat fields that declare it (``PropertyInfo``). The bodies pydantic-ai builds are plain
 JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's server CPU here
-(docs/performance.md, "Where a provider turn's CPU goes"). ``messages`` and ``tools``, the
-large fields, go out through the SDK's own ``extra_body`` instead, which it merges into the
-JSON body unchanged; everything else takes the usual path. tests/agents/test_clients.py holds
+(docs/performance.md, "Where a provider turn's CPU goes"). The body's fields go out through
+the SDK's own ``extra_body`` instead, which it merges into the JSON body unchanged; only the
+model, ``stream`` and the request options take the usual path. tests/agents/test_clients.py holds
 the bodies a server receives to those of the plain SDK clients. Used for ``openai-compat:``
 endpoints and the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is
 generated the same way and walks its bodies the same way. Anthropic's (2.x) sends its
@@ -25,20 +25,26 @@ from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from openai import AsyncOpenAI, NotGiven, Omit
 from openai.resources.chat import AsyncChat, AsyncCompletions
 
-# The fields of a chat completion body passed through as they are: the large ones.
-_AS_IS = ("messages", "tools")
+# ``create``'s arguments the SDK must see as such: ``model`` (required), ``stream`` (it picks
+# the response type) and the request options, which are not body fields. Every other given
+# argument is a body field that the transform would return unchanged: no Chat Completions
+# request type declares an alias or a format (``PropertyInfo``), in either SDK.
+_KEPT = frozenset({"model", "stream", "extra_headers", "extra_query", "extra_body", "timeout"})
 
 
 def _as_is(params: dict[str, Any], given: Callable[[object], bool]) -> dict[str, Any]:
-    """``create``'s arguments with the large fields moved into ``extra_body``; ``given`` tells
-    a value from the SDK's "not given" markers."""
-    body = dict(params.pop("extra_body", None) or {})
-    for name in _AS_IS:
-        value = params.pop(name, None)
-        if value is not None and given(value):
+    """``create``'s arguments with every body field moved into ``extra_body``; ``given``
+    tells a value from the SDK's "not given" markers."""
+    body = dict(params.get("extra_body") or {})
+    kept: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in _KEPT:
+            kept[name] = value
+        elif given(value):
+            # The caller's own extra_body wins over a field, as it does in the SDK.
             body.setdefault(name, value)
     # ``messages`` is required by the signature; extra_body's replaces it in the body.
-    return {**params, "messages": [], "extra_body": body}
+    return {**kept, "messages": [], "extra_body": body}
 
 
 def _openai_given(value: object) -> bool:
