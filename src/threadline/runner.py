@@ -75,6 +75,7 @@ from threadline.agents import AgentRegistry, LoadedAgent, RunDeps
 from threadline.delivery.payload import Event, webhook_deliveries, webhook_urls
 from threadline.errors import (
     AgentNotFound,
+    AgentUnavailable,
     AnsweredElsewhere,
     FencedOut,
     ModelError,
@@ -657,6 +658,12 @@ class TurnRunner:
             return await self._fail(job, turn, error, _own_messages(agent_run, carried))
         except SessionNotFound as exc:
             return Outcome(job.run_id, (), error=exc)
+        except (AgentNotFound, AgentUnavailable) as exc:
+            # Its messages name an agent this process does not serve (removed from the
+            # config before a restart answered them, or not deployed here yet) or cannot set
+            # up now: the run fails with that agent's own code, not as a bug of ours.
+            log.warning("run %s of session %s: %s", job.run_id, job.session_id, exc)
+            return await self._fail(job, turn, exc, _own_messages(agent_run, carried))
         except StoreUnavailable as exc:
             log.warning("run %s of session %s: %s", job.run_id, job.session_id, exc)
             error = StoreUnavailable("the database is unavailable; retry later")

@@ -31,6 +31,8 @@ from tests.models import GatedModel
 from tests.tcp_proxy import tcp_proxy
 from threadline.agents import AgentSpec
 from threadline.agents.echo import last_prompt
+from threadline.coordination import TurnRequest
+from threadline.coordination.local import user_message
 from threadline.store import PostgresStore
 
 
@@ -200,3 +202,30 @@ async def test_a_session_deleted_mid_run_answers_404(make_app: AppFactory) -> No
         response = await pending
         assert response.status_code == 404, response.text
         assert response.json()["error"]["code"] == "session_not_found"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_stored_message_of_an_agent_no_longer_served_fails_with_its_code(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message stored for an agent the server no longer has (removed from the config before
+    a restart answered it) ends answered by failure with ``agent_not_found``, a documented
+    code, and a warning: not ``run_failed`` with a traceback, as for a bug."""
+    retired = AgentSpec(name="retired", model=FunctionModel(ScriptedModel(), model_name="x"))
+    async with make_app(agents=[retired]) as (_, app):
+        store = services(app).store
+        sid = await new_session(app, "retired")
+        asked = TurnRequest(sid, "retired", "are you there?", "merge")
+        message, _ = await store.add_user_message(sid, user_message(asked))
+    caplog.clear()
+
+    async with make_app() as (client, app):  # its start-up answers what was left unanswered
+        store = services(app).store
+        await wait_until(lambda: store.answer_for(message.id))
+        found = await store.answer_for(message.id)
+        assert found is not None
+        run = (await client.get(f"/api/v1/runs/{found[0].id}")).json()
+
+    assert (run["status"], run["error_code"]) == ("failed", "agent_not_found"), run
+    assert "retired" in run["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -539,26 +539,29 @@ class RedisCoordinator:
         once, and the takeover bound (docs/architecture.md, "Watchdog scan") counts passes,
         so neither a cap on a pass nor one takeover after another may push some to later
         passes."""
-        limit = asyncio.Semaphore(WATCH_CONCURRENCY)
         unreachable: CoordinatorUnavailable | None = None
+        try:
+            # The next few buckets of the orphan index (round-robin: see leases.py).
+            orphans, stranded = await self._leases.scan(ORPHANS_PER_BUCKET)
+        except CoordinatorUnavailable as exc:
+            unreachable, orphans, stranded = exc, [], []
+        for sid in stranded:
+            # A process died between storing a message here and telling the owner.
+            log.info("session %s may hold a message nobody announced; looking", sid)
+            self._recover(sid)
+        steps: dict[UUID, Callable[[UUID], Awaitable[None]]] = {}
+        for sid in self._mailbox.sessions(older_than_s=self._ttl_s):
+            if not self.queue.has(sid):  # else our own run answers them
+                steps[sid] = self._take_if_waiting
+        # An orphan's takeover answers the callers here too (``take_over`` settles them).
+        steps.update((sid, self._take_orphan) for sid in orphans)
+        limit = asyncio.Semaphore(WATCH_CONCURRENCY)
         # The steps log their own failures, so the group fails only if the pass is cancelled.
         async with asyncio.TaskGroup() as group:
-            for sid in self._mailbox.sessions(older_than_s=self._ttl_s):
-                if not self.queue.has(sid):  # else our own run answers them
-                    group.create_task(self._watched(limit, sid, self._take_if_waiting))
-            try:
-                # The next few buckets of the orphan index (round-robin: see leases.py).
-                orphans, stranded = await self._leases.scan(ORPHANS_PER_BUCKET)
-            except CoordinatorUnavailable as exc:
-                unreachable, orphans, stranded = exc, [], []
-            for sid in stranded:
-                # A process died between storing a message here and telling the owner.
-                log.info("session %s may hold a message nobody announced; looking", sid)
-                self._recover(sid)
-            for sid in orphans:
-                group.create_task(self._watched(limit, sid, self._take_orphan))
+            for sid, step in steps.items():
+                group.create_task(self._watched(limit, sid, step))
         if unreachable is not None:
-            raise unreachable  # for ``_every`` to log, once the steps already begun are done
+            raise unreachable  # for ``_every`` to log, once the steps that could run are done
 
     async def _watched(
         self,
