@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from threadline.config import Settings
@@ -35,9 +36,19 @@ def pg_url() -> str:
     return service_url("THREADLINE_TEST_DATABASE_URL")
 
 
+def empty_test_redis() -> str:
+    """The test Redis database, emptied: a test's app would otherwise find in its orphan index
+    the sessions an earlier test's apps left listed at their shutdown, take them over and run
+    their messages in the middle of this test (each SQLite test gets a new file alike)."""
+    url = service_url("THREADLINE_TEST_REDIS_URL")
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
+
+
 @pytest.fixture
 def redis_url() -> str:
-    return service_url("THREADLINE_TEST_REDIS_URL")
+    return empty_test_redis()
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ from redis import __version__ as redis_version
 from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
-from tests.conftest import REQUIRE_SERVICES, service_url
+from tests.conftest import REQUIRE_SERVICES, empty_test_redis
 from threadline.config import Settings
 from threadline.coordination.connection import Client, open_client
 
@@ -374,6 +374,6 @@ def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topolog
 def topology_of(request: pytest.FixtureRequest, mode: Mode) -> Topology:
     """The session's topology of a mode, started on first use."""
     if mode == "standalone":
-        return Topology("standalone", service_url("THREADLINE_TEST_REDIS_URL"))
+        return Topology("standalone", empty_test_redis())
     topology: Topology = request.getfixturevalue(f"redis_{mode}")
     return topology
