@@ -124,17 +124,17 @@ def predict(
     the owner runs it), on standalone Redis with unsharded pub/sub, with the bucketed orphan
     index (every script on one slot; the index written by LIST/UNLIST calls of its own).
     ``renewals``: leases renewed meanwhile; ``cleanups``: sessions a watchdog claimed and let
-    go again, finding nothing to run (an index entry left by a remote turn, below). Not in it:
+    go again, finding nothing to run (an index entry left by a remote turn whose nudge came
+    after the owner's release, below). Not in it:
     SCRIPT EXISTS, one per pipeline that redis-py sends with scripts in it (a claim, an event
     batch, a renewal), which depends on batching; see the doc."""
     turns = local + remote
-    # A remote caller's LISTs raise the session's index score, so the owner's UNLIST at the
-    # end of that lease matches nothing and leaves the entry (for a watchdog to clean up once
-    # the session is quiet), unless a renewal re-listed the session after them. Lease
-    # periods with no remote turn in them (at most one per period: local - remote) end with a
-    # matching UNLIST; of the periods with one, those a renewal fell into after the remote
-    # LIST, estimated as the renewals' share of remote turns.
-    unlisted = max(local - remote, 0.0) + renewals * remote / max(turns, 1.0)
+    # A remote caller's LISTs raise the session's index score past the one its owner knows,
+    # but its nudge tells the owner the new score (``Leases.listed_elsewhere``), so every
+    # lease period (one per local turn) ends with a matching UNLIST. Left for a cleanup: a
+    # period whose release came before the nudge's pub/sub message (rare; counted as
+    # ``cleanups``).
+    unlisted = local
     found = {
         # Local: LIST + CLAIM (one pipeline), RELEASE, UNLIST, 2 x PUBLISH_EVENT. Remote, at
         # the caller's process: LIST + CLAIM (finds it held), INFLIGHT, LIST + NUDGE +

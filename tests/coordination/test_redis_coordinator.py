@@ -358,3 +358,30 @@ async def test_one_watchdog_pass_takes_over_every_orphan_it_finds_several_at_onc
     for mid in messages.values():
         while await store.answer_for(mid) is None:
             await asyncio.sleep(0.01)  # the adopted runs commit in the background
+
+
+async def test_the_owner_unlists_a_session_a_remote_caller_listed_so_no_cleanup_is_left(
+    store: PostgresStore, connect: Connect
+) -> None:
+    """A caller at another process LISTs the session before its claim fails (the owner holds
+    it), which moves the entry's score past the one the owner knows. Its nudge tells the
+    owner that score, so the owner's release removes the entry: no entry is left for a
+    watchdog to find due, claim and release (a "cleanup") once the session goes quiet."""
+    owner = await connect(store, lease_ttl_ms=60_000)  # no renewal or watchdog pass in the test
+    other = await connect(store, lease_ttl_ms=60_000)
+    session = await store.create_session("echo", user_id=f"u-{uuid.uuid4()}")
+    sid = session.id
+    assert await owner._leases.claim(sid)
+    bucket = keys.active(keys.bucket(sid))
+    owners_score = await owner._redis.zscore(bucket, str(sid))
+
+    # "Look at the store" from the other process: its LIST moves the score, its claim fails.
+    assert not await other._leases.nudge(sid, {"session_id": str(sid)})
+    assert await owner._redis.zscore(bucket, str(sid)) > owners_score
+
+    # The owner takes the session over (nothing to run), finds it dirty, looks again and lets
+    # it go; its release's UNLIST is the last step.
+    while owner._leases.holds(sid) or sid in owner._releasing:
+        await asyncio.sleep(0.01)
+    assert await owner._redis.get(keys.lease(sid)) is None
+    assert await owner._redis.zscore(bucket, str(sid)) is None

@@ -31,7 +31,9 @@ in an order that keeps the one invariant that matters, *a held lease is listed*:
 * the entry is removed (``UNLIST``) only after the lease was released, and only if nobody
   listed the session since: ``LIST`` returns a score that only grows while the entry exists,
   and ``UNLIST`` removes the entry only at the score its releaser got back. A claim racing
-  the release lists first, so its entry survives.
+  the release lists first, so its entry survives. A caller whose claim found another owner
+  has moved the score too; its nudge tells the owner that score (``listed_elsewhere``), so
+  the owner's release still removes the entry.
 
 A crash between the two steps leaves an entry without a lease, never a lease without an
 entry; the watchdog that finds such an entry due claims the session, finds nothing to run
@@ -49,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import random
 from collections import Counter
@@ -181,9 +184,12 @@ class Leases:
         """A direct message to one process (its node channel)."""
         await self._channels.publish(keys.node_channel(node), payload, "nudge")
 
-    async def nudge(self, session_id: UUID, payload: str, token: str | None = None) -> bool:
+    async def nudge(
+        self, session_id: UUID, payload: dict[str, Any], token: str | None = None
+    ) -> bool:
         """Tell the owner about a stored message (unlisting the insert ``token`` stands for);
-        True if the lease was free and is ours now."""
+        True if the lease was free and is ours now. The owner is also told the index score
+        our LIST got (``listed``: see ``listed_elsewhere``)."""
         args = [token or self._token(), self._ttl_ms, self._dirty_ttl_ms, self.node]
         unlist: Call | None = None
         if token is not None:
@@ -197,8 +203,17 @@ class Leases:
             # Outside the script: the owner's channel is in another slot. The dirty mark,
             # set atomically with the owner's release, is what makes the message safe; this
             # only makes the owner look at once rather than when it goes idle.
-            await self.tell(owner_node, payload)
+            await self.tell(owner_node, json.dumps({**payload, "listed": score}))
         return self._took(session_id, owner, score)
+
+    def listed_elsewhere(self, session_id: UUID, score: int) -> None:
+        """A nudge told us the score another process's LIST gave our session's entry, while
+        we held its lease (so that process's claim failed, and it will not hold the lease at
+        that score). Our release may then unlist the entry at it, where its UNLIST would
+        otherwise find the score moved and leave the entry for a watchdog's cleanup (a
+        claim, two store reads and a release, per session gone quiet after a remote turn)."""
+        if session_id in self._held and score > self._scores.get(session_id, score):
+            self._scores[session_id] = score
 
     async def release(self, session_id: UUID) -> Release:
         token = self._held.get(session_id)

@@ -280,15 +280,13 @@ class RedisCoordinator:
         except StoreUnavailable:
             self._recover(sid)  # the insert may have committed with its reply lost
             raise
-        payload = json.dumps(
-            {
-                "session_id": str(sid),
-                "message_id": str(stored.id),
-                "seq": stored.seq,
-                "strategy": request.strategy,
-                "options": request.options.to_json(),
-            }
-        )
+        payload = {
+            "session_id": str(sid),
+            "message_id": str(stored.id),
+            "seq": stored.seq,
+            "strategy": request.strategy,
+            "options": request.options.to_json(),
+        }
         try:
             took = await self._leases.nudge(sid, payload, token)
         except CoordinatorUnavailable:
@@ -340,16 +338,14 @@ class RedisCoordinator:
             # adopted only, so the nudge names the message: the owner follows it (adopting
             # it if it has not yet) and publishes its answer. A session nobody owned is
             # ours now: answer every unanswered message, as a takeover does.
-            nudge = json.dumps(
-                {
-                    "session_id": str(sid),
-                    "follow": str(first.id),
-                    "seq": first.seq,
-                    # Where the repeat's caller waits, which may not be where the first did.
-                    "reply_to": self.node,
-                    "options": replay.options_of(request, first).to_json(),
-                }
-            )
+            nudge = {
+                "session_id": str(sid),
+                "follow": str(first.id),
+                "seq": first.seq,
+                # Where the repeat's caller waits, which may not be where the first did.
+                "reply_to": self.node,
+                "options": replay.options_of(request, first).to_json(),
+            }
             if await self._leases.nudge(sid, nudge, token):
                 await self.take_over(sid)
                 future = await self.queue.follow(sid, first.id)
@@ -394,7 +390,7 @@ class RedisCoordinator:
         task.add_done_callback(lambda _: self._recovering.pop(sid, None))
 
     async def _recovery(self, sid: UUID) -> None:
-        recheck = json.dumps({"session_id": str(sid)})
+        recheck = {"session_id": str(sid)}
         async for attempt in until_the_store_answers(CoordinatorUnavailable):
             with attempt:
                 if await self._leases.nudge(sid, recheck) or self._leases.holds(sid):
@@ -480,6 +476,8 @@ class RedisCoordinator:
         sid = UUID(body["session_id"])
         if not self._leases.holds(sid) or self._closing:
             return  # the sender's watchdog takes the session over once our lease is gone
+        if "listed" in body:
+            self._leases.listed_elsewhere(sid, int(body["listed"]))
         if "follow" in body:
             # A caller elsewhere repeats the idempotency key of one of our messages.
             options = RunOptions.from_json(body["options"])
