@@ -5,7 +5,8 @@
 usage chunk if ``stream_options.include_usage``, then ``[DONE]``). A request whose last user
 message is exactly ``HOLD`` is held open until the client goes away (streamed, after its first
 chunk of text); the server records that disconnect, which is how tests prove a cancelled run
-really closed its provider request.
+really closed its provider request. ``scripted`` holds raw answers that replace the usual
+one, a request each in order: a completion as it is, or a list of chunks as one event each.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class FakeOpenAI:
     held: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    # Raw answers for the next requests, in order: a dict is sent as the JSON body, a list as
+    # Server-Sent Events (one per item, then ``[DONE]``). What no real server would send too.
+    scripted: list[Any] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -54,6 +58,9 @@ class FakeOpenAI:
         body = json.loads(raw)
         self.requests.append(body)
         self.headers.append({k.decode().lower(): v.decode() for k, v in scope["headers"]})
+        if self.scripted:
+            await self._send_scripted(self.scripted.pop(0), send)
+            return
         last = next(m for m in reversed(body["messages"]) if m["role"] == "user")
         text = last["content"] if isinstance(last["content"], str) else json.dumps(last["content"])
         if body.get("stream"):
@@ -123,6 +130,19 @@ class FakeOpenAI:
         if (body.get("stream_options") or {}).get("include_usage"):
             await chunk([], USAGE)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _send_scripted(self, answer: Any, send: Send) -> None:
+        streamed = isinstance(answer, list)
+        kind = b"text/event-stream" if streamed else b"application/json"
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]}
+        )
+        if streamed:
+            events = [f"data: {json.dumps(item)}\n\n" for item in answer]
+            payload = "".join([*events, "data: [DONE]\n\n"]).encode()
+        else:
+            payload = json.dumps(answer).encode()
+        await send({"type": "http.response.body", "body": payload})
 
     async def _hold(self, receive: Receive) -> None:
         self.held.set()

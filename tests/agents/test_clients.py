@@ -3,18 +3,23 @@ closed with the app; every provider kind builds on it, and the OpenAI ones run o
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
 import pytest
 from groq import AsyncGroq
 from openai import AsyncOpenAI
-from pydantic_ai import Agent
-from pydantic_ai.models import Model
+from pydantic_ai import Agent, ModelRequest
+from pydantic_ai.direct import model_request, model_request_stream
+from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.models.groq import GroqModel
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.groq import GroqProvider
 from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.tools import ToolDefinition
 
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
@@ -291,3 +296,139 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
     assert plain[-1].get("stream", False) is stream
     if sdk_name == "openai":  # pydantic-ai asks Groq for no usage chunk
         assert ("stream_options" in plain[-1]) is stream
+
+
+def _completion(message: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+    base = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "m",
+        "choices": [{**choice, **fields.pop("choice", {})}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+    return {**base, **fields}
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, **fields: Any) -> dict[str, Any]:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return {**base, "choices": choices, **fields}
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LOOKUP_SCHEMA = {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}
+_TOOL_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "_lookup", "arguments": '{"key": "a"}'},
+}
+# Raw answers, each with the SDKs whose class validates it (the others build it their way).
+_BOTH = frozenset({"openai", "groq"})
+_ANSWERS: dict[str, tuple[Any, frozenset[str]]] = {
+    "text": (_completion({"role": "assistant", "content": "hello"}), _BOTH),
+    "tool call": (
+        _completion(
+            {"role": "assistant", "content": None, "tool_calls": [_TOOL_CALL]},
+            choice={"finish_reason": "tool_calls"},
+        ),
+        _BOTH,
+    ),
+    "extras": (
+        _completion(
+            {"role": "assistant", "content": "hi", "reasoning_content": "so", "extra": [1]},
+            service_tier="default",
+            system_fingerprint="fp",
+            x_provider={"region": "eu"},
+        ),
+        # Groq's SDK knows other service tiers.
+        frozenset({"openai"}),
+    ),
+    # What OpenAI-compatible servers send and pydantic-ai accepts: no `created` (OpenRouter),
+    # no finish reason (Ollama), an unknown service tier, text in content parts.
+    "lenient": (
+        _completion(
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            created=None,
+            service_tier="standard",
+            choice={"finish_reason": None},
+        ),
+        frozenset(),
+    ),
+    "streamed": (
+        [
+            _chunk({"role": "assistant", "content": ""}),
+            _chunk({"content": "hel"}),
+            _chunk({"tool_calls": [{"index": 0, **_TOOL_CALL}]}),
+            _chunk({}, "tool_calls"),
+            _chunk(
+                {},
+                choices=[],
+                usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            ),
+        ],
+        _BOTH,
+    ),
+    "streamed, lenient": (
+        [_chunk({"content": "a"}, created=None), _chunk({}, "eos", service_tier="standard")],
+        frozenset(),
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(_ANSWERS))
+@pytest.mark.parametrize("sdk_name", list(SDKS))
+async def test_a_plain_body_client_validates_answers_into_what_the_sdks_own_client_builds(
+    answer: str, sdk_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PlainBodyOpenAI`` and ``PlainBodyGroq`` validate a completion or chunk instead of
+    building it with the SDK's ``construct_type`` (agents/completions.py), and fall back to it
+    for what does not validate: pydantic-ai makes the same response of either client's, for
+    valid answers and for the lenient ones of OpenAI-compatible servers."""
+    raw, valid_for = _ANSWERS[answer]
+    streamed = isinstance(raw, list)
+    sdk_module = "groq" if sdk_name == "groq" else "openai"
+    built: list[type] = []
+    construct = importlib.import_module(f"{sdk_module}._base_client").construct_type
+
+    def counting(*, type_: type, value: object) -> object:
+        built.append(type_)
+        return construct(type_=type_, value=value)
+
+    monkeypatch.setattr(f"{sdk_module}._base_client.construct_type", counting)
+    outcomes, built_by = [], []
+    async with running_fake_openai() as fake:
+        for client_class in SDKS[sdk_name][:2]:
+            built.clear()
+            model, sdk = SDKS[sdk_name][2](client_class, fake.port)
+            fake.scripted.append(raw)
+            outcomes.append(await _outcome(model, streamed))
+            await sdk.close()
+            built_by.append(list(built))
+    (theirs, ours), (their_builds, our_builds) = outcomes, built_by
+    assert ours == theirs
+    assert their_builds, "the SDK's own client builds every answer with construct_type"
+    assert (our_builds == []) is (sdk_name in valid_for)
+    if sdk_name in valid_for:  # what was compared is what was meant
+        assert ours[-1].parts
+
+
+async def _outcome(model: Model, streamed: bool) -> tuple[Any, ...]:
+    """What pydantic-ai makes of one answer: the response (and the streamed events), or the
+    error it raised."""
+    parameters = ModelRequestParameters(
+        function_tools=[ToolDefinition(name="_lookup", parameters_json_schema=_LOOKUP_SCHEMA)]
+    )
+    messages = [ModelRequest.user_text_prompt("hi")]
+    try:
+        if not streamed:
+            response = await model_request(model, messages, model_request_parameters=parameters)
+            return (replace(response, timestamp=EPOCH),)
+        async with model_request_stream(
+            model, messages, model_request_parameters=parameters
+        ) as stream:
+            events = [event async for event in stream]
+        return (events, replace(stream.get(), timestamp=EPOCH))
+    except Exception as error:  # the error is the outcome compared
+        return (type(error), str(error))
