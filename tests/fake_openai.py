@@ -40,7 +40,8 @@ class FakeOpenAI:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     # Raw answers for the next requests, in order: a dict is sent as the JSON body, a list as
-    # Server-Sent Events (one per item, then ``[DONE]``). What no real server would send too.
+    # Server-Sent Events (one per item, named by its ``type`` if it has one, then ``[DONE]``),
+    # whatever the path: so Anthropic's format too. What no real server would send, as well.
     scripted: list[Any] = field(default_factory=list)
 
     @property
@@ -138,7 +139,16 @@ class FakeOpenAI:
             {"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]}
         )
         if streamed:
-            events = [f"data: {json.dumps(item)}\n\n" for item in answer]
+            # Anthropic's events are named by their type; OpenAI's chunks have none.
+            events = [
+                "".join(
+                    [
+                        f"event: {item['type']}\n" if "type" in item else "",
+                        f"data: {json.dumps(item)}\n\n",
+                    ]
+                )
+                for item in answer
+            ]
             payload = "".join([*events, "data: [DONE]\n\n"]).encode()
         else:
             payload = json.dumps(answer).encode()

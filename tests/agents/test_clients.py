@@ -10,13 +10,16 @@ from typing import Any
 
 import httpx2
 import pytest
+from anthropic import AsyncAnthropic
 from groq import AsyncGroq
 from openai import AsyncOpenAI
 from pydantic_ai import Agent, ModelRequest
 from pydantic_ai.direct import model_request, model_request_stream
 from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.models.anthropic import AnthropicModel
 from pydantic_ai.models.groq import GroqModel
 from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.anthropic import AnthropicProvider
 from pydantic_ai.providers.groq import GroqProvider
 from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.tools import ToolDefinition
@@ -24,6 +27,7 @@ from pydantic_ai.tools import ToolDefinition
 from tests.apps import AppFactory, services
 from tests.fake_openai import running_fake_openai
 from threadline.agents import AgentRegistry, AgentSpec
+from threadline.agents.anthropic_client import ValidatingAnthropic
 from threadline.agents.clients import ProviderClients, Transport
 from threadline.agents.completions import PlainBodyGroq, PlainBodyOpenAI
 
@@ -124,6 +128,9 @@ async def test_every_provider_kind_builds_on_a_shared_pooled_client(transport: T
             # Google's and Groq's SDKs have no aiohttp client: httpx for them.
             expected = transport == "aiohttp" and kind not in ("GoogleModel", "GroqModel")
             assert on_aiohttp is expected, kind
+            if kind == "AnthropicModel":  # built again from what pydantic-ai read and checked
+                assert isinstance(first.client, ValidatingAnthropic)  # type: ignore[attr-defined]
+                assert first.client.api_key == "test-key"  # type: ignore[attr-defined]
         # openai:, openai-chat: (one environment) share one client, as do everyone's kinds.
         assert http_of((await registry.get("a0")).model) is http_of(
             (await registry.get("a1")).model
@@ -377,31 +384,86 @@ _ANSWERS: dict[str, tuple[Any, frozenset[str]]] = {
 }
 
 
-@pytest.mark.parametrize("answer", list(_ANSWERS))
-@pytest.mark.parametrize("sdk_name", list(SDKS))
-async def test_a_plain_body_client_validates_answers_into_what_the_sdks_own_client_builds(
-    answer: str, sdk_name: str, monkeypatch: pytest.MonkeyPatch
+def _anthropic_model(client_class: type[AsyncAnthropic], port: int) -> tuple[Model, Any]:
+    sdk = client_class(base_url=f"http://127.0.0.1:{port}", api_key="k")
+    return AnthropicModel("claude-x", provider=AnthropicProvider(anthropic_client=sdk)), sdk
+
+
+_MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-x",
+    "content": [{"type": "text", "text": "hello"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 5, "output_tokens": 2},
+}
+_TOOL_USE = {"type": "tool_use", "id": "toolu_1", "name": "_lookup", "input": {"key": "a"}}
+
+
+def _events(*, stop_reason: str = "end_turn", delta_type: str = "text_delta") -> list[Any]:
+    start = {**_MESSAGE, "content": [], "stop_reason": None}
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": delta_type, "text": "hel"}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": 2},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+_ANTHROPIC_ANSWERS: dict[str, tuple[Any, frozenset[str]]] = {
+    "text": (_MESSAGE, frozenset({"anthropic"})),
+    "tool use": (
+        {**_MESSAGE, "content": [_TOOL_USE], "stop_reason": "tool_use"},
+        frozenset({"anthropic"}),
+    ),
+    "extras": ({**_MESSAGE, "x_provider": {"region": "eu"}}, frozenset({"anthropic"})),
+    # A stop reason or a delta newer than this SDK: built its way, as before.
+    "lenient": ({**_MESSAGE, "stop_reason": "new_reason"}, frozenset()),
+    "streamed": (_events(), frozenset({"anthropic"})),
+    "streamed, lenient": (_events(stop_reason="new_reason"), frozenset()),
+}
+_CASES = [(sdk, answer) for sdk in ("openai", "groq") for answer in _ANSWERS] + [
+    ("anthropic", answer) for answer in _ANTHROPIC_ANSWERS
+]
+# Per SDK: its own client class, ours, and how to build a pydantic-ai model on either.
+_VALIDATING: dict[str, tuple[Any, Any, Any]] = {
+    **SDKS,
+    "anthropic": (AsyncAnthropic, ValidatingAnthropic, _anthropic_model),
+}
+
+
+@pytest.mark.parametrize(("sdk_name", "answer"), _CASES)
+async def test_our_clients_validate_answers_into_what_the_sdks_own_clients_build(
+    sdk_name: str, answer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``PlainBodyOpenAI`` and ``PlainBodyGroq`` validate a completion or chunk instead of
-    building it with the SDK's ``construct_type`` (agents/completions.py), and fall back to it
-    for what does not validate: pydantic-ai makes the same response of either client's, for
-    valid answers and for the lenient ones of OpenAI-compatible servers."""
-    raw, valid_for = _ANSWERS[answer]
+    """``PlainBodyOpenAI``, ``PlainBodyGroq`` and ``ValidatingAnthropic`` validate a response
+    or stream item instead of building it with the SDK's ``construct_type``
+    (agents/completions.py), and fall back to it for what does not validate: pydantic-ai makes
+    the same response (or error) of either client's, for valid answers and for the lenient
+    ones of OpenAI-compatible servers."""
+    raw, valid_for = (_ANTHROPIC_ANSWERS if sdk_name == "anthropic" else _ANSWERS)[answer]
     streamed = isinstance(raw, list)
-    sdk_module = "groq" if sdk_name == "groq" else "openai"
     built: list[type] = []
-    construct = importlib.import_module(f"{sdk_module}._base_client").construct_type
+    construct = importlib.import_module(f"{sdk_name}._base_client").construct_type
 
     def counting(*, type_: type, value: object) -> object:
         built.append(type_)
         return construct(type_=type_, value=value)
 
-    monkeypatch.setattr(f"{sdk_module}._base_client.construct_type", counting)
+    monkeypatch.setattr(f"{sdk_name}._base_client.construct_type", counting)
     outcomes, built_by = [], []
     async with running_fake_openai() as fake:
-        for client_class in SDKS[sdk_name][:2]:
+        for client_class in _VALIDATING[sdk_name][:2]:
             built.clear()
-            model, sdk = SDKS[sdk_name][2](client_class, fake.port)
+            model, sdk = _VALIDATING[sdk_name][2](client_class, fake.port)
             fake.scripted.append(raw)
             outcomes.append(await _outcome(model, streamed))
             await sdk.close()

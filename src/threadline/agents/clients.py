@@ -148,11 +148,22 @@ class ProviderClients:
             )
             return OpenAIProvider(openai_client=sdk)
         if family == "anthropic":
+            from anthropic import AsyncAnthropic
             from pydantic_ai.providers.anthropic import AnthropicProvider
+
+            from threadline.agents.anthropic_client import ValidatingAnthropic
 
             if shared is not None:
                 return AnthropicProvider(anthropic_client=shared.client)
-            return AnthropicProvider(http_client=self.http_client())
+            http = self.http_client()
+            # As for openai: pydantic-ai reads and checks the environment, the client is built
+            # again as one that validates what it receives (completions.py).
+            read = AnthropicProvider(http_client=http).client
+            assert isinstance(read, AsyncAnthropic)  # what it builds from a key
+            anthropic_sdk = ValidatingAnthropic(
+                api_key=read.api_key, base_url=read.base_url, http_client=http
+            )
+            return AnthropicProvider(anthropic_client=anthropic_sdk)
         if family == "google":
             from pydantic_ai.providers.google import GoogleProvider
 

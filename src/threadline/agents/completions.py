@@ -17,28 +17,19 @@ Even ``model`` and ``messages`` go through ``extra_body``, given to ``create`` a
 the transform skips omitted fields, and hashing ``model``'s annotation (a union with a
 ``Literal`` of every model name) on every call cost more than the rest of what it left.
 
-On the way back, the SDK builds a ``ChatCompletion`` (and each streamed
-``ChatCompletionChunk``) with its own ``construct_type``, which walks the types' annotations
-in Python without validating: ~65 µs per completion or chunk here, against ~3 µs for
-pydantic's validator of the same class (docs/performance.md, "Responses validated, not
-constructed"). pydantic-ai then validates the completion again anyway. So these clients
-validate a completion or chunk against its SDK class, and only what fails validation (an
-OpenAI-compatible server's missing ``created``, an unknown ``finish_reason``...) is built the
-SDK's way, so that pydantic-ai's lenient handling sees it exactly as before. For valid data
-the two give equal objects (same fields, same fields set, same extras);
-tests/agents/test_clients.py holds what pydantic-ai makes of each to the SDKs' own clients'.
+On the way back, a completion and each streamed chunk are validated against the SDK's class,
+not built by its ``construct_type`` (``validation.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import groq
 import httpx
 import httpx2
-import pydantic
 from groq.resources.chat import AsyncChat as AsyncGroqChat
 from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from groq.types.chat import ChatCompletion as GroqChatCompletion
@@ -47,7 +38,7 @@ from openai import AsyncOpenAI, NotGiven, Omit, omit
 from openai.resources.chat import AsyncChat, AsyncCompletions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-_T = TypeVar("_T")
+from threadline.agents.validation import T, model_validators, validated
 
 # ``create``'s arguments the SDK must see as such: ``stream`` (it picks the response type) and
 # the request options, which are not body fields. Every other given argument is a body field
@@ -74,17 +65,6 @@ def _as_is(
     return {**kept, "model": omitted, "messages": omitted, "extra_body": body}
 
 
-def _validated(data: object, cast_to: type[_T], classes: frozenset[type]) -> _T | None:
-    """``data`` validated as ``cast_to`` if that is one of ``classes``; None if it is not, or
-    if the data fails validation (the SDK's own way of building it then applies)."""
-    if cast_to in classes and isinstance(data, dict):
-        try:
-            return cast_to.model_validate(data)  # type: ignore[attr-defined,no-any-return]
-        except pydantic.ValidationError:
-            return None
-    return None
-
-
 def _openai_given(value: object) -> bool:
     return not isinstance(value, Omit | NotGiven)
 
@@ -104,8 +84,8 @@ class _Chat(AsyncChat):
         return _Completions(self._client)
 
 
-_OPENAI_VALIDATED: frozenset[type] = frozenset({ChatCompletion, ChatCompletionChunk})
-_GROQ_VALIDATED: frozenset[type] = frozenset({GroqChatCompletion, GroqChatCompletionChunk})
+_OPENAI_VALIDATED = model_validators(ChatCompletion, ChatCompletionChunk)
+_GROQ_VALIDATED = model_validators(GroqChatCompletion, GroqChatCompletionChunk)
 
 
 class PlainBodyOpenAI(AsyncOpenAI):
@@ -117,11 +97,11 @@ class PlainBodyOpenAI(AsyncOpenAI):
         return _Chat(self)
 
     def _process_response_data(
-        self, *, data: object, cast_to: type[_T], response: httpx2.Response
-    ) -> _T:
-        validated = _validated(data, cast_to, _OPENAI_VALIDATED)
-        if validated is not None:
-            return validated
+        self, *, data: object, cast_to: type[T], response: httpx2.Response
+    ) -> T:
+        built = validated(data, cast_to, _OPENAI_VALIDATED)
+        if built is not None:
+            return built
         return super()._process_response_data(data=data, cast_to=cast_to, response=response)
 
 
@@ -145,9 +125,9 @@ class PlainBodyGroq(groq.AsyncGroq):
         return _GroqChat(self)
 
     def _process_response_data(
-        self, *, data: object, cast_to: type[_T], response: httpx.Response
-    ) -> _T:
-        validated = _validated(data, cast_to, _GROQ_VALIDATED)
-        if validated is not None:
-            return validated
+        self, *, data: object, cast_to: type[T], response: httpx.Response
+    ) -> T:
+        built = validated(data, cast_to, _GROQ_VALIDATED)
+        if built is not None:
+            return built
         return super()._process_response_data(data=data, cast_to=cast_to, response=response)
