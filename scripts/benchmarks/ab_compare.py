@@ -111,9 +111,10 @@ def main() -> int:
                 THREADLINE_DATABASE_URL=with_database(postgres.url, database),
                 THREADLINE_ECHO_DELAY_MS=str(args.model_delay_ms),
                 THREADLINE_POOL_MAX_SIZE=str(args.pool_max_size),
-                **({"THREADLINE_MODEL": model} if model else {}),
-                **settings,
             )
+            # A variant's own settings win, THREADLINE_MODEL included (e.g. the echo model on
+            # the provider's route, for a ratio measured in one interleaved run).
+            env.update({**({"THREADLINE_MODEL": model} if model else {}), **settings})
             cmd = [*threadline_command(), "serve", "--port", str(port)]
             servers[name] = (
                 procs.start(cmd, env, logs / f"{name}.log"),
