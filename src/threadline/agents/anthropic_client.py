@@ -1,19 +1,18 @@
 """An Anthropic client that validates the messages and stream events it receives
 (``validation.py``): a ``BetaMessage`` ~87 µs constructed against ~13 µs validated, a stream
 event (a discriminated union) ~14 against ~7 µs. Its own module, imported only when an agent
-runs on Anthropic: importing the SDK's types takes seconds."""
+runs on Anthropic: importing the SDK's types takes over a second."""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
-import httpx2
 import pydantic
 from anthropic import AsyncAnthropic
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 
-from threadline.agents.validation import T, Validator, model_validators, validated
+from threadline.agents.validation import ValidatingClient, Validator, model_validators
 
 
 @cache
@@ -23,13 +22,8 @@ def _validators() -> tuple[Validator, ...]:
     return (*model_validators(BetaMessage), (BetaRawMessageStreamEvent, events.validate_python))
 
 
-class ValidatingAnthropic(AsyncAnthropic):
+class ValidatingAnthropic(ValidatingClient, AsyncAnthropic):
     """``AsyncAnthropic`` that validates the messages and stream events it receives."""
 
-    def _process_response_data(
-        self, *, data: object, cast_to: type[T], response: httpx2.Response
-    ) -> T:
-        built = validated(data, cast_to, _validators())
-        if built is not None:
-            return built
-        return super()._process_response_data(data=data, cast_to=cast_to, response=response)
+    def response_validators(self) -> tuple[Validator, ...]:
+        return _validators()

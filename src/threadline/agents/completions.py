@@ -28,8 +28,6 @@ from functools import cached_property
 from typing import Any
 
 import groq
-import httpx
-import httpx2
 from groq.resources.chat import AsyncChat as AsyncGroqChat
 from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from groq.types.chat import ChatCompletion as GroqChatCompletion
@@ -38,7 +36,7 @@ from openai import AsyncOpenAI, NotGiven, Omit, omit
 from openai.resources.chat import AsyncChat, AsyncCompletions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from threadline.agents.validation import T, model_validators, validated
+from threadline.agents.validation import ValidatingClient, Validator, model_validators
 
 # ``create``'s arguments the SDK must see as such: ``stream`` (it picks the response type) and
 # the request options, which are not body fields. Every other given argument is a body field
@@ -88,7 +86,7 @@ _OPENAI_VALIDATED = model_validators(ChatCompletion, ChatCompletionChunk)
 _GROQ_VALIDATED = model_validators(GroqChatCompletion, GroqChatCompletionChunk)
 
 
-class PlainBodyOpenAI(AsyncOpenAI):
+class PlainBodyOpenAI(ValidatingClient, AsyncOpenAI):
     """``AsyncOpenAI`` whose ``chat.completions.create`` sends its body as given and validates
     what comes back."""
 
@@ -96,13 +94,8 @@ class PlainBodyOpenAI(AsyncOpenAI):
     def chat(self) -> AsyncChat:
         return _Chat(self)
 
-    def _process_response_data(
-        self, *, data: object, cast_to: type[T], response: httpx2.Response
-    ) -> T:
-        built = validated(data, cast_to, _OPENAI_VALIDATED)
-        if built is not None:
-            return built
-        return super()._process_response_data(data=data, cast_to=cast_to, response=response)
+    def response_validators(self) -> tuple[Validator, ...]:
+        return _OPENAI_VALIDATED
 
 
 class _GroqCompletions(AsyncGroqCompletions):
@@ -116,7 +109,7 @@ class _GroqChat(AsyncGroqChat):
         return _GroqCompletions(self._client)
 
 
-class PlainBodyGroq(groq.AsyncGroq):
+class PlainBodyGroq(ValidatingClient, groq.AsyncGroq):
     """``AsyncGroq`` whose ``chat.completions.create`` sends its body as given and validates
     what comes back."""
 
@@ -124,10 +117,5 @@ class PlainBodyGroq(groq.AsyncGroq):
     def chat(self) -> AsyncGroqChat:
         return _GroqChat(self)
 
-    def _process_response_data(
-        self, *, data: object, cast_to: type[T], response: httpx.Response
-    ) -> T:
-        built = validated(data, cast_to, _GROQ_VALIDATED)
-        if built is not None:
-            return built
-        return super()._process_response_data(data=data, cast_to=cast_to, response=response)
+    def response_validators(self) -> tuple[Validator, ...]:
+        return _GROQ_VALIDATED

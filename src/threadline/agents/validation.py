@@ -6,12 +6,12 @@ and validates nothing: ~65 µs per OpenAI completion or chunk here, ~87 µs per 
 message, against ~3 and ~13 µs for pydantic's validator of the same class (docs/performance.md,
 "Responses validated, not constructed"). pydantic-ai then validates an OpenAI completion again
 anyway. Threadline's clients of those SDKs (``completions.py``, ``anthropic_client.py``)
-override the SDK's one hook for it, ``_process_response_data``, to validate the types named
-here, and leave what fails validation to the SDK's own way (an OpenAI-compatible server's
-missing ``created``, an unknown ``finish_reason``, a newer event), so that pydantic-ai's
-lenient handling sees it exactly as before. For valid data the two give equal objects (same
-fields, same fields set, same extras): tests/agents/test_clients.py holds what pydantic-ai
-makes of either to the SDKs' own clients'.
+override the SDK's one hook for it, ``_process_response_data`` (``ValidatingClient``), to
+validate the types they name, and leave what fails validation to the SDK's own way (an
+OpenAI-compatible server's missing ``created``, an unknown ``finish_reason``, a newer event),
+so that pydantic-ai's lenient handling sees it exactly as before. For valid data the two give
+equal objects (same fields, same fields set, same extras): tests/agents/test_clients.py holds
+what pydantic-ai makes of either to the SDKs' own clients'.
 """
 
 from __future__ import annotations
@@ -43,3 +43,18 @@ def validated(data: object, cast_to: type[T], validators: tuple[Validator, ...])
                 except pydantic.ValidationError:
                     return None
     return None
+
+
+class ValidatingClient:
+    """A Stainless SDK client's mixin: ``_process_response_data`` validates the data of the
+    types ``response_validators`` names, and leaves the rest to the SDK."""
+
+    def response_validators(self) -> tuple[Validator, ...]:
+        raise NotImplementedError
+
+    def _process_response_data(self, *, data: object, cast_to: type[T], response: Any) -> T:
+        built = validated(data, cast_to, self.response_validators())
+        if built is not None:
+            return built
+        sdk: Any = super()
+        return cast("T", sdk._process_response_data(data=data, cast_to=cast_to, response=response))
