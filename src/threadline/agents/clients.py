@@ -157,7 +157,7 @@ class ProviderClients:
                 return AnthropicProvider(anthropic_client=shared.client)
             http = self.http_client()
             # As for openai: pydantic-ai reads and checks the environment, the client is built
-            # again as one that validates what it receives (completions.py).
+            # again as one that validates what it receives (anthropic_client.py).
             read = AnthropicProvider(http_client=http).client
             assert isinstance(read, AsyncAnthropic)  # what it builds from a key
             anthropic_sdk = ValidatingAnthropic(
