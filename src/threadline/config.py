@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from threadline.errors import ConfigError
+from threadline.queue.limit import DEFAULT_LAG_TARGET_MS
 
 Strategy = Literal["merge", "enqueue", "reject"]
 LogFormat = Literal["text", "json"]
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
     # best (docs/performance.md, "The lag target" under "Reference cycles and retained
     # event logs"). Runs waiting on a slow model leave the loop idle, under a quarter of it,
     # so the limit still grows for them.
-    adaptive_lag_target_ms: float = Field(default=3.0, gt=0)
+    adaptive_lag_target_ms: float = Field(default=DEFAULT_LAG_TARGET_MS, gt=0)
     # Requests per process that may take their first step (middlewares, routing, validation,
     # up to their first wait: api/intake.py) in one pass of the event loop; the rest wait in
     # arrival order. Bounds how much of a burst the loop takes on in one go; 0 turns it off. A

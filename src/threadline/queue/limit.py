@@ -49,6 +49,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+# The event-loop lag the adaptive limit holds a saturated loop to, on average: the server's
+# default too (ADAPTIVE_LAG_TARGET_MS, config.py), whose comment says why it is this low.
+DEFAULT_LAG_TARGET_MS = 3.0
+
 
 class ConcurrencyLimit(Protocol):
     """The limit the queue core enforces, and the samples that may move it."""
@@ -103,7 +107,7 @@ class AdaptiveLimit:
         initial: int = 32,
         minimum: int = 4,
         maximum: int = 256,
-        lag_target_s: float = 0.003,
+        lag_target_s: float = DEFAULT_LAG_TARGET_MS / 1000,
         tolerance: float = 1.5,
         smoothing: float = 0.2,
         short_window: int = 10,
