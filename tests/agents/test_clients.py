@@ -402,12 +402,12 @@ _MESSAGE = {
 _TOOL_USE = {"type": "tool_use", "id": "toolu_1", "name": "_lookup", "input": {"key": "a"}}
 
 
-def _events(*, stop_reason: str = "end_turn", delta_type: str = "text_delta") -> list[Any]:
+def _events(*, stop_reason: str = "end_turn") -> list[Any]:
     start = {**_MESSAGE, "content": [], "stop_reason": None}
     return [
         {"type": "message_start", "message": start},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": delta_type, "text": "hel"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hel"}},
         {"type": "content_block_stop", "index": 0},
         {
             "type": "message_delta",
@@ -446,7 +446,7 @@ async def test_our_clients_validate_answers_into_what_the_sdks_own_clients_build
 ) -> None:
     """``PlainBodyOpenAI``, ``PlainBodyGroq`` and ``ValidatingAnthropic`` validate a response
     or stream item instead of building it with the SDK's ``construct_type``
-    (agents/completions.py), and fall back to it for what does not validate: pydantic-ai makes
+    (agents/validation.py), and fall back to it for what does not validate: pydantic-ai makes
     the same response (or error) of either client's, for valid answers and for the lenient
     ones of OpenAI-compatible servers."""
     raw, valid_for = (_ANTHROPIC_ANSWERS if sdk_name == "anthropic" else _ANSWERS)[answer]

@@ -6,14 +6,14 @@ JSON schema) against the annotations of its ``CompletionCreateParams`` TypedDict
 and reformat fields that declare it (``PropertyInfo``). The bodies pydantic-ai builds are plain
 JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's server CPU here
 (docs/performance.md, "Where a provider turn's CPU goes"). The body's fields go out through
-the SDK's own ``extra_body`` instead, which it merges into the JSON body unchanged; only the
-model, ``stream`` and the request options take the usual path. tests/agents/test_clients.py holds
+the SDK's own ``extra_body`` instead, which it merges into the JSON body unchanged; only
+``stream`` and the request options take the usual path. tests/agents/test_clients.py holds
 the bodies a server receives to those of the plain SDK clients. Used for ``openai-compat:``
 endpoints and the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is
 generated the same way and walks its bodies the same way. Anthropic's (2.x) sends its
 message bodies as given, so it needs nothing of this.
 
-Even ``model`` and ``messages`` go through ``extra_body``, given to ``create`` as omitted:
+``model`` and ``messages``, which ``create`` requires by name, are given to it as omitted:
 the transform skips omitted fields, and hashing ``model``'s annotation (a union with a
 ``Literal`` of every model name) on every call cost more than the rest of what it left.
 
