@@ -614,6 +614,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the scenarios, profile --profile-servers under the main load with py-spy",
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--profile-scenario",
+        choices=("main", "openai"),
+        default="main",
+        help="the load the profiles run under: the echo model, or the fake provider",
+    )
     parser.add_argument("--profile-servers", default="threadline,ceiling,ceiling_no_framework")
     args = parser.parse_args(argv)
     if args.requests is None and args.duration is None:
@@ -642,10 +648,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_profiles(bench: Bench, skipped: dict[str, str], failures: dict[str, str]) -> dict[str, Any]:
-    """Profile each server under the main scenario's load; split its CPU by component."""
+    """Profile each server under the ``--profile-scenario`` load; split its CPU by component."""
     args = bench.args
     args.profile.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("profile", args.db_latency_ms, 1)
+    provider = args.profile_scenario == "openai"
+    scenario = Scenario(
+        "profile", args.db_latency_ms, 1, provider=provider, model_delay_ms=args.model_delay_ms
+    )
     profiles: dict[str, Any] = {}
     for name in args.profile_servers:
         if name in skipped or name == "threadline_w2":

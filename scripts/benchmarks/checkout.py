@@ -84,7 +84,16 @@ def create(repo: Path, rev: str, python: str | None, procs: Processes) -> Checko
             if uv is None:
                 raise RuntimeError("no uv on PATH or in .uv-bootstrap: give --python")
             env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-            cmd = [uv, "sync", "--locked", "--extra", "bench", "--directory", str(path)]
+            cmd = [
+                uv,
+                "sync",
+                "--locked",
+                "--compile-bytecode",
+                "--extra",
+                "bench",
+                "--directory",
+                str(path),
+            ]
             # A child like any other: it dies with the benchmark.
             with tempfile.NamedTemporaryFile(prefix="bench-uv-sync-", suffix=".log") as log:
                 sync = procs.start(cmd, env, Path(log.name))
