@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,23 @@ def server(
         yield url
 
 
-def client(server: str, **options: Any) -> OpenAI:
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, **options)
+MakeClient = Callable[..., OpenAI]
+
+
+@pytest.fixture
+def client() -> Iterator[MakeClient]:
+    """``client(server, **options)``: the official sync client of ``server``, closed after the
+    test (an unclosed one leaves its sockets to the garbage collector)."""
+    opened: list[OpenAI] = []
+
+    def make(server: str, **options: Any) -> OpenAI:
+        options = {"api_key": "unused", "max_retries": 0, **options}
+        opened.append(OpenAI(base_url=f"{server}/v1", **options))
+        return opened[-1]
+
+    yield make
+    for sdk in opened:
+        sdk.close()
 
 
 def history(server: str, session_id: str) -> list[tuple[str, str]]:
@@ -56,7 +71,7 @@ def user_turn(text: str) -> list[Any]:
     return [{"role": "user", "content": text}]
 
 
-def test_models_are_the_agents(server: str) -> None:
+def test_models_are_the_agents(server: str, client: MakeClient) -> None:
     models = client(server).models.list()
     assert {"echo", "assistant"} <= {m.id for m in models}
     assert client(server).models.retrieve("echo").id == "echo"
@@ -64,7 +79,9 @@ def test_models_are_the_agents(server: str) -> None:
         client(server).models.retrieve("nobody")
 
 
-def test_a_completion_continues_the_users_session_on_the_server(server: str) -> None:
+def test_a_completion_continues_the_users_session_on_the_server(
+    server: str, client: MakeClient
+) -> None:
     user = f"u-{uuid.uuid4()}"
     sdk = client(server)
     raw = sdk.chat.completions.with_raw_response.create(
@@ -92,7 +109,9 @@ def test_a_completion_continues_the_users_session_on_the_server(server: str) -> 
     ]
 
 
-def test_a_new_session_takes_the_conversation_the_client_brought(server: str) -> None:
+def test_a_new_session_takes_the_conversation_the_client_brought(
+    server: str, client: MakeClient
+) -> None:
     sdk = client(server)
     brought = [
         {"role": "user", "content": "my name is Ada"},
@@ -120,7 +139,7 @@ def test_a_new_session_takes_the_conversation_the_client_brought(server: str) ->
     ]
 
 
-def test_a_streamed_completion_comes_in_chunks_with_usage(server: str) -> None:
+def test_a_streamed_completion_comes_in_chunks_with_usage(server: str, client: MakeClient) -> None:
     sdk = client(server)
     stream = sdk.chat.completions.create(
         model="echo",
@@ -180,7 +199,7 @@ async def test_a_burst_of_three_through_the_sdk_is_answered_by_one_model_call(
     assert {len(n["message_ids"].split(",")) for n in notes} == {3}
 
 
-def test_errors_come_in_openais_shape(server: str) -> None:
+def test_errors_come_in_openais_shape(server: str, client: MakeClient) -> None:
     sdk = client(server)
     with pytest.raises(openai.BadRequestError) as unsupported:
         sdk.chat.completions.create(model="echo", messages=user_turn("x"), temperature=0.2)
@@ -201,15 +220,16 @@ def test_errors_come_in_openais_shape(server: str) -> None:
     assert raw.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_the_api_key_goes_as_a_bearer_token(tmp_path: Path) -> None:
+def test_the_api_key_goes_as_a_bearer_token(tmp_path: Path, client: MakeClient) -> None:
     with serving(
         tmp_path / "server.log",
         THREADLINE_DATABASE_URL=f"sqlite:///{tmp_path}/key.db",
         THREADLINE_API_KEY="s3cret",
     ) as url:
-        ok = OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-        reply = ok.chat.completions.create(model="echo", messages=user_turn("hi"))
-        wrong = OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
+        reply = client(url, api_key="s3cret").chat.completions.create(
+            model="echo", messages=user_turn("hi")
+        )
+        wrong = client(url, api_key="nope")
         with pytest.raises(openai.AuthenticationError) as refused:
             wrong.models.list()
     assert reply.choices[0].message.content == "echo: hi"
