@@ -4,6 +4,8 @@ closed with the app; every provider kind builds on it, and the OpenAI ones run o
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -494,3 +496,53 @@ async def _outcome(model: Model, streamed: bool) -> tuple[Any, ...]:
         return (events, replace(stream.get(), timestamp=EPOCH))
     except Exception as error:  # the error is the outcome compared
         return (type(error), str(error))
+
+
+SDKS_LOADED = """
+import asyncio, sys, httpx
+from threadline.app import create_app
+from threadline.config import Settings
+
+SDKS = ("openai", "groq", "anthropic")
+
+def loaded():
+    return sorted(m for m in sys.modules if m.partition(".")[0] in SDKS and "." not in m)
+
+async def main(database, model):
+    settings = Settings(_env_file=None, database_url=database, model=model, gc_tuning=False)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        print(loaded())  # the agents are built: every model is ready
+        if model == "threadline:echo":
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                reply = await client.post("/api/v1/agent/echo/run", json={"message_content": "hi"})
+                assert reply.status_code == 200, reply.text
+            print(loaded())
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.allow_blocking
+@pytest.mark.parametrize(
+    ("model", "printed"),
+    [
+        ("threadline:echo", "[]\n[]"),
+        # Imported while the app starts, before it is ready: never on a request's way.
+        ("openai-compat:m@http://127.0.0.1:9/v1", "['groq', 'openai']"),
+    ],
+)
+def test_provider_sdks_are_imported_only_for_a_model_that_needs_them(
+    tmp_path: Any, model: str, printed: str
+) -> None:
+    """The OpenAI and Groq SDKs were a quarter of every process's start-up imports."""
+    done = subprocess.run(
+        [sys.executable, "-c", SDKS_LOADED, f"sqlite:///{tmp_path}/sdks.db", model],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == printed

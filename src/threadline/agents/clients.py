@@ -14,22 +14,28 @@ httpx (httpx2, pydantic-ai's default) or aiohttp through the OpenAI SDK's
 ``DefaultAioHttpClient`` (``THREADLINE_PROVIDER_HTTP``) for OpenAI and Anthropic, whose SDKs
 ship it (the same vendored transport). Google's SDK ships none, and Groq's still takes a
 legacy ``httpx.AsyncClient``: those two are always on httpx.
+
+The SDKs are imported when a model first needs one (at start-up, when the registry builds
+every agent's model), as pydantic-ai imports its own provider modules: the OpenAI and Groq
+SDKs were a quarter of every process's start-up imports, paid by servers on the echo model
+and by every CLI command too.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import httpx2
-from openai import AsyncOpenAI, Omit
 from pydantic_ai._http import DEFAULT_HTTP_TIMEOUT, ConnectPoolTimeoutCap
 from pydantic_ai.models import get_user_agent
 from pydantic_ai.providers import Provider, infer_provider
 
-from threadline.agents.completions import PlainBodyGroq, PlainBodyOpenAI
 from threadline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 Transport = Literal["httpx", "aiohttp"]
 # "per-model": what pydantic-ai and the SDKs do left to themselves (a client per model, their
@@ -110,6 +116,8 @@ class ProviderClients:
             key = os.environ.get(key_var, "")
             if not key:
                 raise ConfigError(f"model endpoint {base_url!r} needs {key_var}")
+        from threadline.agents.completions import compat_client
+
         if self.sharing == "per-model":
             own = compat_client(base_url, key, None)
             self._sdk_clients.append(own)
@@ -135,6 +143,8 @@ class ProviderClients:
         shared = next((p for n, p in self._providers.items() if _FAMILIES.get(n) == family), None)
         if family == "openai":
             from pydantic_ai.providers.openai import OpenAIProvider
+
+            from threadline.agents.completions import PlainBodyOpenAI
 
             if shared is not None:
                 return OpenAIProvider(openai_client=shared.client)
@@ -174,6 +184,8 @@ class ProviderClients:
             return GoogleProvider(http_client=self.http_client(aiohttp=False))
         from pydantic_ai.providers.groq import GroqProvider
 
+        from threadline.agents.completions import PlainBodyGroq
+
         if shared is not None:
             return GroqProvider(groq_client=shared.client)
         legacy = self._legacy_http_client()
@@ -194,34 +206,3 @@ class ProviderClients:
             await client.aclose()
         for sdk_client in sdk_clients:
             await sdk_client.close()
-
-
-def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI:
-    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any, and
-    its chat bodies without the SDK's transform (``completions.PlainBodyOpenAI``).
-
-    Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
-    ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
-    names: OpenAI's key to a local model server, or to whoever runs the URL. Every credential
-    and identifier is therefore given explicitly, and the headers they would fill are omitted.
-    """
-    # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
-    omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
-    client_class = PlainBodyOpenAI if key else _KeylessOpenAI
-    return client_class(
-        base_url=base_url,
-        api_key=key,
-        # Not None, or the SDK would read OPENAI_ADMIN_KEY; never sent on chat requests.
-        admin_api_key="",
-        default_headers=omitted,
-        http_client=http_client,
-    )
-
-
-class _KeylessOpenAI(PlainBodyOpenAI):
-    """An OpenAI client that sends no ``Authorization`` header: a local model server needs
-    none. (With an empty key the SDK leaves the header out, then refuses to send a request
-    without it unless each request omits it explicitly; this skips that check.)"""
-
-    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
-        return None

@@ -19,6 +19,9 @@ the transform skips omitted fields, and hashing ``model``'s annotation (a union 
 
 On the way back, a completion and each streamed chunk are validated against the SDK's class,
 not built by its ``construct_type`` (``validation.py``).
+
+``compat_client`` builds the client of an ``openai-compat:`` endpoint. This module imports both
+SDKs; ``clients.py`` imports it only when a model needs one of them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 import groq
+import httpx2
 from groq.resources.chat import AsyncChat as AsyncGroqChat
 from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from groq.types.chat import ChatCompletion as GroqChatCompletion
@@ -119,3 +123,34 @@ class PlainBodyGroq(ValidatingClient, groq.AsyncGroq):
 
     def response_validators(self) -> tuple[Validator, ...]:
         return _GROQ_VALIDATED
+
+
+def compat_client(base_url: str, key: str, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI:
+    """A client for an OpenAI-compatible endpoint that sends it only its own key, if any, and
+    its chat bodies without the SDK's transform (``PlainBodyOpenAI``).
+
+    Left to itself the OpenAI SDK reads ``OPENAI_API_KEY``, ``OPENAI_ORG_ID`` and
+    ``OPENAI_PROJECT_ID`` from the environment and sends them to whatever host ``base_url``
+    names: OpenAI's key to a local model server, or to whoever runs the URL. Every credential
+    and identifier is therefore given explicitly, and the headers they would fill are omitted.
+    """
+    # Sent explicitly by the SDK from the environment otherwise; never this endpoint's.
+    omitted: dict[str, str] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}  # type: ignore[dict-item]
+    client_class = PlainBodyOpenAI if key else _KeylessOpenAI
+    return client_class(
+        base_url=base_url,
+        api_key=key,
+        # Not None, or the SDK would read OPENAI_ADMIN_KEY; never sent on chat requests.
+        admin_api_key="",
+        default_headers=omitted,
+        http_client=http_client,
+    )
+
+
+class _KeylessOpenAI(PlainBodyOpenAI):
+    """An OpenAI client that sends no ``Authorization`` header: a local model server needs
+    none. (With an empty key the SDK leaves the header out, then refuses to send a request
+    without it unless each request omits it explicitly; this skips that check.)"""
+
+    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
+        return None
