@@ -611,7 +611,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="after the scenarios, profile --profile-servers under the main load with py-spy",
+        help="after the scenarios, profile --profile-servers with py-spy under --profile-scenario",
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument(
