@@ -5,6 +5,7 @@ thread."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,53 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
             pass
         time.sleep(0.05)  # polls another process; bounded by the deadline
     pytest.fail(f"server did not answer within {STARTUP_S}s:\n{log.read_text()}")
+
+
+_MODULES_LOADED = """
+import asyncio, json, sys, httpx
+from threadline.app import create_app
+from threadline.config import Settings
+
+database, model, prefixes = sys.argv[1], sys.argv[2], tuple(sys.argv[3:])
+inside = tuple(p + "." for p in prefixes)
+
+def loaded():
+    return sorted(m for m in sys.modules if m in prefixes or m.startswith(inside))
+
+async def main():
+    settings = Settings(_env_file=None, database_url=database, model=model, gc_tuning=False)
+    app = create_app(settings)
+    seen = {}
+    async with app.router.lifespan_context(app):
+        seen["started"] = loaded()  # every agent's model is built by now
+        if model == "threadline:echo":
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                reply = await client.post("/api/v1/agent/echo/run", json={"message_content": "hi"})
+                assert reply.status_code == 200, reply.text
+            seen["answered"] = loaded()
+    seen["stopped"] = loaded()
+    print(json.dumps(seen))
+
+asyncio.run(main())
+"""
+
+
+def modules_an_app_loads(
+    database: str, model: str, prefixes: tuple[str, ...], env: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """The modules named by ``prefixes`` (or inside them) that a fresh process running
+    ``create_app`` on ``model`` has loaded once ``started``, on the echo model once it has
+    ``answered`` one message, and once ``stopped``. ``env``: the process's environment, if
+    not the test's."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MODULES_LOADED, database, model, *prefixes],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen: dict[str, list[str]] = json.loads(done.stdout)
+    return seen
