@@ -36,6 +36,8 @@ class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Each request's headers, names lower-cased: what the client sent the host it was given.
     headers: list[dict[str, str]] = field(default_factory=list)
+    # Each request's method, path and query string.
+    targets: list[str] = field(default_factory=list)
     held: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -59,6 +61,8 @@ class FakeOpenAI:
         body = json.loads(raw)
         self.requests.append(body)
         self.headers.append({k.decode().lower(): v.decode() for k, v in scope["headers"]})
+        query = scope["query_string"].decode()
+        self.targets.append(f"{scope['method']} {scope['path']}" + (f"?{query}" if query else ""))
         if self.scripted:
             await self._send_scripted(self.scripted.pop(0), send)
             return

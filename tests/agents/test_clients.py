@@ -262,9 +262,9 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
     """``PlainBodyOpenAI`` and ``PlainBodyGroq`` skip their SDK's request transform
     (agents/completions.py): through pydantic-ai's model, with history, instructions,
     settings and tools, a server receives the same JSON bodies from them as from the SDK's
-    own client."""
+    own client, with the same headers at the same path."""
     plain_class, our_class, build = SDKS[sdk_name]
-    bodies = []
+    bodies, sent = [], []
     for client_class in (plain_class, our_class):
         async with running_fake_openai() as fake:
             model, sdk = build(client_class, fake.port)
@@ -293,8 +293,15 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
                 await agent.run("second", message_history=history)
             await sdk.close()
         bodies.append(fake.requests)
+        # Each run has a server of its own, so a port of its own.
+        headers = [{k: v for k, v in h.items() if k != "host"} for h in fake.headers]
+        sent.append(list(zip(fake.targets, headers, strict=True)))
     plain, ours = bodies
     assert ours == plain
+    assert sent[1] == sent[0]
+    path = "/v1/chat/completions" if sdk_name == "openai" else "/openai/v1/chat/completions"
+    assert {target for target, _ in sent[0]} == {f"POST {path}"}
+    assert sent[0][-1][1]["x-test"] == "1"
     # What was compared is what was meant: history, tools and settings were in the body.
     assert len(plain[-1]["messages"]) == 4
     assert [t["function"]["name"] for t in plain[-1]["tools"]] == ["_lookup"]
@@ -304,6 +311,38 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
     assert plain[-1].get("stream", False) is stream
     if sdk_name == "openai":  # pydantic-ai asks Groq for no usage chunk
         assert ("stream_options" in plain[-1]) is stream
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (PlainBodyOpenAI, AsyncOpenAI),
+        (PlainBodyGroq, AsyncGroq),
+        (ValidatingAnthropic, AsyncAnthropic),
+    ],
+)
+async def test_a_client_prepares_each_path_once_and_again_for_a_new_base_url(
+    ours: type[Any], theirs: type[Any]
+) -> None:
+    """Our clients keep the URL they prepared per path (agents/urls.py): the SDK's own URL,
+    the same object the next time, and a new one after the base URL is replaced."""
+    ours_client = ours(base_url="http://127.0.0.1:1/v1", api_key="k")
+    theirs_client = theirs(base_url="http://127.0.0.1:1/v1", api_key="k")
+    path = "/chat/completions?beta=true"
+    first = ours_client._prepare_url(path)
+    assert first == theirs_client._prepare_url(path)
+    assert ours_client._prepare_url(path) is first
+    ours_client.base_url = theirs_client.base_url = "http://127.0.0.1:2/v2"
+    moved = ours_client._prepare_url(path)
+    assert moved == theirs_client._prepare_url(path)
+    assert str(moved).startswith("http://127.0.0.1:2/v2/")
+    # A path per request (a file id) is prepared each time once a few are kept.
+    for n in range(40):
+        assert ours_client._prepare_url(f"/files/{n}") == theirs_client._prepare_url(f"/files/{n}")
+    assert ours_client._prepare_url("/files/39") is not ours_client._prepare_url("/files/39")
+    assert ours_client._prepare_url(path) is moved
+    await ours_client.close()
+    await theirs_client.close()
 
 
 def _completion(message: dict[str, Any], **fields: Any) -> dict[str, Any]:

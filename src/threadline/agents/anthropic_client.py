@@ -12,6 +12,7 @@ import pydantic
 from anthropic import AsyncAnthropic
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 
+from threadline.agents.urls import PreparedUrls
 from threadline.agents.validation import ValidatingClient, Validator, model_validators
 
 
@@ -22,7 +23,7 @@ def _validators() -> tuple[Validator, ...]:
     return (*model_validators(BetaMessage), (BetaRawMessageStreamEvent, events.validate_python))
 
 
-class ValidatingAnthropic(ValidatingClient, AsyncAnthropic):
+class ValidatingAnthropic(PreparedUrls, ValidatingClient, AsyncAnthropic):
     """``AsyncAnthropic`` that validates the messages and stream events it receives."""
 
     def response_validators(self) -> tuple[Validator, ...]:

@@ -5,17 +5,16 @@ Before it sends a request, the OpenAI SDK walks the whole body (every message, e
 JSON schema) against the annotations of its ``CompletionCreateParams`` TypedDicts, to rename
 and reformat fields that declare it (``PropertyInfo``). The bodies pydantic-ai builds are plain
 JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's server CPU here
-(docs/performance.md, "Where a provider turn's CPU goes"). The body's fields go out through
-the SDK's own ``extra_body`` instead, which it merges into the JSON body unchanged; only
-``stream`` and the request options take the usual path. tests/agents/test_clients.py holds
-the bodies a server receives to those of the plain SDK clients. Used for ``openai-compat:``
-endpoints and the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is
-generated the same way and walks its bodies the same way. Anthropic's (2.x) sends its
-message bodies as given, so it needs nothing of this.
-
-``model`` and ``messages``, which ``create`` requires by name, are given to it as omitted:
-the transform skips omitted fields, and hashing ``model``'s annotation (a union with a
-``Literal`` of every model name) on every call cost more than the rest of what it left.
+(docs/performance.md, "Where a provider turn's CPU goes"). ``create`` here does what the
+SDK's generated ``create`` does, minus the walk: it posts the given fields as they are
+through the SDK's own ``_post``, with the request options built by the SDK's
+``make_request_options``, so retries, headers, errors and streams are the SDK's. (Earlier the
+fields went through ``extra_body`` past a ``create`` that still walked its ~40 omitted
+arguments: ~10 % of a call's CPU.) tests/agents/test_clients.py holds the bodies and headers a
+server receives to those of the plain SDK clients. Used for ``openai-compat:`` endpoints and
+the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is generated the
+same way and walks its bodies the same way. Anthropic's (2.x) sends its message bodies as
+given, so it needs nothing of this.
 
 On the way back, a completion and each streamed chunk are validated against the SDK's class,
 not built by its ``construct_type`` (``validation.py``).
@@ -32,39 +31,51 @@ from typing import Any
 
 import groq
 import httpx2
+from groq._base_client import make_request_options as groq_request_options
 from groq.resources.chat import AsyncChat as AsyncGroqChat
 from groq.resources.chat import AsyncCompletions as AsyncGroqCompletions
 from groq.types.chat import ChatCompletion as GroqChatCompletion
 from groq.types.chat import ChatCompletionChunk as GroqChatCompletionChunk
-from openai import AsyncOpenAI, NotGiven, Omit, omit
+from openai import AsyncOpenAI, AsyncStream, NotGiven, Omit
+from openai._base_client import make_request_options
 from openai.resources.chat import AsyncChat, AsyncCompletions
+from openai.resources.chat.completions.completions import validate_response_format
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from threadline.agents.urls import PreparedUrls
 from threadline.agents.validation import ValidatingClient, Validator, model_validators
 
-# ``create``'s arguments the SDK must see as such: ``stream`` (it picks the response type) and
-# the request options, which are not body fields. Every other given argument is a body field
-# that the transform would return unchanged: no Chat Completions request type declares an
-# alias or a format (``PropertyInfo``), in either SDK.
-_KEPT = frozenset({"stream", "extra_headers", "extra_query", "extra_body", "timeout"})
+# ``create``'s arguments that are request options, not body fields.
+_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
 
 
-def _as_is(
-    params: dict[str, Any], given: Callable[[object], bool], omitted: object
-) -> dict[str, Any]:
-    """``create``'s arguments with every body field moved into ``extra_body``; ``given``
-    tells a value from the SDK's "not given" markers, ``omitted`` is one of them."""
-    body = dict(params.get("extra_body") or {})
-    kept: dict[str, Any] = {}
+async def _post_as_is(
+    resource: Any,
+    path: str,
+    params: dict[str, Any],
+    given: Callable[[object], bool],
+    options: Callable[..., Any],
+    types: tuple[type[Any], type[Any]],
+) -> Any:
+    """What the SDK's ``create`` does, minus the transform: ``resource._post`` of every given
+    body field as it is, with the request options made by the SDK's ``make_request_options``
+    (``options``). ``types`` are the completion's class and the stream's."""
+    body: dict[str, Any] = {}
+    request: dict[str, Any] = {}
     for name, value in params.items():
-        if name in _KEPT:
-            kept[name] = value
+        if name in _OPTIONS:
+            request[name] = value
         elif given(value):
-            # The caller's own extra_body wins over a field, as it does in the SDK.
-            body.setdefault(name, value)
-    # ``model`` and ``messages`` are required by name (the SDK checks that they were passed,
-    # not their values): passed as omitted, they reach the body through extra_body alone.
-    return {**kept, "model": omitted, "messages": omitted, "extra_body": body}
+            body[name] = value
+    completion, stream_class = types
+    return await resource._post(
+        path,
+        body=body,
+        options=options(**request),
+        cast_to=completion,
+        stream=bool(body.get("stream")),
+        stream_cls=stream_class,
+    )
 
 
 def _openai_given(value: object) -> bool:
@@ -75,9 +86,21 @@ def _groq_given(value: object) -> bool:
     return not isinstance(value, groq.Omit | groq.NotGiven)
 
 
+def _openai_options(**request: Any) -> Any:
+    # As the SDK's own create(): chat requests carry the API key.
+    return make_request_options(**request, security={"bearer_auth": True})
+
+
+_OPENAI_TYPES = (ChatCompletion, AsyncStream[ChatCompletionChunk])
+_GROQ_TYPES = (GroqChatCompletion, groq.AsyncStream[GroqChatCompletionChunk])
+
+
 class _Completions(AsyncCompletions):
     async def create(self, **params: Any) -> Any:
-        return await super().create(**_as_is(params, _openai_given, omit))
+        validate_response_format(params.get("response_format"))
+        return await _post_as_is(
+            self, "/chat/completions", params, _openai_given, _openai_options, _OPENAI_TYPES
+        )
 
 
 class _Chat(AsyncChat):
@@ -90,7 +113,7 @@ _OPENAI_VALIDATED = model_validators(ChatCompletion, ChatCompletionChunk)
 _GROQ_VALIDATED = model_validators(GroqChatCompletion, GroqChatCompletionChunk)
 
 
-class PlainBodyOpenAI(ValidatingClient, AsyncOpenAI):
+class PlainBodyOpenAI(PreparedUrls, ValidatingClient, AsyncOpenAI):
     """``AsyncOpenAI`` whose ``chat.completions.create`` sends its body as given and validates
     what comes back."""
 
@@ -104,7 +127,14 @@ class PlainBodyOpenAI(ValidatingClient, AsyncOpenAI):
 
 class _GroqCompletions(AsyncGroqCompletions):
     async def create(self, **params: Any) -> Any:
-        return await super().create(**_as_is(params, _groq_given, groq.omit))
+        return await _post_as_is(
+            self,
+            "/openai/v1/chat/completions",
+            params,
+            _groq_given,
+            groq_request_options,
+            _GROQ_TYPES,
+        )
 
 
 class _GroqChat(AsyncGroqChat):
@@ -113,7 +143,7 @@ class _GroqChat(AsyncGroqChat):
         return _GroqCompletions(self._client)
 
 
-class PlainBodyGroq(ValidatingClient, groq.AsyncGroq):
+class PlainBodyGroq(PreparedUrls, ValidatingClient, groq.AsyncGroq):
     """``AsyncGroq`` whose ``chat.completions.create`` sends its body as given and validates
     what comes back."""
 
