@@ -8,13 +8,13 @@ JSON already, so the walk changes nothing; it cost ~16 % of a provider turn's se
 (docs/performance.md, "Where a provider turn's CPU goes"). ``create`` here does what the
 SDK's generated ``create`` does, minus the walk: it posts the given fields as they are
 through the SDK's own ``_post``, with the request options built by the SDK's
-``make_request_options``, so retries, headers, errors and streams are the SDK's. (Earlier the
-fields went through ``extra_body`` past a ``create`` that still walked its ~40 omitted
-arguments: ~10 % of a call's CPU.) tests/agents/test_clients.py holds the bodies and headers a
-server receives to those of the plain SDK clients. Used for ``openai-compat:`` endpoints and
-the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is generated the
-same way and walks its bodies the same way. Anthropic's (2.x) sends its message bodies as
-given, so it needs nothing of this.
+``make_request_options``, so retries, headers, errors and streams are the SDK's. (Earlier
+the fields went through ``extra_body`` past a ``create`` that still walked its ~40 omitted
+arguments: ~7 % of a call's profiled time.) tests/agents/test_clients.py holds the bodies
+and headers a server receives to those of the plain SDK clients. Used for ``openai-compat:``
+endpoints and the ``openai`` and ``groq`` provider families (``clients.py``): Groq's SDK is
+generated the same way and walks its bodies the same way. Anthropic's (2.x) sends its
+message bodies as given, so it needs nothing of this.
 
 On the way back, a completion and each streamed chunk are validated against the SDK's class,
 not built by its ``construct_type`` (``validation.py``).
