@@ -122,6 +122,19 @@ def test_one_late_heartbeat_does_not_shrink_it() -> None:
     assert limit.value == 64
 
 
+def test_a_loop_idle_between_waves_of_ending_streams_still_lets_runs_in() -> None:
+    """Streams of a slow model that started together end together: each wave stalls the
+    loop once (20 ms here, every 8th heartbeat), the loop idles in between. With every slot
+    taken the limit grows to let the waiting streams in (at the default target, 3 ms).
+    Judged by the average lag, each wave kept the loop from counting as idle for a dozen
+    heartbeats, and the cuts took the limit to its minimum."""
+    limit = AdaptiveLimit(initial=32, maximum=256)
+    for _ in range(60):
+        for lag in [0.0003] * 7 + [0.020]:
+            limit.observe_lag(lag, limit.value)
+    assert limit.value > 200
+
+
 def test_does_not_grow_while_less_than_half_its_slots_are_taken() -> None:
     limit = AdaptiveLimit(initial=32)
     for _ in range(1000):

@@ -30,12 +30,17 @@ loop idled). Meanwhile latency samples may not grow it.
 
 The lag also grows the limit. Latency samples come one per finished run, so with a real
 model (seconds per streamed reply) additive growth takes a minute to go from 32 runs to 200,
-while the loop idles and callers wait for a slot. So while every slot is taken, the loop's
-average lag is under a quarter of its target (an idle loop: a saturated one lags 3-8 ms
-between its bursts, which half the target would count as idle) and run latency is not
-climbing, each heartbeat grows the limit by a few percent (``idle_growth``), like TCP's
-slow start: runs that wait on their model, not the CPU, are let in within a second or two,
-and growth stops as soon as the runs let in make the loop busy.
+while the loop idles and callers wait for a slot. So while every slot is taken, most of the
+latest heartbeats came within a quarter of the target (their median: an idle loop; a
+saturated one lags 3-8 ms between its bursts, which half the target would count as idle) and
+run latency is not climbing, each heartbeat grows the limit by a few percent
+(``idle_growth``), like TCP's slow start: runs that wait on their model, not the CPU, are let
+in within a second or two, and growth stops as soon as the runs let in make the loop busy.
+Idleness is the median, not the average: streams that started together end together, and
+each such wave stalls an otherwise idle loop once (20-100 ms with 200 streams of a 3 s
+model); the average carried every wave for a dozen heartbeats, so the limit never grew
+between them and callers waited for slots at 45 % of a core (docs/performance.md, "Slow
+models: idleness by the median heartbeat").
 
 Neither signal moves the limit while fewer than half of its slots are taken (Gradient2's
 "app-limited" guard): an idle server learns nothing about its capacity, and a loop lagging
@@ -47,6 +52,8 @@ Pure: no clock, no I/O. The queue core feeds it samples (``queue/core.py``) and 
 
 from __future__ import annotations
 
+from collections import deque
+from statistics import median
 from typing import Protocol
 
 # The event-loop lag the adaptive limit holds a saturated loop to, on average: the server's
@@ -131,6 +138,8 @@ class AdaptiveLimit:
         self._short = _Average(short_window)
         self._long = _Average(long_window)
         self._lag = _Average(lag_window)
+        # The latest heartbeats' own lags, whose median says whether the loop idles.
+        self._beats: deque[float] = deque(maxlen=lag_window)
         self._lag_window = lag_window
         self._lagging = False
         # Heartbeats until a lagging loop may cut the limit again.
@@ -169,6 +178,7 @@ class AdaptiveLimit:
 
     def observe_lag(self, seconds: float, in_flight: int) -> None:
         lag = self._lag.add(seconds)
+        self._beats.append(seconds)
         self._lagging = lag > self._lag_target
         if not self._lagging:
             self._cut_wait = 0
@@ -179,7 +189,11 @@ class AdaptiveLimit:
             if self._cut_wait <= 0:
                 self._cut_wait = self._lag_window
                 self._move_towards(self._limit * max(0.5, self._lag_target / lag))
-        elif lag < self._lag_target / 4 and in_flight >= self.value and not self._latency_rising:
+        elif (
+            median(self._beats) < self._lag_target / 4
+            and in_flight >= self.value
+            and not self._latency_rising
+        ):
             self._move_towards(self._limit * (1 + self._idle_growth))
 
     def _app_limited(self, in_flight: int) -> bool:
