@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     # loop's lag comes in spikes, so an average of 10 ms let in runs until the spikes reached
     # 20-25 ms and tail latency rose by a third; at 3 ms the limit holds where the loop serves
     # best (docs/performance.md, "The lag target" under "Reference cycles and retained
-    # event logs"). Runs waiting on a slow model leave the loop idle, under a quarter of it,
-    # so the limit still grows for them.
+    # event logs"). Runs waiting on a slow model leave most heartbeats under a quarter of
+    # it, so the limit still grows for them (queue/limit.py).
     adaptive_lag_target_ms: float = Field(default=DEFAULT_LAG_TARGET_MS, gt=0)
     # Requests per process that may take their first step (middlewares, routing, validation,
     # up to their first wait: api/intake.py) in one pass of the event loop; the rest wait in
