@@ -313,6 +313,26 @@ async def test_a_plain_body_client_sends_the_body_the_sdks_own_client_sends(
         assert ("stream_options" in plain[-1]) is stream
 
 
+@pytest.mark.parametrize("sdk_name", list(SDKS))
+async def test_a_plain_body_client_keeps_the_request_options_of_create(sdk_name: str) -> None:
+    """``create``'s request options reach the SDK's own request as they did through its
+    ``create``: a query string, and a timeout that ends a held answer (with retries off, as
+    the SDK's APITimeoutError)."""
+    _, our_class, _ = SDKS[sdk_name]
+    async with running_fake_openai() as fake:
+        base = f"http://127.0.0.1:{fake.port}" + ("/v1" if sdk_name == "openai" else "")
+        sdk = our_class(base_url=base, api_key="k", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        await sdk.chat.completions.create(model="m", messages=messages, extra_query={"q": "1"})
+        assert fake.targets[-1].endswith("/chat/completions?q=1")
+        timeout_error = importlib.import_module(sdk_name).APITimeoutError
+        with pytest.raises(timeout_error):
+            await sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "HOLD"}], timeout=0.2
+            )
+        await sdk.close()
+
+
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
