@@ -36,6 +36,9 @@ class Scenario:
     history: int = 0
     # ``long_history``: lanes keep one session each.
     lane_sessions: bool = False
+    # ``long_history``, fresh sessions: other sessions hold this many messages per lane, so
+    # that both runs meet a table of the same size and only the lanes' own history differs.
+    ballast: int = 0
 
 
 def _percentile(ordered: list[float], p: float) -> float:

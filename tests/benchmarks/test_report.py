@@ -104,3 +104,19 @@ def test_a_provider_slower_than_its_delay_by_a_tenth_of_the_turn_bounds_the_run(
     assert provider_bound(with_provider(75.0, 0.1)) is True  # 25 ms extra > 20 ms
     assert provider_bound(with_provider(50.0, 0.8)) is True  # its one core nearly full
     assert provider_bound(_result(100, 200)) is None
+
+
+def test_long_history_compares_tables_of_the_same_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fresh run's database holds as many seeded messages as the other's, in sessions no
+    lane writes to: only the lanes' own history differs between the two runs."""
+    from pathlib import Path
+
+    from scripts.benchmarks.report import Scenario
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts/benchmarks"))
+    from agent_run_bench import variants
+
+    scenario = Scenario("long_history", 1.0, 1, lane_sessions=True)
+    (fresh_name, fresh), (seeded_name, seeded) = variants(scenario, "threadline", 10_000)
+    assert (fresh_name, fresh.history, fresh.ballast) == ("threadline_fresh", 0, 10_000)
+    assert (seeded_name, seeded.history, seeded.ballast) == ("threadline_history_10000", 10_000, 0)
