@@ -320,20 +320,18 @@ class Bench:
             server = self.procs.start(cmd, env, log)
             try:
                 wait_healthy(base, server, self.args.startup_timeout, log)
-                if scenario.history:
-                    seed_history(
-                        with_database(self.postgres.url, database),
-                        f"{tag}-run-lane-",
-                        args.concurrency,
-                        scenario.history,
-                    )
-                if scenario.ballast:
-                    seed_history(
-                        with_database(self.postgres.url, database),
-                        f"{tag}-ballast-",
-                        args.concurrency,
-                        scenario.ballast,
-                    )
+                # The lanes' own sessions, or (the fresh run) as many that no lane writes to.
+                for prefix, messages in (
+                    (f"{tag}-run-lane-", scenario.history),
+                    (f"{tag}-ballast-", scenario.ballast),
+                ):
+                    if messages:
+                        seed_history(
+                            with_database(self.postgres.url, database),
+                            prefix,
+                            args.concurrency,
+                            messages,
+                        )
                 watch = Watch(server.pid, proxy_pid, provider_pid, provider_url)
                 raw = self.load(base, scenario, tag, watch, profile)
             finally:
