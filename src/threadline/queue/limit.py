@@ -190,9 +190,9 @@ class AdaptiveLimit:
                 self._cut_wait = self._lag_window
                 self._move_towards(self._limit * max(0.5, self._lag_target / lag))
         elif (
-            median(self._beats) < self._lag_target / 4
-            and in_flight >= self.value
+            in_flight >= self.value
             and not self._latency_rising
+            and median(self._beats) < self._lag_target / 4
         ):
             self._move_towards(self._limit * (1 + self._idle_growth))
 
