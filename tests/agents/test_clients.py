@@ -321,16 +321,15 @@ async def test_a_plain_body_client_keeps_the_request_options_of_create(sdk_name:
     _, our_class, _ = SDKS[sdk_name]
     async with running_fake_openai() as fake:
         base = f"http://127.0.0.1:{fake.port}" + ("/v1" if sdk_name == "openai" else "")
-        sdk = our_class(base_url=base, api_key="k", max_retries=0)
-        messages = [{"role": "user", "content": "hi"}]
-        await sdk.chat.completions.create(model="m", messages=messages, extra_query={"q": "1"})
-        assert fake.targets[-1].endswith("/chat/completions?q=1")
-        timeout_error = importlib.import_module(sdk_name).APITimeoutError
-        with pytest.raises(timeout_error):
-            await sdk.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "HOLD"}], timeout=0.2
-            )
-        await sdk.close()
+        async with our_class(base_url=base, api_key="k", max_retries=0) as sdk:
+            messages = [{"role": "user", "content": "hi"}]
+            await sdk.chat.completions.create(model="m", messages=messages, extra_query={"q": "1"})
+            assert fake.targets[-1].endswith("/chat/completions?q=1")
+            timeout_error = importlib.import_module(sdk_name).APITimeoutError
+            with pytest.raises(timeout_error):
+                await sdk.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "HOLD"}], timeout=0.2
+                )
 
 
 @pytest.mark.parametrize(

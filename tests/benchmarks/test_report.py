@@ -6,12 +6,13 @@ once on the side of its threshold that meets it and once on the side that misses
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 # report.py imports nothing from its siblings, so it imports as a namespace module.
-from scripts.benchmarks.report import evaluate, provider_bound
+from scripts.benchmarks.report import Scenario, evaluate, provider_bound
 
 
 def _result(rps: float, mean_ms: float, cpu_ms: float = 4.0, **extra: Any) -> dict[str, Any]:
@@ -109,10 +110,6 @@ def test_a_provider_slower_than_its_delay_by_a_tenth_of_the_turn_bounds_the_run(
 def test_long_history_compares_tables_of_the_same_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fresh run's database holds as many seeded messages as the other's, in sessions no
     lane writes to: only the lanes' own history differs between the two runs."""
-    from pathlib import Path
-
-    from scripts.benchmarks.report import Scenario
-
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts/benchmarks"))
     from agent_run_bench import variants
 
